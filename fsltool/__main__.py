@@ -1,0 +1,3 @@
+from fsltool.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""Atomic file writes: a temporary file beside the target, fsync, then one rename. A crash or error
+at any moment leaves either the old file or the complete new one, never a partial file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from fsltool.errors import FsltoolError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only when the block succeeds."""
+    if path.exists() and not overwrite:
+        raise FsltoolError(f"{path}: already exists (pass --force to replace it)")
+    directory = path.parent
+    if not directory.is_dir():
+        raise FsltoolError(f"{directory}: output folder does not exist")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as error:
+        raise FsltoolError(f"{directory}: cannot write here ({error.strerror or error})") from None
+    os.close(handle)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(file)`` on a temporary file and atomically put it at ``path``."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        write(file)

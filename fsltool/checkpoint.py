@@ -1,0 +1,97 @@
+"""Checkpoints and run folders: atomic writes, safe loads (weights_only), and rebuilding a trained method."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsltool import __version__
+from fsltool.atomic import atomic_write
+from fsltool.errors import FsltoolError
+from fsltool.methods import Method, build_method
+from fsltool.models import build_backbone
+from fsltool.recipe import Recipe, recipe_from_dict
+
+CHECKPOINT_FORMAT = "fsltool-checkpoint-1"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "fsltool_version": __version__, **state}
+    try:
+        atomic_write(path, lambda file: torch.save(state, file))
+    except OSError as error:
+        raise FsltoolError(f"{path}: could not write checkpoint ({error.strerror or error})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``: nothing in a checkpoint is ever executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FsltoolError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FsltoolError(f"{path}: not a readable fsltool checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FsltoolError(f"{path}: not an fsltool checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
+    return state
+
+
+def model_config(recipe: Recipe, image_shape: tuple[int, ...], mean: list[float], std: list[float]) -> dict[str, Any]:
+    """What it takes to rebuild the network without the data file (export, predict)."""
+    return {
+        "method": recipe.method,
+        "method_options": dict(recipe.method_options),
+        "backbone": recipe.backbone,
+        "backbone_options": dict(recipe.backbone_options),
+        "image_shape": list(image_shape),
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def build_model(config: dict[str, Any]) -> Method:
+    backbone = build_backbone(config["backbone"], config["image_shape"][0], config["mean"], config["std"], **config["backbone_options"])
+    return build_method(config["method"], backbone, config["method_options"])
+
+
+@dataclass
+class TrainedModel:
+    method: Method
+    recipe: Recipe
+    config: dict[str, Any]
+    state: dict[str, Any]
+    path: Path
+
+
+def checkpoint_path(run: str | Path, which: str = "best") -> Path:
+    """A run folder resolves to its ``checkpoints/<which>.pt``; a file path is taken as it is."""
+    run = Path(run)
+    if run.is_dir():
+        path = run / "checkpoints" / f"{which}.pt"
+        if not path.is_file():
+            raise FsltoolError(f"{run}: no {which} checkpoint in this run folder (expected {path})")
+        return path
+    if not run.exists():
+        raise FsltoolError(f"{run}: no such run folder or checkpoint")
+    return run
+
+
+def load_trained(run: str | Path, which: str = "best") -> TrainedModel:
+    """Rebuild a trained method in eval mode from a run folder or a checkpoint file."""
+    path = checkpoint_path(run, which)
+    state = load_checkpoint(path)
+    try:
+        config = state["model_config"]
+        method = build_model(config)
+        method.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as error:
+        raise FsltoolError(f"{path}: checkpoint does not match its method ({str(error).splitlines()[0]})") from None
+    method.eval()
+    return TrainedModel(method, recipe_from_dict(state["recipe"]), config, state, path)

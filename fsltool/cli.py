@@ -1,0 +1,295 @@
+"""The command line: parse arguments, call the library, print with rich. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fsltool import __version__
+from fsltool.errors import FsltoolError
+
+SHAPES_HELP = "comma-separated episode shapes to store, e.g. 5w1s,5w5s,20w1s,20w5s"
+
+
+class FsltoolGroup(click.Group):
+    """Turns FsltoolError into one red line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FsltoolError as error:
+            from fsltool.console import console
+
+            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=FsltoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fsltool")
+def main() -> None:
+    """Few-shot classification by meta-learning: prepare -> meta-train -> evaluate -> export."""
+    from fsltool.platform_tuning import tune_allocator
+
+    tune_allocator()
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _episode_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every prepare source shares: the stored evaluation episodes and how the file is written."""
+    options = [
+        click.option("--shapes", default="5w1s,5w5s,20w1s,20w5s", show_default=True, help=SHAPES_HELP),
+        click.option("--query", default=15, show_default=True, help="query images per class in stored episodes"),
+        click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
+        click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
+        click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
+        click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
+        click.option("--force", is_flag=True, help="replace OUT if it exists"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bar"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, query: int, episodes: int,
+                 episode_seed: int, episode_splits: str, skip_bad: bool, force: bool, quiet: bool) -> None:
+    from fsltool.console import console
+    from fsltool.data.episodes import EpisodeShape
+    from fsltool.data.pack import EpisodePlan, pack
+
+    if episodes < 1 or query < 1:
+        raise FsltoolError("--episodes and --query must be at least 1")
+    plan = EpisodePlan(
+        shapes=tuple(EpisodeShape.parse(s, default_query=query) for s in shapes.split(",") if s.strip()),
+        splits=tuple(s.strip() for s in episode_splits.split(",") if s.strip()),
+        episodes=episodes,
+        seed=episode_seed,
+    )
+    report = pack(listing_factory(), out, plan, skip_bad=skip_bad, overwrite=force, quiet=quiet)
+    splits = ", ".join(f"{name} {count}" for name, count in report.split_classes.items())
+    skipped = f"; skipped {len(report.skipped)} unreadable images" if report.skipped else ""
+    if not quiet:
+        console.print(f"wrote {report.path}: {report.images} images, {report.classes} classes ({splits}){skipped}")
+    for path in report.skipped[:20]:
+        console.print(f"  skipped {path}", highlight=False)
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise FsltoolError(f"--split-ratios {text!r}: expected three numbers like 0.64,0.16,0.2") from None
+    if len(values) != 3:
+        raise FsltoolError(f"--split-ratios {text!r}: expected three numbers like 0.64,0.16,0.2")
+    return values  # type: ignore[return-value]
+
+
+@main.group()
+def prepare() -> None:
+    """Pack a dataset into one HDF5 file with its class splits and stored evaluation episodes."""
+
+
+@prepare.command("synthetic")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--classes", default=1200, show_default=True, help="number of glyph classes")
+@click.option("--images-per-class", default=20, show_default=True)
+@click.option("--size", default=28, show_default=True, help="image side in pixels")
+@click.option("--seed", default=0, show_default=True, help="seed of the glyphs and of the class split")
+@click.option("--jitter", default=1.0, show_default=True, help="per-instance variation (difficulty)")
+@_episode_options
+def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, seed: int, jitter: float, **common: Any) -> None:
+    """The embedded synthetic set: Omniglot-like procedural glyphs, generated here (no download).
+
+    Example: fsltool prepare synthetic data/synthetic.h5
+    """
+    from fsltool.data.sources.synthetic import synthetic
+
+    _run_prepare(lambda: synthetic(classes=classes, images_per_class=images_per_class, size=size, seed=seed, jitter=jitter), out, **common)
+
+
+@prepare.command("omniglot")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--rotations/--no-rotations", default=True, show_default=True, help="add 90/180/270-degree rotations as classes")
+@click.option("--size", default=28, show_default=True, help="resize to SIZE x SIZE (0 keeps 105x105)")
+@_episode_options
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, **common: Any) -> None:
+    """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, Vinyals split.
+
+    Example: fsltool prepare omniglot ../shared/data/omniglot data/omniglot.h5
+    """
+    from fsltool.data.sources.omniglot import omniglot
+
+    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None), out, **common)
+
+
+@prepare.command("folder")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True)
+@click.option("--size", type=int, default=None, help="resize to SIZE x SIZE (default: all images must share one size)")
+@click.option("--split-ratios", default="0.64,0.16,0.2", show_default=True, help="train,val,test fractions of the classes")
+@click.option("--split-seed", default=0, show_default=True)
+@click.option("--split-lists", type=click.Path(), default=None, help="folder with train.txt, val.txt, test.txt class lists (wins over ratios)")
+@_episode_options
+def prepare_folder(root: str, out: str, channels: str, size: int | None, split_ratios: str, split_seed: int,
+                   split_lists: str | None, **common: Any) -> None:
+    """A class-per-folder image tree (the class is the leaf folder).
+
+    Example: fsltool prepare folder my_images/ data/mine.h5 --size 84 --split-ratios 0.6,0.2,0.2
+    """
+    from fsltool.data.sources.folder import folder
+
+    ratios = _ratios(split_ratios)
+    _run_prepare(lambda: folder(root=root, channels=int(channels), size=size, split_ratios=ratios,
+                                split_seed=split_seed, split_lists=split_lists), out, **common)
+
+
+@prepare.command("csv")
+@click.argument("images", type=click.Path())
+@click.argument("splits", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True)
+@click.option("--size", default=84, show_default=True, help="resize to SIZE x SIZE")
+@_episode_options
+def prepare_csv(images: str, splits: str, out: str, channels: str, size: int, **common: Any) -> None:
+    """CSV split files (train.csv, val.csv, test.csv: filename,label) beside an image folder (miniImageNet layout).
+
+    Example: fsltool prepare csv mini/images ../shared/data/miniimagenet/splits/ravi data/mini.h5
+    """
+    from fsltool.data.sources.csv_splits import csv_splits
+
+    _run_prepare(lambda: csv_splits(images=images, splits=splits, channels=int(channels), size=size), out, **common)
+
+
+# ---------------------------------------------------------------- meta-train
+
+
+@main.command("meta-train")
+@click.argument("recipe", type=click.Path())
+@click.argument("overrides", nargs=-1)
+@click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
+@click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
+@click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool) -> None:
+    """Meta-train the method a RECIPE names; KEY=VALUE arguments override recipe keys.
+
+    Example: fsltool meta-train recipes/omniglot/protonet-5w1s.yaml train.episodes=2000 output=runs/try
+    """
+    from fsltool.console import console
+    from fsltool.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    if check:
+        import torch
+
+        from fsltool.data.episodes import EpisodeShape
+        from fsltool.data.store import FewShotData
+
+        with FewShotData(loaded.data) as data:
+            data.sampler("train", EpisodeShape.parse(loaded.train.shape), torch.Generator())
+            data.stored_episodes("val", EpisodeShape.parse(loaded.validation.shape))
+            data.stored_episodes("test", EpisodeShape.parse(loaded.test_shape))
+        console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})")
+        return
+    from fsltool.train import meta_train
+
+    result = meta_train(loaded, resume=resume, force=force, quiet=quiet)
+    click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _write_json(target: str, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2) + "\n"
+    if target == "-":
+        click.echo(text, nl=False)
+        return
+    from fsltool.atomic import atomic_write
+
+    try:
+        atomic_write(Path(target), lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise FsltoolError(f"{target}: cannot write ({error.strerror or error})") from None
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--shape", default=None, help="episode shape, e.g. 5w1s or 20w5s15q (default: the recipe's test_shape)")
+@click.option("--split", default="test", show_default=True)
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--episodes", type=int, default=None, help="the first N stored episodes (default all), or N sampled ones")
+@click.option("--sample-seed", type=int, default=None, help="sample fresh seeded episodes instead of the stored ones")
+@click.option("--data", "data_path", default=None, help="data file (default: the recipe's)")
+@click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
+def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
+             data_path: str | None, json_out: str | None) -> None:
+    """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
+
+    Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
+    """
+    from rich.table import Table
+
+    from fsltool.checkpoint import load_trained
+    from fsltool.console import console
+    from fsltool.data.episodes import EpisodeShape
+    from fsltool.data.store import FewShotData
+    from fsltool.evaluate import evaluate as run_evaluation
+
+    if episodes is not None and episodes < 1:
+        raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
+    trained = load_trained(run, which)
+    episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
+    with FewShotData(data_path or trained.recipe.data) as data:
+        result = run_evaluation(trained.method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+    payload = {**result.to_json(), "run": str(run), "checkpoint": str(trained.path), "data": data.path}
+    if json_out == "-":
+        _write_json("-", payload)
+        return
+    table = Table(title=f"{trained.config['method']} on {data.path}")
+    for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
+        table.add_column(column)
+    table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
+    console.print(table)
+    click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, non-transductive)")
+    if json_out:
+        _write_json(json_out, payload)
+
+
+# ---------------------------------------------------------------- export
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", "out_dir", default=None, help="output folder (default: RUN/export)")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--verify-episodes", default=100, show_default=True, help="stored test episodes to check ONNX Runtime against PyTorch on (0: skip)")
+@click.option("--data", "data_path", default=None, help="data file for verification (default: the recipe's)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="ONNX Runtime device for verification")
+def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data_path: str | None, device: str) -> None:
+    """Export a trained RUN to ONNX (dynamic way/shot/query) and TorchScript, then verify under ONNX Runtime.
+
+    Example: fsltool export runs/protonet-omniglot-5w1s --out models/protonet
+    """
+    from fsltool.console import console
+    from fsltool.export import export_run
+
+    report = export_run(run, out_dir, which=which, data_path=data_path, verify_episodes=verify_episodes, device=device)
+    for path in report.files:
+        console.print(f"wrote {path}", highlight=False)
+    check = report.verification
+    if check is not None:
+        click.echo(f"verified on {check.episodes} stored {check.shape} test episodes with ONNX Runtime ({check.provider}): "
+                   f"max |ONNX - PyTorch| = {check.max_abs_diff:.2e}, prediction agreement {100 * check.agreement:.2f}%")
+        if check.agreement < 0.999:
+            raise FsltoolError(f"ONNX Runtime disagrees with PyTorch on {100 * (1 - check.agreement):.2f}% of queries")
+    click.echo(f"ONNX model: {report.out_dir / 'classifier.onnx'}")

@@ -1,0 +1,23 @@
+"""Shared terminal output: one rich console on stderr (stdout stays clean for results and --json)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar(*extra_columns: TextColumn, quiet: bool = False) -> Progress:
+    """A progress bar on stderr; disabled (but still usable) when ``quiet``."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )

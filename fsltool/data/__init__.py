@@ -1,0 +1,1 @@
+"""Data: sources of labelled images -> one packed HDF5 file -> episodes."""

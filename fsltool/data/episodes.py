@@ -1,0 +1,118 @@
+"""Episodes: the N-way K-shot task type, its shape, the seeded on-the-fly sampler and stored episode sets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fsltool.errors import FsltoolError
+
+_SHAPE = re.compile(r"^(\d+)w(\d+)s(?:(\d+)q)?$")
+
+
+@dataclass(frozen=True)
+class EpisodeShape:
+    """N-way K-shot with Q queries per class; written ``5w1s15q`` (``5w1s`` takes the default Q)."""
+
+    way: int
+    shot: int
+    query: int
+
+    @classmethod
+    def parse(cls, text: str, default_query: int = 15) -> EpisodeShape:
+        match = _SHAPE.match(str(text).strip())
+        if not match:
+            raise FsltoolError(f"episode shape {text!r} is not of the form 5w1s or 5w1s15q")
+        way, shot = int(match[1]), int(match[2])
+        query = int(match[3]) if match[3] is not None else default_query
+        shape = cls(way, shot, query)
+        shape.check()
+        return shape
+
+    def check(self) -> None:
+        if self.way < 2 or self.shot < 1 or self.query < 1:
+            raise FsltoolError(f"episode shape {self}: way must be >= 2, shot and query >= 1")
+
+    @property
+    def per_class(self) -> int:
+        return self.shot + self.query
+
+    def __str__(self) -> str:
+        return f"{self.way}w{self.shot}s{self.query}q"
+
+
+@dataclass
+class Episode:
+    """One task. Support and query are ordered class by class, so labels are ``arange(way)`` repeated."""
+
+    support: torch.Tensor  # (way*shot, C, H, W) float in [0, 1]
+    support_labels: torch.Tensor  # (way*shot,) int64
+    query: torch.Tensor  # (way*query, C, H, W)
+    query_labels: torch.Tensor  # (way*query,) int64
+    shape: EpisodeShape
+
+
+def episode_labels(shape: EpisodeShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support and query labels of an episode laid out class by class."""
+    classes = torch.arange(shape.way)
+    return classes.repeat_interleave(shape.shot), classes.repeat_interleave(shape.query)
+
+
+class EpisodeSampler:
+    """Draws episode image indices from a split's classes, seeded by a torch.Generator.
+
+    Vectorised: one random key per (class, image) slot, masked past each class's count, then a top-k
+    gives a uniform draw without replacement for every class at once (no Python loop per class).
+    The generator's state is the sampler's whole state, so a checkpoint can resume it exactly.
+    """
+
+    def __init__(
+        self,
+        class_start: np.ndarray,
+        class_count: np.ndarray,
+        classes: np.ndarray,
+        shape: EpisodeShape,
+        generator: torch.Generator,
+    ) -> None:
+        self.shape = shape
+        self.generator = generator
+        self._classes = torch.as_tensor(classes, dtype=torch.long)
+        self._start = torch.as_tensor(class_start, dtype=torch.long)[self._classes]
+        self._count = torch.as_tensor(class_count, dtype=torch.long)[self._classes]
+        self._max_count = int(self._count.max()) if len(self._count) else 0
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (support indices, query indices) into the image array, ordered class by class."""
+        shape = self.shape
+        chosen = torch.randperm(len(self._classes), generator=self.generator)[: shape.way]
+        keys = torch.rand(shape.way, self._max_count, generator=self.generator)
+        keys[torch.arange(self._max_count) >= self._count[chosen, None]] = 2.0
+        picks = keys.topk(shape.per_class, dim=1, largest=False, sorted=True).indices
+        indices = self._start[chosen, None] + picks
+        return indices[:, : shape.shot].reshape(-1), indices[:, shape.shot :].reshape(-1)
+
+
+def check_split_fits(
+    split: str, shape: EpisodeShape, class_names: list[str], class_count: np.ndarray, classes: np.ndarray
+) -> None:
+    """Refuse a shape a split cannot supply, naming the class, its image count and the shape."""
+    if len(classes) < shape.way:
+        raise FsltoolError(f"split {split!r} has {len(classes)} classes, fewer than the {shape.way} ways of {shape}")
+    counts = class_count[classes]
+    small = np.flatnonzero(counts < shape.per_class)
+    if len(small):
+        first = int(classes[small[0]])
+        raise FsltoolError(
+            f"class {class_names[first]!r} ({split}) has {int(counts[small[0]])} images, fewer than "
+            f"shot + query = {shape.per_class} for {shape}"
+            + (f" ({len(small)} such classes)" if len(small) > 1 else "")
+        )
+
+
+def draw_episodes(sampler: EpisodeSampler, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``count`` episodes as index arrays (count, way*shot) and (count, way*query) for storing."""
+    support, query = zip(*(sampler.sample() for _ in range(count)))
+    return torch.stack(support).numpy().astype(np.int32), torch.stack(query).numpy().astype(np.int32)

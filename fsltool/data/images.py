@@ -1,0 +1,60 @@
+"""Decoding and converting images the same way for every source (and later for prediction)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fsltool.errors import BadImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def convert_image(
+    image: Image.Image, *, channels: int, size: int | None, invert: bool = False, rotation: int = 0
+) -> np.ndarray:
+    """Return a uint8 (C, H, W) array: ``channels`` 1 (grey) or 3 (RGB), square ``size`` by LANCZOS.
+
+    ``rotation`` is counter-clockwise degrees (a multiple of 90, lossless); ``invert`` makes dark ink high.
+    """
+    image = image.convert("L" if channels == 1 else "RGB")
+    if rotation % 360:
+        image = image.rotate(rotation)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    if invert:
+        array = 255 - array
+    return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
+
+
+def decode_image(
+    data: bytes,
+    origin: str,
+    *,
+    channels: int,
+    size: int | None,
+    invert: bool = False,
+    rotation: int = 0,
+) -> np.ndarray:
+    """Decode encoded image bytes; a corrupt or empty file raises BadImageError naming ``origin``."""
+    if not data:
+        raise BadImageError(origin, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return convert_image(image, channels=channels, size=size, invert=invert, rotation=rotation)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(origin, str(error) or type(error).__name__) from None
+
+
+def read_image_file(path: str, **options: object) -> np.ndarray:
+    """Read and decode one image file (see ``decode_image`` for the options)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise BadImageError(path, error.strerror or str(error)) from None
+    return decode_image(data, path, **options)  # type: ignore[arg-type]

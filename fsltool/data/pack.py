@@ -1,0 +1,209 @@
+"""Packing a source into one HDF5 file, atomically: images, class index, splits and stored episodes."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from fsltool import __version__
+from fsltool.atomic import atomic_path
+from fsltool.console import progress_bar
+from fsltool.data.episodes import EpisodeSampler, EpisodeShape, check_split_fits, draw_episodes
+from fsltool.data.sources.base import SPLITS, SourceListing
+from fsltool.data.store import FORMAT_NAME, FORMAT_VERSION
+from fsltool.errors import BadImageError, FsltoolError
+
+DEFAULT_SHAPES = ("5w1s", "5w5s", "20w1s", "20w5s")
+CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    """Which evaluation episodes to store: the same tasks for every method, forever."""
+
+    shapes: tuple[EpisodeShape, ...]
+    splits: tuple[str, ...] = ("val", "test")
+    episodes: int = 600
+    seed: int = 0
+
+    def generator(self, split: str, shape: EpisodeShape) -> torch.Generator:
+        """One independent, stable stream per (split, shape): adding a shape never changes another's tasks."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{split}/{shape}".encode()))
+
+
+@dataclass
+class PackReport:
+    path: str
+    images: int
+    classes: int
+    split_classes: dict[str, int]
+    skipped: list[str]
+
+
+def _validate_listing(listing: SourceListing, plan: EpisodePlan) -> None:
+    if not listing.classes or not any(spec.items for spec in listing.classes):
+        raise FsltoolError("the source has no images (empty source)")
+    for spec in listing.classes:
+        if spec.split not in SPLITS:
+            raise FsltoolError(f"class {spec.name!r}: unknown split {spec.split!r} (expected one of {', '.join(SPLITS)})")
+    duplicates = [name for name, n in Counter(spec.name for spec in listing.classes).items() if n > 1]
+    if duplicates:
+        raise FsltoolError(f"duplicate class name {duplicates[0]!r} in the source")
+    for split in plan.splits:
+        if split not in SPLITS:
+            raise FsltoolError(f"unknown split {split!r} for stored episodes (expected one of {', '.join(SPLITS)})")
+    present = {spec.split for spec in listing.classes}
+    for split in ("train", *plan.splits):
+        if split not in present:
+            raise FsltoolError(f"split {split!r} has no classes")
+    # Fail before decoding anything when a class is too small for a stored shape.
+    names = [spec.name for spec in listing.classes]
+    counts = np.array([len(spec.items) for spec in listing.classes])
+    for split in plan.splits:
+        classes = np.array([i for i, spec in enumerate(listing.classes) if spec.split == split])
+        for shape in plan.shapes:
+            check_split_fits(split, shape, names, counts, classes)
+
+
+def pack(
+    listing: SourceListing,
+    out: str | Path,
+    plan: EpisodePlan,
+    *,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> PackReport:
+    """Write ``listing`` to ``out`` with its splits and the stored episodes of ``plan``."""
+    _validate_listing(listing, plan)
+    out = Path(out)
+    channels, height, width = listing.image_shape
+    total = sum(len(spec.items) for spec in listing.classes)
+    chunk = max(1, CHUNK_BYTES // (channels * height * width))
+    skipped: list[str] = []
+    with atomic_path(out, overwrite=overwrite) as temporary:
+        try:
+            with h5py.File(temporary, "w") as file:
+                images = file.create_dataset(
+                    "images", shape=(total, channels, height, width), maxshape=(None, channels, height, width),
+                    dtype=np.uint8, chunks=(min(chunk, total), channels, height, width), compression="gzip",
+                    compression_opts=4,
+                )
+                starts, counts, splits_of = _write_images(listing, images, skip_bad, skipped, quiet)
+                written = int(counts.sum())
+                images.resize(written, axis=0)
+                names = [spec.name for spec in listing.classes]
+                file.create_dataset("labels", data=np.repeat(np.arange(len(names), dtype=np.int32), counts))
+                file.create_dataset("classes/names", data=names, dtype=h5py.string_dtype())
+                file.create_dataset("classes/start", data=starts)
+                file.create_dataset("classes/count", data=counts)
+                split_classes = {
+                    split: np.array([i for i, s in enumerate(splits_of) if s == split], dtype=np.int32) for split in SPLITS
+                }
+                for split, classes in split_classes.items():
+                    file.create_dataset(f"splits/{split}", data=classes)
+                mean, std = _train_statistics(images, starts, counts, split_classes["train"])
+                _write_episodes(file, plan, names, starts, counts, split_classes)
+                file.attrs.update(
+                    {
+                        "format": FORMAT_NAME,
+                        "format_version": FORMAT_VERSION,
+                        "fsltool_version": __version__,
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "normalization_mean": mean,
+                        "normalization_std": std,
+                        "provenance": json.dumps(
+                            {
+                                **listing.provenance,
+                                "images": written,
+                                "classes": len(names),
+                                "split_classes": {s: len(c) for s, c in split_classes.items()},
+                                "skipped_bad_images": len(skipped),
+                                "episodes": {"shapes": [str(s) for s in plan.shapes], "splits": list(plan.splits),
+                                             "count": plan.episodes, "seed": plan.seed},
+                            }
+                        ),
+                    }
+                )
+        except OSError as error:
+            raise FsltoolError(f"{out}: could not write ({error})") from None
+    return PackReport(str(out), written, len(names), {s: len(c) for s, c in split_classes.items()}, skipped)
+
+
+def _write_images(
+    listing: SourceListing, images: h5py.Dataset, skip_bad: bool, skipped: list[str], quiet: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode class by class into ``images`` (contiguous per class); returns the class index."""
+    starts = np.zeros(len(listing.classes), dtype=np.int64)
+    counts = np.zeros(len(listing.classes), dtype=np.int64)
+    position = 0
+    with progress_bar(quiet=quiet) as progress:
+        task = progress.add_task("packing images", total=images.shape[0])
+        for index, spec in enumerate(listing.classes):
+            block = []
+            for item in spec.items:
+                try:
+                    array = listing.load(item)
+                except BadImageError:
+                    if not skip_bad:
+                        raise
+                    skipped.append(listing.describe(item))
+                    continue
+                if array.shape != tuple(images.shape[1:]) or array.dtype != np.uint8:
+                    raise FsltoolError(
+                        f"{listing.describe(item)}: image of shape {array.shape}, expected {tuple(images.shape[1:])}"
+                    )
+                block.append(array)
+            if block:
+                images[position : position + len(block)] = np.stack(block)
+            starts[index], counts[index] = position, len(block)
+            position += len(block)
+            progress.advance(task, len(spec.items))
+    return starts, counts, [spec.split for spec in listing.classes]
+
+
+def _train_statistics(
+    images: h5py.Dataset, starts: np.ndarray, counts: np.ndarray, train_classes: np.ndarray
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images in [0, 1], streamed class by class."""
+    channels = images.shape[1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    n = 0
+    for cls in train_classes:
+        block = images[starts[cls] : starts[cls] + counts[cls]].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        squares += (block**2).sum(axis=(0, 2, 3))
+        n += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(squares / max(n, 1) - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def _write_episodes(
+    file: h5py.File,
+    plan: EpisodePlan,
+    names: Sequence[str],
+    starts: np.ndarray,
+    counts: np.ndarray,
+    split_classes: dict[str, np.ndarray],
+) -> None:
+    for split in plan.splits:
+        classes = split_classes[split].astype(np.int64)
+        for shape in plan.shapes:
+            check_split_fits(split, shape, list(names), counts, classes)
+            sampler = EpisodeSampler(starts, counts, classes, shape, plan.generator(split, shape))
+            support, query = draw_episodes(sampler, plan.episodes)
+            group = file.create_group(f"episodes/{split}/{shape}")
+            group.create_dataset("support", data=support)
+            group.create_dataset("query", data=query)
+            group.attrs.update({"way": shape.way, "shot": shape.shot, "query": shape.query, "seed": plan.seed})

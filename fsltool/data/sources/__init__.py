@@ -1,0 +1,1 @@
+"""Dataset sources, each a function of its options returning a SourceListing."""

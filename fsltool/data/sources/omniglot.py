@@ -1,0 +1,200 @@
+"""Omniglot from the official zips (or their extracted folders), split by the Vinyals et al. (2016) rule."""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+import numpy as np
+
+from fsltool.data.images import IMAGE_SUFFIXES, decode_image
+from fsltool.data.sources.base import (
+    SPLITS,
+    ClassSpec,
+    SourceListing,
+    check_image_options,
+    check_image_shape,
+    check_relative_path,
+    require_folder,
+)
+from fsltool.errors import BadImageError, FsltoolError
+
+PARTS = ("images_background", "images_evaluation")
+ORIGINAL_SIZE = 105
+ROTATIONS = (0, 90, 180, 270)
+
+# The Vinyals split as published with the Prototypical Networks code (splits/vinyals/*.txt), written as a rule.
+TEST_ALPHABETS = frozenset(
+    {
+        "Kannada",
+        "Keble",
+        "Malayalam",
+        "Manipuri",
+        "Mongolian",
+        "Old_Church_Slavonic_(Cyrillic)",
+        "Oriya",
+        "Syriac_(Serto)",
+        "Sylheti",
+        "Tengwar",
+        "Tibetan",
+        "ULOG",
+    }
+)
+VAL_ALPHABETS = frozenset({"Hebrew", "Mkhedruli_(Georgian)", "Armenian", "Early_Aramaic", "Bengali"})
+TEST_GURMUKHI_CHARACTERS = range(42, 46)
+
+_CHARACTER = re.compile(r"character(\d+)")
+
+# An item: (container, member, rotation). The container is a zip path or an extracted top folder; member is the
+# image's path inside it with '/' separators (the full zip member name, or the path relative to the folder).
+Item = tuple[str, str, int]
+
+
+def vinyals_split(alphabet: str, character: int) -> str:
+    """The split of an Omniglot character (1-based number within its alphabet) in the standard Vinyals split."""
+    if alphabet in TEST_ALPHABETS or (alphabet == "Gurmukhi" and character in TEST_GURMUKHI_CHARACTERS):
+        return SPLITS[2]
+    if alphabet in VAL_ALPHABETS:
+        return SPLITS[1]
+    return SPLITS[0]
+
+
+def omniglot(*, root: str, rotations: bool = True, size: int | None = 28) -> SourceListing:
+    """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size``.
+
+    Each of the two parts is read from ``<root>/<part>.zip`` when present, else from the folder ``<root>/<part>/``.
+    Listing reads only the zip directories and folder names; no image is decoded.
+    """
+    root = str(root)
+    require_folder(root, "omniglot root")
+    check_image_options(1, size)
+    reader = _OmniglotReader(size)
+    characters: dict[tuple[str, str], list[Item]] = {}
+    forms: dict[str, str] = {}
+    for part in PARTS:
+        zip_path, folder = os.path.join(root, f"{part}.zip"), os.path.join(root, part)
+        if os.path.isfile(zip_path):
+            forms[part], found = "zip", _zip_images(reader.zip_file(zip_path), zip_path, part)
+        elif os.path.isdir(folder):
+            forms[part], found = "folder", _folder_images(folder)
+        else:
+            raise FsltoolError(f"omniglot root {root}: neither {part}.zip nor an extracted {part}/ folder is there")
+        part_characters: dict[tuple[str, str], list[Item]] = {}
+        for alphabet, character, item in found:
+            part_characters.setdefault((alphabet, character), []).append(item)
+        for key in part_characters:
+            if key in characters:
+                raise FsltoolError(f"omniglot root {root}: character {'/'.join(key)} is in both {PARTS[0]} and {part}")
+        characters.update(part_characters)
+    if not characters:
+        raise FsltoolError(f"omniglot root {root}: empty source, no character images found")
+
+    classes = []
+    for (alphabet, character), items in sorted(characters.items()):
+        split = vinyals_split(alphabet, int(character.removeprefix("character")))
+        items.sort()
+        for degrees in ROTATIONS if rotations else ROTATIONS[:1]:
+            name = f"{alphabet}/{character}/rot{degrees:03d}"
+            classes.append(ClassSpec(name, split, tuple((c, m, degrees) for c, m, _ in items)))
+    side = ORIGINAL_SIZE if size is None else size
+    provenance: dict[str, Any] = {
+        "source": "omniglot",
+        "root": root,
+        "rotations": rotations,
+        "size": size,
+        "form": forms,
+        "split": "vinyals",
+    }
+    return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
+
+
+def _image_path(parts: list[str], where: str) -> tuple[str, str] | None:
+    """(alphabet, characterNN) of ``<top>/<Alphabet>/characterNN/<image>``; None for files that are not images.
+
+    Anything else that is an image is refused rather than skipped, so a wrong layout cannot drop data silently.
+    """
+    name = parts[-1]
+    if name.startswith(".") or "__MACOSX" in parts or not name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    if len(parts) != 4 or not _CHARACTER.fullmatch(parts[2]):
+        raise FsltoolError(f"{where}: not in the Omniglot layout <top>/<Alphabet>/characterNN/<image>")
+    return parts[1], parts[2]
+
+
+def _zip_images(archive: zipfile.ZipFile, zip_path: str, part: str) -> Iterator[tuple[str, str, Item]]:
+    """Images in an official zip (top folder ``part``), from its central directory only."""
+    for member in archive.namelist():
+        where = f"{zip_path}:{member}"
+        check_relative_path(member, where)
+        if member.endswith("/"):
+            continue
+        parts = member.split("/")
+        found = _image_path(parts, where)
+        if found is not None:
+            if parts[0] != part:
+                raise FsltoolError(f"{where}: expected the top folder {part}/ of the official zip")
+            yield found[0], found[1], (zip_path, member, 0)
+
+
+def _folder_images(folder: str) -> Iterator[tuple[str, str, Item]]:
+    """Images in an extracted top folder: ``<folder>/<Alphabet>/characterNN/<image>``."""
+    for directory, subdirectories, files in os.walk(folder):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        relative = os.path.relpath(directory, folder).replace(os.sep, "/")
+        prefix = [os.path.basename(folder)] + ([] if relative == "." else relative.split("/"))
+        for name in files:
+            found = _image_path(prefix + [name], os.path.join(directory, name))
+            if found is not None:
+                yield found[0], found[1], (folder, "/".join(prefix[1:] + [name]), 0)
+
+
+class _OmniglotReader:
+    """``load`` and ``describe`` for Omniglot items: one ZipFile per zip per process, opened when first needed.
+
+    The process id guards against a ZipFile inherited through fork (its file offset would be shared), and open zips
+    are dropped when pickled to a worker process.
+    """
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.shape = (1, size or ORIGINAL_SIZE, size or ORIGINAL_SIZE)
+        self._pid = os.getpid()
+        self._zips: dict[str, zipfile.ZipFile] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_zips": {}}
+
+    def zip_file(self, path: str) -> zipfile.ZipFile:
+        if self._pid != os.getpid():
+            self._pid, self._zips = os.getpid(), {}
+        if path not in self._zips:
+            try:
+                self._zips[path] = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as error:
+                raise FsltoolError(f"{path}: cannot read the zip ({error})") from None
+        return self._zips[path]
+
+    def describe(self, item: Hashable) -> str:
+        container, member, _ = item  # type: ignore[misc]
+        if container.endswith(".zip"):
+            return f"{container}:{member}"
+        return os.path.join(container, *member.split("/"))
+
+    def load(self, item: Hashable) -> np.ndarray:
+        container, member, rotation = item  # type: ignore[misc]
+        origin = self.describe(item)
+        try:
+            if container.endswith(".zip"):
+                data = self.zip_file(container).read(member)
+            else:
+                with open(origin, "rb") as handle:
+                    data = handle.read()
+        except (zipfile.BadZipFile, zlib.error, KeyError, OSError) as error:
+            raise BadImageError(origin, str(error) or type(error).__name__) from None
+        array = decode_image(data, origin, channels=1, size=self.size, invert=True, rotation=rotation)
+        check_image_shape(array, self.shape, origin)
+        return array

@@ -1,0 +1,131 @@
+"""Reading a packed HDF5 data file: images, the class index, splits and stored episodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from fsltool.data.episodes import Episode, EpisodeSampler, EpisodeShape, check_split_fits, episode_labels
+from fsltool.errors import FsltoolError
+
+FORMAT_NAME = "fsltool-fewshot"
+FORMAT_VERSION = 1
+IN_MEMORY_LIMIT = 4 * 2**30  # bytes of images loaded whole; larger files are read per episode
+
+
+class FewShotData:
+    """An open data file. Small image sets live in memory as one uint8 tensor (a gather is then the whole
+    cost of assembling an episode); larger ones are read from HDF5 per episode with sorted indices."""
+
+    def __init__(self, path: str | Path, in_memory_limit: int = IN_MEMORY_LIMIT) -> None:
+        self.path = str(path)
+        if not Path(path).is_file():
+            raise FsltoolError(f"{path}: data file not found")
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as error:
+            raise FsltoolError(f"{path}: not a readable HDF5 file ({error})") from None
+        try:
+            self._read_index()
+        except (KeyError, OSError, ValueError) as error:
+            self._file.close()
+            raise FsltoolError(f"{path}: damaged fsltool data file ({error})") from None
+        dataset = self._file["images"]
+        self._images: torch.Tensor | None = None
+        self._lazy = dataset
+        if dataset.size <= in_memory_limit:
+            try:
+                self._images = torch.from_numpy(dataset[...])
+            except OSError as error:
+                raise FsltoolError(f"{path}: damaged image data ({error})") from None
+
+    def _read_index(self) -> None:
+        attrs = self._file.attrs
+        if attrs.get("format") != FORMAT_NAME:
+            raise FsltoolError(f"{self.path}: not an fsltool data file (no '{FORMAT_NAME}' format attribute)")
+        version = int(attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise FsltoolError(f"{self.path}: format version {version}, this fsltool reads {FORMAT_VERSION}")
+        self.provenance: dict[str, Any] = json.loads(attrs["provenance"])
+        self.mean = [float(v) for v in attrs["normalization_mean"]]
+        self.std = [float(v) for v in attrs["normalization_std"]]
+        self.image_shape = tuple(int(v) for v in self._file["images"].shape[1:])
+        self.class_names = [name.decode() if isinstance(name, bytes) else name for name in self._file["classes/names"][...]]
+        self.class_start = self._file["classes/start"][...].astype(np.int64)
+        self.class_count = self._file["classes/count"][...].astype(np.int64)
+        self.splits = {name: self._file[f"splits/{name}"][...].astype(np.int64) for name in self._file["splits"]}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> FewShotData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def num_images(self) -> int:
+        return int(self._lazy.shape[0])
+
+    def split_classes(self, split: str) -> np.ndarray:
+        if split not in self.splits:
+            raise FsltoolError(f"{self.path}: unknown split {split!r} (has: {', '.join(sorted(self.splits))})")
+        return self.splits[split]
+
+    def sampler(self, split: str, shape: EpisodeShape, generator: torch.Generator) -> EpisodeSampler:
+        """An on-the-fly sampler over a split, after checking every class can supply the shape."""
+        classes = self.split_classes(split)
+        check_split_fits(split, shape, self.class_names, self.class_count, classes)
+        return EpisodeSampler(self.class_start, self.class_count, classes, shape, generator)
+
+    def stored_shapes(self, split: str) -> list[EpisodeShape]:
+        group = self._file.get(f"episodes/{split}")
+        return [] if group is None else [EpisodeShape.parse(name) for name in group]
+
+    def stored_episodes(self, split: str, shape: EpisodeShape) -> tuple[np.ndarray, np.ndarray]:
+        """Index arrays (episodes, way*shot) and (episodes, way*query) of a stored episode set."""
+        key = f"episodes/{split}/{shape}"
+        if key not in self._file:
+            have = ", ".join(str(s) for s in self.stored_shapes(split)) or "none"
+            raise FsltoolError(f"{self.path}: no stored {split} episodes of shape {shape} (stored: {have})")
+        group = self._file[key]
+        return group["support"][...].astype(np.int64), group["query"][...].astype(np.int64)
+
+    def images(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Images at ``indices`` as float32 in [0, 1] (normalisation happens inside the model)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if self._images is not None:
+            raw = self._images[indices]
+        else:
+            order = torch.argsort(indices)
+            unique, inverse = torch.unique(indices[order], return_inverse=True)
+            block = torch.from_numpy(self._lazy[unique.numpy()])
+            raw = torch.empty((len(indices), *self.image_shape), dtype=torch.uint8)
+            raw[order] = block[inverse]
+        return raw.float().div_(255.0)
+
+    def episode(self, support: torch.Tensor | np.ndarray, query: torch.Tensor | np.ndarray, shape: EpisodeShape) -> Episode:
+        """Assemble an episode from index arrays (ordered class by class)."""
+        support_labels, query_labels = episode_labels(shape)
+        both = torch.cat([torch.as_tensor(support), torch.as_tensor(query)])
+        images = self.images(both)
+        n_support = shape.way * shape.shot
+        return Episode(images[:n_support], support_labels, images[n_support:], query_labels, shape)
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for `info` and logs."""
+        return {
+            "path": self.path,
+            "images": self.num_images,
+            "image_shape": list(self.image_shape),
+            "classes": len(self.class_names),
+            "splits": {name: len(classes) for name, classes in self.splits.items()},
+            "stored_episodes": {split: [str(s) for s in self.stored_shapes(split)] for split in self.splits},
+            "provenance": self.provenance,
+        }

@@ -1,0 +1,172 @@
+"""Export a trained method to ONNX and TorchScript, with its preprocessing contract, and verify the ONNX
+graphs under ONNX Runtime against PyTorch on stored test episodes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from fsltool import __version__
+from fsltool.atomic import atomic_write
+from fsltool.checkpoint import TrainedModel, load_trained
+from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
+from fsltool.data.store import FewShotData
+from fsltool.errors import FsltoolError
+from fsltool.methods.base import ExportGraph
+from fsltool.runtime import create_session, session_provider
+
+
+@dataclass
+class Verification:
+    episodes: int
+    shape: str
+    max_abs_diff: float
+    agreement: float  # fraction of queries with the same predicted class
+    provider: str
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    verification: Verification | None = None
+
+
+def preprocessing_contract(trained: TrainedModel) -> dict[str, Any]:
+    """What another runtime must do to an image before it enters the graphs."""
+    channels, height, width = trained.config["image_shape"]
+    return {
+        "fsltool_version": __version__,
+        "method": trained.config["method"],
+        "backbone": trained.config["backbone"],
+        "input_channels": channels,
+        "input_height": height,
+        "input_width": width,
+        "input_layout": "NCHW float32",
+        "pixel_scale": "uint8 / 255 -> [0, 1]",
+        "color": "grey (L)" if channels == 1 else "RGB",
+        "resize": "LANCZOS to input_height x input_width",
+        "invert": bool(trained.config.get("preprocessing", {}).get("invert", False)),
+        "normalization": {"mean": trained.config["mean"], "std": trained.config["std"], "applied": "inside the graph"},
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch's exporters print progress lines and deprecation warnings; a CLI command should not."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_onnx(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic_shapes = {
+        name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
+        for name, axes in graph.dynamic_axes.items()
+    }
+    for name in graph.input_names:
+        dynamic_shapes.setdefault(name, {})
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                graph.module, graph.example_inputs, dynamo=True, external_data=False, verbose=False,
+                input_names=graph.input_names, output_names=graph.output_names, dynamic_shapes=dynamic_shapes,
+            )
+    except Exception as error:  # the exporter raises many types; the user needs the first line and the graph name
+        raise FsltoolError(f"{path.name}: ONNX export failed ({str(error).splitlines()[0]})") from None
+    model = program.model_proto
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(model)
+    atomic_write(path, lambda file: file.write(model.SerializeToString()))
+
+
+def _export_torchscript(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(graph.module, graph.example_inputs)
+        extra = {"fsltool.json": json.dumps(metadata)}
+        atomic_write(path, lambda file: torch.jit.save(traced, file, _extra_files=extra))
+
+
+def _example_episode(image_shape: list[int]) -> Episode:
+    """A 3-way 2-shot 2-query episode of random pixels: shapes only, traced with dynamic sizes."""
+    shape = EpisodeShape(3, 2, 2)
+    support_labels, query_labels = episode_labels(shape)
+    generator = torch.Generator().manual_seed(0)
+    return Episode(torch.rand(6, *image_shape, generator=generator), support_labels,
+                   torch.rand(6, *image_shape, generator=generator), query_labels, shape)
+
+
+def export_run(
+    run: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    which: str = "best",
+    data_path: str | None = None,
+    verify_episodes: int = 100,
+    device: str = "auto",
+) -> ExportReport:
+    """Write ``<name>.onnx``, ``<name>.ts`` and ``model.json`` for each graph the method exports."""
+    trained = load_trained(run, which)
+    out = Path(out_dir) if out_dir is not None else trained.path.parent.parent / "export"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FsltoolError(f"{out}: cannot create the export folder ({error.strerror or error})") from None
+    contract = preprocessing_contract(trained)
+    graphs = trained.method.export_graphs(_example_episode(trained.config["image_shape"]))
+    report = ExportReport(out)
+    for name, graph in graphs.items():
+        metadata = {**contract, "graph": name, "inputs": graph.input_names, "outputs": graph.output_names}
+        onnx_path, ts_path = out / f"{name}.onnx", out / f"{name}.ts"
+        _export_onnx(graph, onnx_path, metadata)
+        _export_torchscript(graph, ts_path, metadata)
+        report.files += [onnx_path, ts_path]
+    sidecar = out / "model.json"
+    graph_io = {name: {"inputs": g.input_names, "outputs": g.output_names, "dynamic_axes": g.dynamic_axes} for name, g in graphs.items()}
+    atomic_write(sidecar, lambda file: file.write(json.dumps({**contract, "graphs": graph_io}, indent=2).encode()))
+    report.files.append(sidecar)
+    if verify_episodes > 0 and "classifier" in graphs:
+        report.verification = verify(trained, out / "classifier.onnx", data_path or trained.recipe.data, verify_episodes, device)
+    return report
+
+
+def verify(trained: TrainedModel, onnx_path: Path, data_path: str, episodes: int, device: str = "auto") -> Verification:
+    """Run the exported classifier under ONNX Runtime and the PyTorch method on the same stored test episodes."""
+    shape = EpisodeShape.parse(trained.recipe.test_shape)
+    session = create_session(str(onnx_path), device)
+    method = trained.method.eval()
+    max_diff, agree, total = 0.0, 0, 0
+    with FewShotData(data_path) as data:
+        support_idx, query_idx = data.stored_episodes("test", shape)
+        count = min(episodes, len(support_idx))
+        for s, q in zip(support_idx[:count], query_idx[:count]):
+            episode = data.episode(s, q, shape)
+            with torch.inference_mode():
+                expected = method(episode.support, episode.support_labels, episode.query).numpy()
+            got = session.run(None, {"support": episode.support.numpy(), "support_labels": episode.support_labels.numpy(),
+                                     "query": episode.query.numpy()})[0]
+            max_diff = max(max_diff, float(np.abs(got - expected).max()))
+            agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+            total += len(got)
+    return Verification(count, str(shape), max_diff, agree / total, session_provider(session))

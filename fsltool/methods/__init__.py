@@ -1,0 +1,6 @@
+"""Meta-learning methods: one file each, registered by name (importing this package registers them all)."""
+
+from fsltool.methods import protonet  # noqa: F401  (registers "protonet")
+from fsltool.methods.base import METHODS, Method, build_method, get_method, method_options
+
+__all__ = ["METHODS", "Method", "build_method", "get_method", "method_options"]

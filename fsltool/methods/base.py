@@ -1,0 +1,105 @@
+"""The one interface every meta-learning method implements, and the registry that maps recipe names to it."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsltool.data.episodes import Episode
+from fsltool.errors import FsltoolError
+from fsltool.models.backbones import Backbone
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    scores: torch.Tensor  # (queries, way): higher is more likely
+
+
+@dataclass
+class ExportGraph:
+    """A module to export with example inputs and which input dimensions are dynamic."""
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+class Method(nn.Module, ABC):
+    """A few-shot classifier: a support set (images + labels) and query images in, query scores out.
+
+    Methods whose embedding of an image does not depend on the episode set ``embeds_independently`` and
+    implement ``embed`` and ``scores_from_embeddings``: evaluation then embeds each image once, not once
+    per episode, and export can ship the embedding network alone.
+    """
+
+    name: ClassVar[str]
+    embeds_independently: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    @abstractmethod
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Scores (queries, way), with way = support_labels.max() + 1."""
+
+    def step(self, episode: Episode) -> StepOutput:
+        """The training objective on one episode (cross-entropy over the scores unless overridden)."""
+        scores = self(episode.support, episode.support_labels, episode.query)
+        return StepOutput(F.cross_entropy(scores, episode.query_labels), scores)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} does not embed images independently of the episode")
+
+    def scores_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
+    ) -> torch.Tensor:
+        """Batched over episodes: (E, S, D), (E, S), (E, Q, D) -> (E, Q, way)."""
+        raise NotImplementedError(f"{self.name} does not classify from embeddings")
+
+    def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
+        """The graphs `fsltool export` writes, keyed by file stem."""
+        raise NotImplementedError(f"{self.name} cannot be exported")
+
+
+M = TypeVar("M", bound=type[Method])
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: make a method available to recipes under ``name``."""
+
+    def register(cls: M) -> M:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def method_options(name: str) -> dict[str, inspect.Parameter]:
+    """The recipe options a method accepts: its constructor's keyword parameters after the backbone."""
+    cls = get_method(name)
+    parameters = inspect.signature(cls.__init__).parameters
+    return {key: p for key, p in parameters.items() if key not in ("self", "backbone")}
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise FsltoolError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})") from None
+
+
+def build_method(name: str, backbone: Backbone, options: dict[str, Any]) -> Method:
+    return get_method(name)(backbone, **options)

@@ -1,0 +1,209 @@
+"""Recipes: a typed schema, YAML loading (safe loader, optional ``base:`` file), ``key=value`` overrides,
+and validation whose errors name the key and suggest the nearest valid one."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fsltool.data.episodes import EpisodeShape
+from fsltool.errors import FsltoolError
+
+
+@dataclass
+class TrainConfig:
+    shape: str = "60w5s5q"  # training episode shape
+    episodes: int = 10000
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    lr_step: int = 2000  # multiply lr by lr_gamma every lr_step episodes (0: constant)
+    lr_gamma: float = 0.5
+    log_every: int = 50
+
+
+@dataclass
+class ValidationConfig:
+    shape: str = "5w1s15q"  # a shape stored in the data file for the val split
+    every: int = 500  # episodes between validations (and checkpoints)
+    episodes: int = 200  # the first N stored validation episodes
+
+
+@dataclass
+class Recipe:
+    data: str = ""
+    output: str = ""
+    method: str = "protonet"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "conv4"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key: str, value: Any, expected: Any) -> Any:
+    """Return ``value`` converted to ``expected`` where lossless (int -> float), else raise naming the key."""
+    origin = typing.get_origin(expected)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FsltoolError(f"recipe key {key!r}: expected a mapping, got {value!r}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float, str) and (type(value) is not expected):
+        raise FsltoolError(f"recipe key {key!r}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise FsltoolError(f"recipe key {prefix.rstrip('.') or '<top>'!r}: expected a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (valid: {', '.join(types_)})"
+            raise FsltoolError(f"unknown recipe key {prefix + str(key)!r}{hint}")
+        expected = types_[key]
+        if dataclasses.is_dataclass(expected):
+            values[key] = _build(expected, value, f"{prefix}{key}.")
+        else:
+            values[key] = _check_type(prefix + key, value, expected)
+    return cls(**values)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("method_options", "backbone_options"):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise FsltoolError(f"{path}: recipe 'base' chain loops back on itself")
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise FsltoolError(f"{path}: cannot read recipe ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise FsltoolError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FsltoolError(f"{path}: a recipe must be a YAML mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise FsltoolError(f"{path}: recipe key 'base' must be a file path")
+    return _merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=0.01`` -> (["train", "lr"], 0.01); the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise FsltoolError(f"override {text!r} is not of the form key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FsltoolError(f"override {'.'.join(path)!r}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Read, merge ``base`` files, apply overrides, and validate everything that can be checked statically."""
+    path = Path(path)
+    raw = _read_yaml(path.resolve())
+    for text in overrides:
+        _apply_override(raw, *parse_override(text))
+    recipe = _build(Recipe, raw, "")
+    validate(recipe, where=str(path))
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Rebuild a recipe saved in a run folder or checkpoint."""
+    return _build(Recipe, raw, "")
+
+
+def validate(recipe: Recipe, where: str = "recipe") -> None:
+    """Checks that need no data file: required keys, shapes, ranges, method and backbone names and options."""
+    from fsltool.methods import get_method, method_options
+    from fsltool.models import BACKBONES
+
+    for key in ("data", "output"):
+        if not getattr(recipe, key):
+            raise FsltoolError(f"{where}: recipe key {key!r} is required")
+    for key, text in (("train.shape", recipe.train.shape), ("validation.shape", recipe.validation.shape), ("test_shape", recipe.test_shape)):
+        try:
+            EpisodeShape.parse(text)
+        except FsltoolError as error:
+            raise FsltoolError(f"{where}: recipe key {key!r}: {error}") from None
+    positive = {
+        "train.episodes": recipe.train.episodes,
+        "train.log_every": recipe.train.log_every,
+        "validation.every": recipe.validation.every,
+        "validation.episodes": recipe.validation.episodes,
+        "train.lr": recipe.train.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise FsltoolError(f"{where}: recipe key {key!r} must be positive, got {value}")
+    if recipe.train.lr_step < 0 or recipe.train.weight_decay < 0:
+        raise FsltoolError(f"{where}: recipe keys 'train.lr_step' and 'train.weight_decay' must be >= 0")
+    if recipe.train.optimizer not in OPTIMIZERS:
+        raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    get_method(recipe.method)
+    accepted = method_options(recipe.method)
+    for key in recipe.method_options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (accepted: {', '.join(accepted) or 'none'})"
+            raise FsltoolError(f"{where}: method {recipe.method!r} has no option {key!r}{hint}")
+    if recipe.backbone not in BACKBONES:
+        close = difflib.get_close_matches(recipe.backbone, list(BACKBONES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(BACKBONES)})"
+        raise FsltoolError(f"{where}: unknown backbone {recipe.backbone!r}{hint}")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+

@@ -1,0 +1,69 @@
+"""ONNX Runtime sessions, with no torch import: this module runs where only onnxruntime and numpy exist.
+
+CUDA is requested only when it can really run (the provider is listed AND the NVIDIA driver loads);
+otherwise ORT would try, print native errors about missing CUDA libraries, and fall back anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+
+import onnxruntime as ort
+
+with contextlib.suppress(AttributeError):
+    ort.disable_telemetry_events()  # ORT writes telemetry to the user's cache folder by default
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what native libraries write straight to file descriptor 2 (Python's stderr is unaffected)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cuda_can_run() -> bool:
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    with quiet_native_stderr(), contextlib.suppress(Exception):
+        ort.preload_dlls()  # finds CUDA/cuDNN libraries shipped by pip packages (e.g. torch's)
+    return True
+
+
+def create_session(path: str, device: str = "auto") -> ort.InferenceSession:
+    """A session on CUDA when asked for (or ``auto``) and it can run, else CPU; ``session_provider`` says which ran."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    use_cuda = device in ("auto", "cuda") and cuda_can_run()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = [CUDA, CPU] if use_cuda else [CPU]
+    with quiet_native_stderr():
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+def session_provider(session: ort.InferenceSession) -> str:
+    """The provider that actually runs the graph (CUDA may have been asked for and silently dropped)."""
+    return session.get_providers()[0]

@@ -1,0 +1,385 @@
+"""Dataset sources on tiny generated trees, CSVs and zips, plus the real Omniglot zips when they are present."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsltool.data.sources import omniglot as omniglot_module
+from fsltool.data.sources.base import split_by_ratios
+from fsltool.data.sources.csv_splits import csv_splits, read_split_csvs
+from fsltool.data.sources.folder import folder
+from fsltool.data.sources.omniglot import omniglot, vinyals_split
+from fsltool.errors import BadImageError, FsltoolError
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def write_image(path: Path, size: tuple[int, int] = (8, 8), mode: str = "RGB", color: int | tuple = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- folder
+
+
+def test_folder_classes_are_leaf_folders_at_any_depth(tmp_path: Path) -> None:
+    write_image(tmp_path / "a" / "2.png")
+    write_image(tmp_path / "a" / "1.PNG", mode="L")  # suffix case and image mode do not matter
+    write_image(tmp_path / "b" / "x.jpg")  # b holds images and a sub-folder with images: both are classes
+    write_image(tmp_path / "b" / "c" / "d" / "y.png", mode="P")
+    write_image(tmp_path / ".hidden" / "z.png")
+    write_image(tmp_path / "a" / ".z.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+
+    listing = folder(root=str(tmp_path), split_ratios=(1.0, 0.0, 0.0))
+
+    assert [spec.name for spec in listing.classes] == ["a", "b", "b/c/d"]
+    assert [Path(p).name for p in listing.classes[0].items] == ["1.PNG", "2.png"]
+    assert listing.image_shape == (3, 8, 8)
+    for spec in listing.classes:
+        for item in spec.items:
+            image = listing.load(item)
+            assert image.shape == (3, 8, 8) and image.dtype == np.uint8
+    assert listing.describe(listing.classes[0].items[0]) == str(tmp_path / "a" / "1.PNG")
+
+
+def test_folder_split_by_ratios_is_seeded_complete_and_stable(tmp_path: Path) -> None:
+    for index in range(20):
+        write_image(tmp_path / f"class{index:02d}" / "0.png")
+
+    first = folder(root=str(tmp_path), split_seed=3)
+    again = folder(root=str(tmp_path), split_seed=3)
+    other = folder(root=str(tmp_path), split_seed=4)
+
+    splits = {spec.name: spec.split for spec in first.classes}
+    assert splits == {spec.name: spec.split for spec in again.classes}
+    assert splits != {spec.name: spec.split for spec in other.classes}
+    assert sorted(splits) == [f"class{index:02d}" for index in range(20)]
+    assert Counter(splits.values()) == {"train": 13, "val": 3, "test": 4}
+    assert first.provenance["split_seed"] == 3
+    # The permutation depends only on the names, not on the order they were found in.
+    names = list(splits)
+    assert split_by_ratios(names, (0.64, 0.16, 0.2), 3) == split_by_ratios(names[::-1], (0.64, 0.16, 0.2), 3)
+
+
+@pytest.mark.parametrize("ratios", [(0.5, 0.5), (0.5, 0.6, 0.1), (1.2, -0.1, -0.1), ("a", 0, 1)])
+def test_folder_bad_split_ratios(tmp_path: Path, ratios: tuple) -> None:
+    write_image(tmp_path / "a" / "0.png")
+    with pytest.raises(FsltoolError, match="split_ratios"):
+        folder(root=str(tmp_path), split_ratios=ratios)
+
+
+def make_lists(directory: Path, **lists: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, text in lists.items():
+        (directory / f"{split}.txt").write_text(text)
+    return directory
+
+
+def test_folder_split_lists(tmp_path: Path) -> None:
+    for name in ["a", "b", "c/d", "e"]:
+        write_image(tmp_path / "root" / name / "0.png")
+    lists = make_lists(tmp_path / "lists", train="a\n\nb\n", val="c/d\n", test="\n")
+
+    listing = folder(root=str(tmp_path / "root"), split_lists=str(lists), split_ratios=(0.0, 0.0, 1.0))
+
+    assert {spec.name: spec.split for spec in listing.classes} == {"a": "train", "b": "train", "c/d": "val"}
+    assert listing.provenance["unlisted_classes"] == 1  # e is in no list: left out
+
+
+def test_folder_split_list_errors(tmp_path: Path) -> None:
+    write_image(tmp_path / "root" / "a" / "0.png")
+    write_image(tmp_path / "root" / "b" / "0.png")
+    root = str(tmp_path / "root")
+
+    unknown = make_lists(tmp_path / "unknown", train="a\n", val="nope\n", test="")
+    with pytest.raises(FsltoolError, match=r"val\.txt:1: class 'nope'"):
+        folder(root=root, split_lists=str(unknown))
+
+    twice = make_lists(tmp_path / "twice", train="a\n", val="b\n", test="\na\n")
+    with pytest.raises(FsltoolError, match=r"test\.txt:2: class 'a' is already listed at .*train\.txt:1"):
+        folder(root=root, split_lists=str(twice))
+
+    empty = make_lists(tmp_path / "empty", train="\n", val="", test="")
+    with pytest.raises(FsltoolError, match="name no class"):
+        folder(root=root, split_lists=str(empty))
+
+    missing = make_lists(tmp_path / "missing", train="a\n", val="b\n")
+    with pytest.raises(FsltoolError, match=r"missing .*test\.txt"):
+        folder(root=root, split_lists=str(missing))
+
+
+def test_folder_mixed_sizes_need_size(tmp_path: Path) -> None:
+    write_image(tmp_path / "a" / "0.png", size=(8, 8))
+    odd = write_image(tmp_path / "a" / "1.png", size=(10, 6))
+
+    listing = folder(root=str(tmp_path), size=None)
+    assert listing.image_shape == (3, 8, 8)
+    listing.load(listing.classes[0].items[0])
+    with pytest.raises(FsltoolError, match=rf"{odd}: image is 10x6 .* --size"):
+        listing.load(listing.classes[0].items[1])
+
+    resized = folder(root=str(tmp_path), size=5, channels=1)
+    assert resized.image_shape == (1, 5, 5)
+    assert all(resized.load(item).shape == (1, 5, 5) for item in resized.classes[0].items)
+
+
+def test_folder_root_and_empty_errors(tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match="no such folder"):
+        folder(root=str(tmp_path / "absent"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FsltoolError, match="not a folder"):
+        folder(root=str(tmp_path / "file"))
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "a" / "readme.txt").write_text("x")
+    with pytest.raises(FsltoolError, match="empty source"):
+        folder(root=str(tmp_path / "tree"))
+    write_image(tmp_path / "flat" / "0.png")
+    with pytest.raises(FsltoolError, match="holds images directly"):
+        folder(root=str(tmp_path / "flat"))
+    write_image(tmp_path / "tree" / "a" / "0.png")
+    with pytest.raises(FsltoolError, match="channels"):
+        folder(root=str(tmp_path / "tree"), channels=2)
+
+
+def test_folder_corrupt_or_empty_image_raises_bad_image_on_load(tmp_path: Path) -> None:
+    write_image(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / "1.png").write_bytes(b"not a png at all")
+    (tmp_path / "a" / "2.png").write_bytes(b"")
+
+    listing = folder(root=str(tmp_path), size=8)  # listing itself decodes nothing
+    loader = pickle.loads(pickle.dumps(listing.load))  # and its load travels to worker processes
+    for item in listing.classes[0].items[1:]:
+        with pytest.raises(BadImageError, match=str(item)) as error:
+            loader(item)
+        assert error.value.path == item
+
+
+# ---------------------------------------------------------------- csv
+
+
+def make_csv_tree(tmp_path: Path, **csvs: str) -> tuple[Path, Path]:
+    images, splits = tmp_path / "images", tmp_path / "splits"
+    for name in ["n1_0.jpg", "n1_1.jpg", "n2_0.jpg", "sub/n3_0.jpg"]:
+        write_image(images / name, size=(12, 10))
+    texts = {
+        "train": "filename,label\nn1_0.jpg,n1\nn1_1.jpg,n1\n",
+        "val": "filename,label\nn2_0.jpg,n2\n",
+        "test": "filename,label\nsub/n3_0.jpg,n3\n",
+    }
+    texts.update(csvs)
+    splits.mkdir()
+    for split, text in texts.items():
+        (splits / f"{split}.csv").write_text(text)
+    return images, splits
+
+
+def test_csv_splits_happy_path(tmp_path: Path) -> None:
+    images, splits = make_csv_tree(tmp_path)
+    listing = csv_splits(images=str(images), splits=str(splits), size=6)
+    assert [(spec.name, spec.split, len(spec.items)) for spec in listing.classes] == [
+        ("n1", "train", 2),
+        ("n2", "val", 1),
+        ("n3", "test", 1),
+    ]
+    assert listing.image_shape == (3, 6, 6)
+    image = listing.load(listing.classes[2].items[0])
+    assert image.shape == (3, 6, 6) and image.dtype == np.uint8
+    assert listing.describe(listing.classes[2].items[0]) == str(images / "sub" / "n3_0.jpg")
+
+    original = csv_splits(images=str(images), splits=str(splits), channels=1, size=None)
+    assert original.image_shape == (1, 10, 12)
+
+
+@pytest.mark.parametrize(
+    ("csvs", "message"),
+    [
+        ({"val": "file,label\nn2_0.jpg,n2\n"}, r"val\.csv:1: header"),
+        ({"val": "filename,label\nn2_0.jpg\n"}, r"val\.csv:2: expected two fields"),
+        ({"val": "filename,label\nn2_0.jpg,n2,extra\n"}, r"val\.csv:2: expected two fields"),
+        ({"test": "filename,label\nsub/n3_0.jpg,n1\n"}, r"test\.csv:2: label n1 is also in .*train\.csv"),
+        ({"val": "filename,label\nn2_0.jpg,n2\nn1_0.jpg,n2\n"}, r"val\.csv:3: n1_0\.jpg is already listed at"),
+        ({"val": "filename,label\nmissing.jpg,n2\n"}, r"val\.csv:2: image .*missing\.jpg does not exist"),
+        ({"val": "filename,label\n/etc/n2_0.jpg,n2\n"}, r"val\.csv:2: refusing path '/etc/n2_0\.jpg'"),
+        ({"val": "filename,label\n../images/n2_0.jpg,n2\n"}, r"val\.csv:2: refusing path '\.\./images"),
+    ],
+)
+def test_csv_splits_errors(tmp_path: Path, csvs: dict[str, str], message: str) -> None:
+    images, splits = make_csv_tree(tmp_path, **csvs)
+    with pytest.raises(FsltoolError, match=message):
+        csv_splits(images=str(images), splits=str(splits))
+
+
+def test_csv_splits_missing_file_and_folders(tmp_path: Path) -> None:
+    images, splits = make_csv_tree(tmp_path)
+    (splits / "test.csv").unlink()
+    with pytest.raises(FsltoolError, match=r"missing .*test\.csv"):
+        csv_splits(images=str(images), splits=str(splits))
+    with pytest.raises(FsltoolError, match="images .*no such folder"):
+        csv_splits(images=str(tmp_path / "nothing"), splits=str(splits))
+
+
+def test_real_ravi_split_files() -> None:
+    ravi = SHARED / "miniimagenet" / "splits" / "ravi"
+    if not ravi.is_dir():
+        pytest.skip(f"{ravi} is not here")
+    rows = read_split_csvs(str(ravi))
+    assert {split: len(labels) for split, labels in rows.items()} == {"train": 64, "val": 16, "test": 20}
+    assert {len(class_rows) for labels in rows.values() for class_rows in labels.values()} == {600}
+
+
+# ---------------------------------------------------------------- omniglot
+
+FAKE_CHARACTERS = {
+    "images_background": ["Gurmukhi/character41", "Gurmukhi/character42", "Hebrew/character01"],
+    "images_evaluation": ["Kannada/character01"],
+}
+
+
+def omniglot_png() -> bytes:
+    """A 105x105 mode '1' image like Omniglot's: white background, one black stroke in the top-left corner."""
+    image = Image.new("1", (105, 105), 1)
+    image.paste(0, (10, 10, 40, 20))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_omniglot_zips(root: Path, extra_member: str | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    data = omniglot_png()
+    for part, characters in FAKE_CHARACTERS.items():
+        with zipfile.ZipFile(root / f"{part}.zip", "w") as archive:
+            archive.writestr(f"{part}/", b"")
+            for character in characters:
+                for drawer in (1, 2):
+                    archive.writestr(f"{part}/{character}/0001_{drawer:02d}.png", data)
+            if extra_member and part == "images_background":
+                archive.writestr(extra_member, data)
+    return root
+
+
+def test_vinyals_split_rule() -> None:
+    assert vinyals_split("Gurmukhi", 41) == "train"
+    assert [vinyals_split("Gurmukhi", n) for n in (42, 45)] == ["test", "test"]
+    assert vinyals_split("Gurmukhi", 46) == "train"
+    assert vinyals_split("Hebrew", 1) == "val"
+    assert vinyals_split("Old_Church_Slavonic_(Cyrillic)", 3) == "test"
+    assert vinyals_split("Latin", 1) == "train"
+
+
+def test_omniglot_fake_zip(tmp_path: Path) -> None:
+    listing = omniglot(root=str(make_omniglot_zips(tmp_path)), size=None)
+
+    assert len(listing.classes) == 4 * 4
+    splits = {spec.name: spec.split for spec in listing.classes}
+    assert splits["Gurmukhi/character41/rot000"] == "train"
+    assert splits["Gurmukhi/character42/rot270"] == "test"
+    assert splits["Hebrew/character01/rot090"] == "val"
+    assert splits["Kannada/character01/rot180"] == "test"
+    assert {name.rsplit("/", 1)[1] for name in splits} == {"rot000", "rot090", "rot180", "rot270"}
+    assert all(len(spec.items) == 2 for spec in listing.classes)
+    assert listing.provenance["form"] == {"images_background": "zip", "images_evaluation": "zip"}
+
+    by_name = {spec.name: spec for spec in listing.classes}
+    upright = listing.load(by_name["Hebrew/character01/rot000"].items[0])
+    turned = listing.load(by_name["Hebrew/character01/rot090"].items[0])
+    assert upright.shape == (1, 105, 105) and upright.dtype == np.uint8
+    assert upright[0, 15, 20] == 255 and upright[0, 80, 80] == 0  # inverted: the stroke is high
+    np.testing.assert_array_equal(turned[0], np.rot90(upright[0]))  # counter-clockwise, lossless
+    assert "images_background.zip:images_background/Hebrew/character01/0001_01.png" in listing.describe(
+        by_name["Hebrew/character01/rot000"].items[0]
+    )
+
+    small = omniglot(root=str(tmp_path), rotations=False)
+    assert [spec.name.endswith("/rot000") for spec in small.classes] == [True] * 4
+    assert small.image_shape == (1, 28, 28)
+    assert small.load(small.classes[0].items[0]).shape == (1, 28, 28)
+    assert pickle.loads(pickle.dumps(small.load))(small.classes[0].items[0]).shape == (1, 28, 28)
+
+
+def test_omniglot_extracted_folders_match_zips(tmp_path: Path) -> None:
+    zips = make_omniglot_zips(tmp_path / "zips")
+    folders = tmp_path / "folders"
+    for part in FAKE_CHARACTERS:
+        with zipfile.ZipFile(zips / f"{part}.zip") as archive:
+            archive.extractall(folders)
+
+    from_zips = omniglot(root=str(zips))
+    from_folders = omniglot(root=str(folders))
+
+    assert from_folders.provenance["form"] == {"images_background": "folder", "images_evaluation": "folder"}
+    assert [(s.name, s.split, len(s.items)) for s in from_folders.classes] == [
+        (s.name, s.split, len(s.items)) for s in from_zips.classes
+    ]
+    item = from_folders.classes[5].items[1]
+    assert Path(from_folders.describe(item)).is_file()
+    np.testing.assert_array_equal(from_folders.load(item), from_zips.load(from_zips.classes[5].items[1]))
+
+
+def test_omniglot_errors(tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match=r"neither images_background\.zip nor an extracted images_background/"):
+        omniglot(root=str(tmp_path))
+
+    evil = make_omniglot_zips(tmp_path / "evil", extra_member="images_background/../../evil.png")
+    with pytest.raises(FsltoolError, match=r"refusing path 'images_background/\.\./\.\./evil\.png'"):
+        omniglot(root=str(evil))
+
+    absolute = make_omniglot_zips(tmp_path / "absolute", extra_member="/tmp/evil.png")
+    with pytest.raises(FsltoolError, match="refusing path '/tmp/evil.png'"):
+        omniglot(root=str(absolute))
+
+    broken = make_omniglot_zips(tmp_path / "broken")
+    (broken / "images_evaluation.zip").write_bytes(b"not a zip")
+    with pytest.raises(FsltoolError, match=r"images_evaluation\.zip: cannot read the zip"):
+        omniglot(root=str(broken))
+
+    flat = make_omniglot_zips(tmp_path / "flat", extra_member="images_background/Latin/0001_01.png")
+    with pytest.raises(FsltoolError, match="not in the Omniglot layout"):
+        omniglot(root=str(flat))
+
+
+def test_omniglot_corrupt_member_raises_bad_image(tmp_path: Path) -> None:
+    root = make_omniglot_zips(tmp_path, extra_member="images_background/Latin/character01/0002_01.png")
+    with zipfile.ZipFile(root / "images_background.zip", "a") as archive:
+        archive.writestr("images_background/Latin/character01/0002_02.png", b"garbage")
+    listing = omniglot(root=str(root))
+    latin = next(spec for spec in listing.classes if spec.name == "Latin/character01/rot000")
+    with pytest.raises(BadImageError, match=r"images_background\.zip:images_background/Latin/character01/0002_02"):
+        listing.load(latin.items[1])
+
+
+def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = SHARED / "omniglot"
+    if not (data / "splits" / "vinyals").is_dir():
+        pytest.skip(f"{data} is not here")
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("listing must not decode images")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(omniglot_module, "decode_image", no_decoding)
+        listing = omniglot(root=str(data))
+
+    counts = {}
+    for split in ("train", "val", "test"):
+        expected = set((data / "splits" / "vinyals" / f"{split}.txt").read_text().split())
+        listed = {spec.name for spec in listing.classes if spec.split == split}
+        assert listed == expected, split
+        counts[split] = len(listed)
+    assert counts == {"train": 4112, "val": 688, "test": 1692}
+    assert {len(spec.items) for spec in listing.classes} == {20}
+
+    image = listing.load(listing.classes[0].items[0])
+    assert image.shape == (1, 28, 28) and image.dtype == np.uint8
+    assert image.mean() < 64  # inverted: mostly dark background, bright strokes
