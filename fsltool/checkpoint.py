@@ -43,8 +43,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_config(recipe: Recipe, image_shape: tuple[int, ...], mean: list[float], std: list[float]) -> dict[str, Any]:
-    """What it takes to rebuild the network without the data file (export, predict)."""
+def model_config(
+    recipe: Recipe, image_shape: tuple[int, ...], mean: list[float], std: list[float], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """What it takes to rebuild the network, and to preprocess new images, without the data file."""
     return {
         "method": recipe.method,
         "method_options": dict(recipe.method_options),
@@ -53,6 +55,7 @@ def model_config(recipe: Recipe, image_shape: tuple[int, ...], mean: list[float]
         "image_shape": list(image_shape),
         "mean": list(mean),
         "std": list(std),
+        "preprocessing": {"resize": "lanczos", "invert": bool(provenance.get("invert", False)), "source": provenance.get("source")},
     }
 
 

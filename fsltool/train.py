@@ -89,7 +89,7 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     val_shape = EpisodeShape.parse(recipe.validation.shape)
     data.stored_episodes("val", val_shape)  # fail now, not after the first block of training
     torch.manual_seed(recipe.seed)
-    config = model_config(recipe, data.image_shape, data.mean, data.std)
+    config = model_config(recipe, data.image_shape, data.mean, data.std, data.provenance)
     method = build_model(config)
     optimizer, scheduler = make_optimizer(recipe, method)
     generator = torch.Generator().manual_seed(recipe.seed + 1)

@@ -108,6 +108,7 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28) -> Sou
         "size": size,
         "form": forms,
         "split": "vinyals",
+        "invert": True,  # stored ink-high: a user's dark-on-white image must be inverted the same way
     }
     return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
 
