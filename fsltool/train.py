@@ -39,8 +39,9 @@ def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimize
         optimizer: torch.optim.Optimizer = torch.optim.Adam(method.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     else:
         optimizer = torch.optim.SGD(method.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    step = train.lr_step if train.lr_step > 0 else train.episodes + 1  # 0: constant learning rate
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=train.lr_gamma)
+    if train.lr_step == 0:  # constant learning rate
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_step, gamma=train.lr_gamma)
 
 
 class RunFolder:
@@ -54,7 +55,7 @@ class RunFolder:
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
 
-    def create(self, recipe: Recipe, *, resume: bool, force: bool) -> None:
+    def create(self, *, resume: bool, force: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise FsltoolError(f"{self.path}: output exists and is not a folder")
         if resume:
@@ -67,9 +68,12 @@ class RunFolder:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             for stale in (self.last, self.best, self.metrics):
                 stale.unlink(missing_ok=True)
-            self.recipe.write_text(dump_recipe(recipe))
         except OSError as error:
             raise FsltoolError(f"{self.path}: cannot write the run folder ({error.strerror or error})") from None
+
+    def save_recipe(self, recipe: Recipe) -> None:
+        """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
+        self.recipe.write_text(dump_recipe(recipe))
 
     def truncate_metrics(self, episode: int) -> None:
         """On resume, drop log rows written after the checkpoint, so the log reads as one uninterrupted run."""
@@ -81,6 +85,11 @@ class RunFolder:
     def log(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a") as file:
             file.write(json.dumps(row) + "\n")
+
+
+def _without_length(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe minus train.episodes: a resumed run may be extended, nothing else may change."""
+    return {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "episodes"}}
 
 
 def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
@@ -96,13 +105,16 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     sampler = data.sampler("train", train_shape, generator)
 
     run = RunFolder(recipe.output)
-    run.create(recipe, resume=resume, force=force)
+    run.create(resume=resume, force=force)
     start, best = 0, {"accuracy": -math.inf, "ci95": math.nan, "episode": 0}
     elapsed_before = 0.0
     if resume:
         state = load_checkpoint(run.last)
-        if state["recipe"] != recipe.to_dict():
-            raise FsltoolError(f"{run.last}: the recipe differs from the one this run was started with (see {run.recipe})")
+        if _without_length(state["recipe"]) != _without_length(recipe.to_dict()):
+            raise FsltoolError(f"{run.last}: the recipe differs from the one this run was started with (see {run.recipe}); "
+                               "only train.episodes may change on --resume")
+        if state["episode"] >= recipe.train.episodes:
+            raise FsltoolError(f"{run.last}: already trained {state['episode']} episodes; raise train.episodes to continue")
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -110,6 +122,7 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
         torch.set_rng_state(state["torch_rng"])
         start, best, elapsed_before = state["episode"], state["best"], state["elapsed"]
         run.truncate_metrics(start)
+    run.save_recipe(recipe)
 
     def checkpoint(path: Path, episode: int, elapsed: float) -> None:
         save_checkpoint(

@@ -36,30 +36,38 @@ def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bo
 
 
 class Backbone(nn.Module):
-    """Normalize -> feature layers; ``flatten`` gives a vector embedding, else feature maps are kept."""
+    """Normalize -> feature layers; ``flatten`` gives a vector embedding, else feature maps are kept.
 
-    def __init__(self, normalize: Normalize, features: nn.Sequential, flatten: bool = True) -> None:
+    ``channels_last`` runs the convolutions in NHWC, which oneDNN computes faster on CPU
+    (measured by scripts/benchmark.py); results are the same up to float rounding.
+    """
+
+    def __init__(self, normalize: Normalize, features: nn.Sequential, *, flatten: bool = True, channels_last: bool = True) -> None:
         super().__init__()
         self.normalize = normalize
-        self.features = features
+        self.features = features.to(memory_format=torch.channels_last) if channels_last else features
         self.flatten = flatten
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # channels_last is ~1.5x faster for these convolutions on CPU (oneDNN); measured in scripts/benchmark.py
-        features = self.features(self.normalize(images).contiguous(memory_format=torch.channels_last))
+        features = self.features(self.normalize(images).contiguous(memory_format=self.memory_format))
         return features.flatten(1) if self.flatten else features.contiguous()
 
 
-def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True) -> Backbone:
+def conv4(
+    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True, channels_last: bool = True
+) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28."""
     blocks = [conv_block(channels if i == 0 else hidden, hidden) for i in range(4)]
-    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten).to(memory_format=torch.channels_last)
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
 
 
-def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True) -> Backbone:
+def conv4_strided(
+    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True, channels_last: bool = True
+) -> Backbone:
     """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling."""
     blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False) for i in range(4)]
-    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten).to(memory_format=torch.channels_last)
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {"conv4": conv4, "conv4-strided": conv4_strided}

@@ -1,0 +1,91 @@
+"""The whole pipeline through the command line, and the promise for bad input: one line, exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fsltool import __version__
+from fsltool.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "syn.h5"
+    code, _, err = run("prepare", "synthetic", str(data), "--classes", "40", "--shapes", "5w1s,5w5s", "--query", "5", "--episodes", "20", "-q")
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", f"output={run_dir}",
+                         "train.episodes=6", "train.shape=10w1s5q", "validation.every=3", "validation.episodes=10",
+                         "validation.shape=5w1s5q", "test_shape=5w1s5q", "-q")
+    assert code == 0, err
+    assert "run folder" in out and (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "recipe.yaml").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {row["phase"] for row in rows} == {"train", "val"}
+
+    result_file = tmp_path / "result.json"
+    code, out, err = run("evaluate", str(run_dir), "--json", str(result_file))
+    assert code == 0, err
+    result = json.loads(result_file.read_text())
+    assert result["episodes"] == 20 and (result["way"], result["shot"], result["query"]) == (5, 1, 5)
+    assert 0 <= result["accuracy"] <= 100 and result["ci95"] > 0
+    assert f"{result['accuracy']:.2f} ± {result['ci95']:.2f}%" in out
+
+    code, out, err = run("evaluate", str(run_dir), "--shape", "5w5s5q", "--json", "-")
+    assert code == 0 and json.loads(out)["shot"] == 5
+
+    code, out, err = run("export", str(run_dir), "--verify-episodes", "5")
+    assert code == 0, err
+    assert "prediction agreement 100.00%" in out and "CPUExecutionProvider" in out
+    assert (run_dir / "export" / "classifier.onnx").is_file()
+
+    code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check")
+    assert code == 2 and "no stored val episodes of shape 5w1s15q (stored: 5w1s5q, 5w5s5q)" in " ".join(err.split())
+    code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check",
+                         "validation.shape=5w1s5q", "test_shape=5w5s5q")
+    assert code == 0 and "recipe is valid" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare", "omniglot", "{tmp}/nowhere", "{tmp}/out.h5"], "nowhere"),
+        (["prepare", "synthetic", "{tmp}/out.h5", "--classes", "2"], "--classes"),
+        (["prepare", "synthetic", "{tmp}/out.h5", "--classes", "20", "--shapes", "5w1s", "--episode-splits", "val,holdout"], "unknown split 'holdout'"),
+        (["prepare", "synthetic", "{tmp}/out.h5", "--classes", "40", "--shapes", "5w19s"], "fewer than shot + query"),
+        (["prepare", "synthetic", "{tmp}/out.h5", "--shapes", "5w1x"], "not of the form"),
+        (["prepare", "synthetic", "{tmp}/missing/out.h5"], "output folder does not exist"),
+        (["meta-train", "{tmp}/missing.yaml"], "cannot read recipe"),
+        (["meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), "train.lr=fast"], "'train.lr'"),
+        (["meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), "data={tmp}/none.h5"], "none.h5: data file not found"),
+        (["evaluate", "{tmp}/no-run"], "no such run folder"),
+        (["export", "{tmp}/no-run"], "no such run folder"),
+    ],
+)
+def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path: Path, args: list[str], message: str) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert code == 2
+    assert message in " ".join(err.split()), err
+    assert err.strip().startswith("error:") and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_python_dash_m_and_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "fsltool", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in result.stdout
+    result = subprocess.run([sys.executable, "-m", "fsltool", "evaluate", "/no/such/run"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such run folder" in result.stderr

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fsltool.errors import FsltoolError
+from fsltool.recipe import dump_recipe, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_base_merge_and_overrides(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "data: d.h5\nmethod: protonet\ntrain:\n  lr: 0.001\n  episodes: 100\n")
+    recipe = load_recipe(write(tmp_path / "r.yaml", "base: base.yaml\noutput: out\ntrain:\n  episodes: 50\n"),
+                         ["train.lr=0.01", "seed=3", "validation.shape=5w5s15q"])
+    assert recipe.train.lr == 0.01 and recipe.train.episodes == 50 and recipe.seed == 3
+    assert recipe.validation.shape == "5w5s15q" and recipe.data == "d.h5"
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+    assert "episodes: 50" in dump_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("data: d\noutput: o\ntrain:\n  episods: 3\n", [], r"unknown recipe key 'train.episods' \(did you mean 'train.episodes'\?\)"),
+        ("data: d\noutput: o\nmethd: protonet\n", [], r"did you mean 'method'"),
+        ("data: d\noutput: o\n", ["train.lr=fast"], r"recipe key 'train.lr': expected float, got 'fast'"),
+        ("data: d\noutput: o\ntrain:\n  episodes: 1.5\n", [], r"'train.episodes': expected int"),
+        ("data: d\noutput: o\ntrain:\n  episodes: 0\n", [], r"'train.episodes' must be positive"),
+        ("data: d\noutput: o\ntrain:\n  shape: 5way\n", [], r"'train.shape'"),
+        ("data: d\noutput: o\nmethod: protonett\n", [], r"unknown method 'protonett'"),
+        ("data: d\noutput: o\nbackbone: conv5\n", [], r"unknown backbone 'conv5' \(did you mean 'conv4'\?\)"),
+        ("data: d\noutput: o\nmethod_options:\n  distance: cosine\n", [], r"method 'protonet' has no option 'distance'"),
+        ("output: o\n", [], r"recipe key 'data' is required"),
+        ("data: d\noutput: o\ntrain: 3\n", [], r"recipe key 'train': expected a mapping"),
+        ("data: [unclosed\n", [], r"invalid YAML"),
+        ("- a list\n", [], r"must be a YAML mapping"),
+        ("data: d\noutput: o\n", ["noequals"], r"not of the form key=value"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(FsltoolError, match=message):
+        load_recipe(write(tmp_path / "r.yaml", text), overrides)
+
+
+def test_missing_recipe_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match="nope.yaml: cannot read recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_unsafe_yaml_is_not_executed(tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match="invalid YAML"):
+        load_recipe(write(tmp_path / "r.yaml", "data: !!python/object/apply:os.system ['echo hacked']\noutput: o\n"))
+
+
+SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.endswith("-base.yaml"))
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe: Path) -> None:
+    loaded = load_recipe(recipe)
+    assert loaded.output and loaded.data

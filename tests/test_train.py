@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsltool.checkpoint import build_model, load_checkpoint, load_trained
+from fsltool.data.episodes import EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.errors import FsltoolError
+from fsltool.evaluate import evaluate
+from fsltool.methods.base import StepOutput
+from fsltool.train import meta_train
+from tests.conftest import quick_recipe
+
+
+def test_meta_training_raises_test_accuracy_over_the_untrained_network(synthetic_file: Path, tmp_path: Path) -> None:
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=60, log_every=10)
+    recipe.validation.every = 60
+    meta_train(recipe, quiet=True)
+    trained = load_trained(tmp_path / "run", "last")
+    torch.manual_seed(recipe.seed)
+    untrained = build_model(trained.config).eval()
+    with FewShotData(synthetic_file) as data:
+        before = evaluate(untrained, data, "test", EpisodeShape(5, 1, 5))
+        after = evaluate(trained.method, data, "test", EpisodeShape(5, 1, 5))
+    assert after.accuracy > before.accuracy + 10, (before.accuracy, after.accuracy)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["phase"] == "train"]
+    assert losses[-1] < losses[0]
+
+
+def parameters(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_resume_ends_with_exactly_the_parameters_of_an_uninterrupted_run(synthetic_file: Path, tmp_path: Path) -> None:
+    meta_train(quick_recipe(synthetic_file, tmp_path / "straight", episodes=8, lr_step=3), quiet=True)
+    meta_train(quick_recipe(synthetic_file, tmp_path / "resumed", episodes=4, lr_step=3), quiet=True)
+    meta_train(quick_recipe(synthetic_file, tmp_path / "resumed", episodes=8, lr_step=3), quiet=True, resume=True)
+    straight, resumed = parameters(tmp_path / "straight"), parameters(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    rows = [json.loads(line)["episode"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line)["episode"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_existing_run_is_never_overwritten_silently(synthetic_file: Path, tmp_path: Path) -> None:
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4)
+    meta_train(recipe, quiet=True)
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(FsltoolError, match="already holds a trained run"):
+        meta_train(recipe, quiet=True)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.raises(FsltoolError, match="only train.episodes may change"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8, lr=0.5), quiet=True, resume=True)
+    with pytest.raises(FsltoolError, match="nothing to resume"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "other"), quiet=True, resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsltool.methods.protonet import ProtoNet
+
+    original = ProtoNet.step
+    calls = {"n": 0}
+
+    def step(self: ProtoNet, episode: object) -> StepOutput:
+        calls["n"] += 1
+        output = original(self, episode)  # type: ignore[arg-type]
+        return StepOutput(output.loss * float("nan"), output.scores) if calls["n"] == 6 else output
+
+    monkeypatch.setattr(ProtoNet, "step", step)
+    with pytest.raises(FsltoolError, match="episode 6: loss is nan"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8), quiet=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["episode"] == 4
+
+
+def test_training_shape_the_split_cannot_supply_is_refused(synthetic_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match=r"split 'train' has \d+ classes, fewer than the 500 ways"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", shape="500w1s1q"), quiet=True)
+    assert not (tmp_path / "run").exists()
