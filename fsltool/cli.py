@@ -102,7 +102,7 @@ def prepare() -> None:
 @click.option("--images-per-class", default=20, show_default=True)
 @click.option("--size", default=28, show_default=True, help="image side in pixels")
 @click.option("--seed", default=0, show_default=True, help="seed of the glyphs and of the class split")
-@click.option("--jitter", default=1.0, show_default=True, help="per-instance variation (difficulty)")
+@click.option("--jitter", default=1.5, show_default=True, help="per-instance variation (difficulty)")
 @_episode_options
 def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, seed: int, jitter: float, **common: Any) -> None:
     """The embedded synthetic set: Omniglot-like procedural glyphs, generated here (no download).

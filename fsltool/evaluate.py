@@ -14,7 +14,7 @@ from fsltool.data.store import FewShotData
 from fsltool.methods import Method
 
 EMBED_BATCH = 128  # Conv-4 on 2 CPU cores runs fastest at about 100-200 images per call (cache-sized)
-SCORE_BATCH_ELEMENTS = 2**24  # cap on episodes x queries x way x dim per scoring call (memory)
+SCORE_BATCH_ELEMENTS = 2**24  # cap on episodes x queries x way x feature size per scoring call (memory)
 
 
 @dataclass
@@ -71,11 +71,11 @@ def episode_accuracies(
                 correct.append((scores.argmax(-1) == query_labels).float().mean().item())
             return np.array(correct)
         unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
-        embeddings = embed_all(method, data, unique)
-        dim = embeddings.shape[-1]
-        support_emb = embeddings[torch.from_numpy(inverse[: support.size])].view(*support.shape, dim)
-        query_emb = embeddings[torch.from_numpy(inverse[support.size :])].view(*query.shape, dim)
-        per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * dim))
+        embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
+        feature_shape = embeddings.shape[1:]
+        support_emb = embeddings[torch.from_numpy(inverse[: support.size])].view(*support.shape, *feature_shape)
+        query_emb = embeddings[torch.from_numpy(inverse[support.size :])].view(*query.shape, *feature_shape)
+        per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
         accuracies = []
         for i in range(0, len(support), per_call):
             s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]

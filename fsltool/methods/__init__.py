@@ -1,6 +1,8 @@
 """Meta-learning methods: one file each, registered by name (importing this package registers them all)."""
 
 from fsltool.methods import protonet  # noqa: F401  (registers "protonet")
+from fsltool.methods import matchingnet  # noqa: F401  (registers "matchingnet")
+from fsltool.methods import relationnet  # noqa: F401  (registers "relationnet")
 from fsltool.methods.base import METHODS, Method, build_method, get_method, method_options
 
 __all__ = ["METHODS", "Method", "build_method", "get_method", "method_options"]

@@ -43,7 +43,7 @@ class Method(nn.Module, ABC):
     """
 
     name: ClassVar[str]
-    embeds_independently: ClassVar[bool] = False
+    embeds_independently: bool = False  # a class attribute, or per instance when options decide it (MatchingNet's fce)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -52,6 +52,11 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (queries, way), with way = support_labels.max() + 1."""
+
+    def backbone_on_episode(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query through the backbone in one pass: one set of BatchNorm batch statistics per episode."""
+        features = self.backbone(torch.cat([support, query]))
+        return features[: support.shape[0]], features[support.shape[0] :]
 
     def step(self, episode: Episode) -> StepOutput:
         """The training objective on one episode (cross-entropy over the scores unless overridden)."""
@@ -64,12 +69,45 @@ class Method(nn.Module, ABC):
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
     ) -> torch.Tensor:
-        """Batched over episodes: (E, S, D), (E, S), (E, Q, D) -> (E, Q, way)."""
+        """Batched over episodes: (E, S, *F), (E, S), (E, Q, *F) -> (E, Q, way), F the embedding's shape."""
         raise NotImplementedError(f"{self.name} does not classify from embeddings")
 
     def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
         """The graphs `fsltool export` writes, keyed by file stem."""
         raise NotImplementedError(f"{self.name} cannot be exported")
+
+
+def class_onehot(labels: torch.Tensor, way: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(...,) labels -> (..., way) one-hot, by comparison with arange(way) rather than F.one_hot, so ``way`` may
+    be a tensor computed from the labels: the exported graph then has dynamic way, shot and query."""
+    return (labels.unsqueeze(-1) == torch.arange(way, device=labels.device)).to(dtype)
+
+
+def embedding_graph(backbone: nn.Module, example: Episode) -> ExportGraph:
+    """The embedding network alone, dynamic in batch (for methods whose ``embed`` is their backbone)."""
+    return ExportGraph(backbone, (example.query,), ["images"], ["embeddings"], {"images": {0: "batch"}})
+
+
+def classifier_graph(method: Method, example: Episode) -> ExportGraph:
+    """The whole method, support set and queries to scores, dynamic in way, shot and query."""
+    return ExportGraph(
+        method,
+        (example.support, example.support_labels, example.query),
+        ["support", "support_labels", "query"],
+        ["scores"],
+        {"support": {0: "support"}, "support_labels": {0: "support"}, "query": {0: "query"}},
+    )
+
+
+def option_error(method: str, key: str, problem: str) -> FsltoolError:
+    """A bad value in a recipe's ``method_options``, named the way the recipe spells it."""
+    return FsltoolError(f"method {method!r}: method_options.{key} {problem}")
+
+
+def require_positive_int(method: str, key: str, value: object) -> None:
+    """Recipe values arrive as parsed YAML, unchecked: a string or a bool must not reach a layer size."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise option_error(method, key, f"must be a positive integer, got {value!r}")
 
 
 M = TypeVar("M", bound=type[Method])

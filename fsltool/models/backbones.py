@@ -47,6 +47,8 @@ class Backbone(nn.Module):
         self.normalize = normalize
         self.features = features.to(memory_format=torch.channels_last) if channels_last else features
         self.flatten = flatten
+        # Methods that build layers on top of the feature maps (relation module, FCE LSTMs) size them by this.
+        self.out_channels = next(m.out_channels for m in reversed(list(features.modules())) if isinstance(m, nn.Conv2d))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,16 @@ def conv4_strided(
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
 
 
-BACKBONES: dict[str, Callable[..., Backbone]] = {"conv4": conv4, "conv4-strided": conv4_strided}
+def conv4_relation(
+    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False, channels_last: bool = True
+) -> Backbone:
+    """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
+    first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28)."""
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2) for i in range(4)]
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {"conv4": conv4, "conv4-strided": conv4_strided, "conv4-relation": conv4_relation}
 
 
 def build_backbone(name: str, channels: int, mean: Sequence[float], std: Sequence[float], **options: object) -> Backbone:

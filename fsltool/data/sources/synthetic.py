@@ -37,6 +37,11 @@ _CONNECT_PROBABILITY = 0.6  # chance that a stroke starts where an earlier one e
 _REFERENCE_SIZE = 28  # pixel amounts below are for 28-pixel images and scale with ``size``
 _WIDTH_RANGE = (1.4, 2.4)  # stroke width of a character, in pixels
 
+# The default difficulty. Measured (scripts-free: 400 classes, Conv-4 ProtoNet, 400 training episodes of
+# 20w5s5q): at 1.0 untrained/trained 5w1s test accuracy was 66/95%, at 2.0 34/65%; 1.5 sits between:
+# meta-training clearly helps and the problem stays far from solved.
+DEFAULT_JITTER = 1.5
+
 # Per-instance jitter at jitter=1.0 (each scales linearly with ``jitter``).
 _POINT_NOISE = 0.1  # control-point shift, in units of the [-1, 1] frame
 _TAN_HALF_ROTATION = 0.13165249758739583  # tan(7.5 deg): rotations up to about 15 deg (rational form)
@@ -226,7 +231,7 @@ def synthetic(
     size: int = 28,
     seed: int = 0,
     split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
-    jitter: float = 1.0,
+    jitter: float = DEFAULT_JITTER,
 ) -> SourceListing:
     """List ``classes`` procedural glyph classes of ``images_per_class`` images each; images render on load.
 

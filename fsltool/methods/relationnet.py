@@ -1,0 +1,107 @@
+"""Relation Networks (Sung et al. 2018): a learned relation module, not a fixed distance, scores how well a
+query's feature maps match each class's, trained by regressing the scores onto 1 (same class) or 0."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsltool.data.episodes import Episode
+from fsltool.errors import FsltoolError
+from fsltool.methods.base import (
+    ExportGraph,
+    Method,
+    StepOutput,
+    class_onehot,
+    classifier_graph,
+    embedding_graph,
+    register_method,
+    require_positive_int,
+)
+from fsltool.models.backbones import Backbone, conv_block
+
+RELATION_FILTERS = 64  # the relation module's convolutions (paper: 64 filters)
+
+
+def class_maps(support: torch.Tensor, support_labels: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
+    """(..., S, C, H, W), (..., S) -> (..., way, C, H, W): the element-wise SUM of each class's support maps,
+    the paper's K-shot rule (a sum, not a mean: for 1-shot both are the same)."""
+    onehot = class_onehot(support_labels, way, support.dtype)
+    return (onehot.transpose(-1, -2) @ support.flatten(-3)).unflatten(-1, support.shape[-3:])
+
+
+def _conv(maps: torch.Tensor, weight: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+    """A bias-free convolution over maps with any number of leading dimensions."""
+    return F.conv2d(maps.flatten(0, -4), weight, padding=padding).unflatten(0, maps.shape[:-3])
+
+
+class RelationModule(nn.Module):
+    """concat(class maps, query maps) on channels -> 2 x [conv3x3, BN, ReLU, maxpool2] -> FC, ReLU -> FC, sigmoid.
+
+    The first convolution sees a channel concatenation, so it equals one convolution of the class maps plus one
+    of the query maps (its weight split by input channel; zero padding and no bias keep this exact). Those run
+    once per class and once per query and only their sum is formed per (query, class) pair: the paper's function
+    and parameters, with its costliest layer run Q + way times instead of Q x way times.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.first = conv_block(2 * channels, RELATION_FILTERS)
+        self.second = conv_block(RELATION_FILTERS, RELATION_FILTERS)
+        self.head = nn.Sequential(nn.Linear(RELATION_FILTERS, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, classes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(..., way, C, H, W), (..., Q, C, H, W) -> (..., Q, way) relation scores in (0, 1)."""
+        # torch.export takes way from the label values, so it cannot tell whether BatchNorm's input (the pairs)
+        # is empty and fails unless told that way > 0. (TorchScript tracing records sizes as tensors: no check.)
+        if not torch.jit.is_tracing():
+            torch._check(classes.shape[-4] > 0)
+        conv, after_conv = self.first[0], self.first[1:]
+        from_classes = _conv(classes, conv.weight[:, : self.channels], conv.padding)
+        from_queries = _conv(queries, conv.weight[:, self.channels :], conv.padding)
+        pairs = from_queries.unsqueeze(-4) + from_classes.unsqueeze(-5)  # (..., Q, way, F, H, W)
+        maps = self.second(after_conv(pairs.flatten(0, -4)))
+        # Max over what is left of the maps: 1x1 on 28x28 Omniglot, where this is the paper's flatten; larger
+        # images (other sizes of the same backbone) still fit the FC layer.
+        return self.head(maps.amax((-2, -1))).view(pairs.shape[:-3])
+
+
+@register_method("relationnet")
+class RelationNet(Method):
+    """Embeds images to feature maps (the backbone must keep them: conv4-relation), sums each class's support
+    maps, and scores every (query, class) pair with the relation module; the highest relation wins."""
+
+    embeds_independently = True
+
+    def __init__(self, backbone: Backbone, relation_hidden: int = 8) -> None:
+        super().__init__(backbone)
+        if backbone.flatten:
+            raise FsltoolError(
+                f"method {self.name!r} compares feature maps, but the recipe's backbone flattens them: "
+                "use 'backbone: conv4-relation' (or 'backbone_options: {flatten: false}')"
+            )
+        require_positive_int(self.name, "relation_hidden", relation_hidden)
+        self.relation = RelationModule(backbone.out_channels, relation_hidden)
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        support_maps, query_maps = self.backbone_on_episode(support, query)
+        return self.relation(class_maps(support_maps, support_labels, support_labels.max() + 1), query_maps)
+
+    def step(self, episode: Episode) -> StepOutput:
+        """Mean squared error to the one-hot targets: the paper regresses relation scores rather than
+        classifying, since a score says how related a pair is, not a probability over classes."""
+        scores = self(episode.support, episode.support_labels, episode.query)
+        return StepOutput(F.mse_loss(scores, class_onehot(episode.query_labels, episode.shape.way, scores.dtype)), scores)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def scores_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
+    ) -> torch.Tensor:
+        return self.relation(class_maps(support, support_labels, way), query)
+
+    def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
+        return {"embedding": embedding_graph(self.backbone, example), "classifier": classifier_graph(self, example)}
