@@ -16,20 +16,14 @@ PAPER = {  # Snell et al. 2017, Omniglot, non-transductive
 
 def main(folder: str) -> None:
     root = Path(folder)
-    seconds = {}
-    timing = root / "omniglot-train-seconds.txt"
-    if timing.exists():
-        seconds = {line.split()[0]: int(line.split()[1]) for line in timing.read_text().splitlines() if line.strip()}
-    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | trained by recipe | training episodes | training time |")
+    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | trained by recipe | training episodes | training time (incl. validation) |")
     print("|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("omniglot-*-*.json")):
         method, setting = path.stem.split("-")[1:3]
         result = json.loads(path.read_text())
         recipe_run = Path(result["run"]).name
-        train_setting = recipe_run.split("-")[-1]
-        metrics = Path(result["run"]) / "metrics.jsonl"
-        episodes = max(json.loads(line)["episode"] for line in metrics.read_text().splitlines()) if metrics.exists() else "?"
-        minutes = f"{seconds[train_setting] / 60:.0f} min" if train_setting in seconds else "?"
+        rows = [json.loads(line) for line in (Path(result["run"]) / "metrics.jsonl").read_text().splitlines()]
+        episodes, minutes = rows[-1]["episode"], f"{rows[-1]['elapsed'] / 60:.0f} min"
         paper = PAPER.get(method, {}).get(setting, "")
         print(f"| {method} | {setting} | {paper} | {result['accuracy']:.2f} ± {result['ci95']:.2f} | {recipe_run} | {episodes} | {minutes} |")
 

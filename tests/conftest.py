@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.pack import EpisodePlan, pack
 from fsltool.data.sources.synthetic import synthetic
+from fsltool.methods import Method
 from fsltool.recipe import Recipe, TrainConfig, ValidationConfig
+from fsltool.runtime import create_session
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -29,15 +32,42 @@ def synthetic_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def quick_recipe(data: Path, output: Path, **train: object) -> Recipe:
+def quick_recipe(
+    data: Path, output: Path, *, method: str = "protonet", backbone: str = "conv4", method_options: dict[str, object] | None = None, **train: object
+) -> Recipe:
     settings = {"shape": "10w1s5q", "episodes": 8, "log_every": 2, "lr_step": 0, **train}
     return Recipe(
         data=str(data),
         output=str(output),
+        method=method,
+        method_options=dict(method_options or {}),
+        backbone=backbone,
         train=TrainConfig(**settings),  # type: ignore[arg-type]
         validation=ValidationConfig(shape="5w1s5q", every=4, episodes=10),
         test_shape="5w1s5q",
     )
+
+
+def random_episode(way: int, shot: int, query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 28x28 images ordered class by class: support, support labels, and ``query`` query images in all."""
+    generator = torch.Generator().manual_seed(way * 100 + shot)
+    support = torch.rand(way * shot, 1, 28, 28, generator=generator)
+    labels = torch.arange(way).repeat_interleave(shot)
+    return support, labels, torch.rand(query, 1, 28, 28, generator=generator)
+
+
+def assert_exported_classifier_matches(out: Path, method: Method, way: int, shot: int, query: int) -> None:
+    """classifier.onnx (ONNX Runtime) and classifier.ts (TorchScript) in ``out`` give ``method``'s scores (eval
+    mode) on a random episode of this shape, which the export example (3-way 2-shot) did not have."""
+    support, labels, queries = random_episode(way, shot, query)
+    with torch.inference_mode():
+        expected = method(support, labels, queries).numpy()
+    session = create_session(str(out / "classifier.onnx"), "cpu")
+    got = session.run(None, {"support": support.numpy(), "support_labels": labels.numpy(), "query": queries.numpy()})[0]
+    assert got.shape == (query, way)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    scripted = torch.jit.load(str(out / "classifier.ts"))
+    np.testing.assert_allclose(scripted(support, labels, queries).detach().numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.fixture(scope="session")

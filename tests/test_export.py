@@ -14,6 +14,7 @@ from fsltool.checkpoint import load_trained
 from fsltool.errors import FsltoolError
 from fsltool.export import export_run
 from fsltool.runtime import create_session, session_provider
+from tests.conftest import assert_exported_classifier_matches
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +22,6 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     out = tmp_path_factory.mktemp("export")
     report = export_run(trained_run, out, verify_episodes=10)
     return out, report
-
-
-def random_episode(way: int, shot: int, query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(way * 100 + shot)
-    support = torch.rand(way * shot, 1, 28, 28, generator=generator)
-    labels = torch.arange(way).repeat_interleave(shot)
-    return support, labels, torch.rand(query, 1, 28, 28, generator=generator)
 
 
 def test_export_writes_onnx_torchscript_and_contract_and_verifies(exported: tuple[Path, object]) -> None:
@@ -45,16 +39,7 @@ def test_export_writes_onnx_torchscript_and_contract_and_verifies(exported: tupl
 @pytest.mark.parametrize(("way", "shot", "query"), [(2, 1, 1), (5, 1, 15), (7, 3, 4), (20, 5, 30)])
 def test_classifier_graphs_have_dynamic_way_shot_query(exported: tuple[Path, object], trained_run: Path, way: int, shot: int, query: int) -> None:
     out, _ = exported
-    method = load_trained(trained_run).method
-    support, labels, queries = random_episode(way, shot, query)
-    with torch.inference_mode():
-        expected = method(support, labels, queries).numpy()
-    session = create_session(str(out / "classifier.onnx"), "cpu")
-    got = session.run(None, {"support": support.numpy(), "support_labels": labels.numpy(), "query": queries.numpy()})[0]
-    assert got.shape == (query, way)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
-    scripted = torch.jit.load(str(out / "classifier.ts"))
-    np.testing.assert_allclose(scripted(support, labels, queries).detach().numpy(), expected, rtol=1e-4, atol=1e-3)
+    assert_exported_classifier_matches(out, load_trained(trained_run).method, way, shot, query)
 
 
 def test_embedding_graph_has_dynamic_batch(exported: tuple[Path, object], trained_run: Path) -> None:

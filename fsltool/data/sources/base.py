@@ -78,7 +78,8 @@ def split_by_ratios(names: Iterable[str], ratios: Sequence[float], seed: int) ->
     """Assign each class name a split: a seeded permutation of the names, cut by ``ratios`` (train, val, test).
 
     The permutation orders names by SHA-256 of (seed, name) rather than by a library RNG, so a split is the same on
-    every platform and library version, and does not depend on the order the names were found in.
+    every platform and library version, and does not depend on the order the names were found in. Counts follow
+    the largest remainder, and every split with a positive ratio gets at least one class when there are enough.
     """
     try:
         values = [float(ratio) for ratio in ratios]
@@ -89,12 +90,16 @@ def split_by_ratios(names: Iterable[str], ratios: Sequence[float], seed: int) ->
             f"split_ratios {ratios!r}: need three non-negative fractions (train, val, test) that sum to 1"
         )
     order = sorted(names, key=lambda name: hashlib.sha256(f"{seed}\0{name}".encode()).digest())
-    cut_train = round(len(order) * values[0])
-    cut_val = round(len(order) * (values[0] + values[1]))
-    return {
-        name: SPLITS[0] if index < cut_train else SPLITS[1] if index < cut_val else SPLITS[2]
-        for index, name in enumerate(order)
-    }
+    exact = [value * len(order) for value in values]
+    counts = [int(value) for value in exact]
+    for i in sorted(range(3), key=lambda i: (counts[i] - exact[i], i))[: len(order) - sum(counts)]:
+        counts[i] += 1
+    for i in range(3):
+        if values[i] > 0 and counts[i] == 0 and max(counts) > 1:
+            counts[counts.index(max(counts))] -= 1
+            counts[i] = 1
+    splits = [split for split, count in zip(SPLITS, counts) for _ in range(count)]
+    return dict(zip(order, splits))
 
 
 def check_image_shape(array: np.ndarray, shape: tuple[int, int, int], origin: str) -> None:

@@ -21,14 +21,14 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fsltool.data.sources.base import SPLITS, ClassSpec, SourceListing
+from fsltool.data.sources.base import ClassSpec, SourceListing, split_by_ratios
 from fsltool.errors import FsltoolError
 
 # Bumped whenever a change to the drawing changes the bytes, so packed files can tell generators apart.
 _VERSION = 1
 
 # Stream tags, the first word of each spawn key: they keep split, character and instance draws apart.
-_SPLIT_STREAM, _CHARACTER_STREAM, _INSTANCE_STREAM = 0, 1, 2
+_CHARACTER_STREAM, _INSTANCE_STREAM = 1, 2
 
 _SUPERSAMPLE = 4  # drawn at 4x and box-reduced: antialiased strokes from Pillow's aliased rasteriser
 _BEZIER_POINTS = 12  # samples per Bezier curve: smooth at 28 px, cheap to draw
@@ -182,27 +182,10 @@ class _Glyphs:
         return f"synthetic:{self.name(class_index)}#{instance_index:0{self.instance_digits}d}"
 
 
-def _split_counts(classes: int, ratios: tuple[float, float, float]) -> list[int]:
-    """Classes per split by largest remainder, then at least one per split (classes >= 3)."""
-    exact = [ratio * classes for ratio in ratios]
-    counts = [int(value) for value in exact]
-    by_remainder = sorted(range(3), key=lambda i: (counts[i] - exact[i], i))
-    for i in by_remainder[: classes - sum(counts)]:
-        counts[i] += 1
-    for i in range(3):
-        if counts[i] == 0:
-            counts[counts.index(max(counts))] -= 1
-            counts[i] = 1
-    return counts
-
-
 def _validate(
-    classes: int, images_per_class: int, size: int, seed: int, split_ratios: object, jitter: float
-) -> tuple[float, float, float]:
-    """Reject options that would give an empty, degenerate or unreproducible data set, naming the option.
-
-    Returns the split ratios as floats.
-    """
+    classes: int, images_per_class: int, size: int, seed: int, jitter: float
+) -> None:
+    """Reject options that would give an empty, degenerate or unreproducible data set, naming the option."""
     if classes < 3:
         raise FsltoolError(f"synthetic: --classes must be at least 3 (one per split), got {classes}")
     if images_per_class < 1:
@@ -211,17 +194,8 @@ def _validate(
         raise FsltoolError(f"synthetic: --size must be at least 8, got {size}")
     if seed < 0:
         raise FsltoolError(f"synthetic: --seed must be a non-negative integer, got {seed}")
-    try:
-        ratios = tuple(float(ratio) for ratio in split_ratios)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        ratios = ()
-    if len(ratios) != 3 or not all(r > 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-        raise FsltoolError(
-            f"synthetic: --split-ratios must be 3 positive numbers summing to 1, got {split_ratios}"
-        )
     if not jitter >= 0:  # also rejects NaN
         raise FsltoolError(f"synthetic: --jitter must be at least 0, got {jitter}")
-    return ratios  # type: ignore[return-value]
 
 
 def synthetic(
@@ -236,20 +210,14 @@ def synthetic(
     """List ``classes`` procedural glyph classes of ``images_per_class`` images each; images render on load.
 
     ``jitter`` scales every per-instance variation (0 draws each class identically; 1 is Omniglot-like;
-    larger is harder). Splits come from a seeded permutation of the classes cut by ``split_ratios``.
+    larger is harder). Splits come from ``split_by_ratios``, shared with the folder source.
     """
-    ratios = _validate(classes, images_per_class, size, seed, split_ratios, jitter)
+    _validate(classes, images_per_class, size, seed, jitter)
     glyphs = _Glyphs(seed, size, jitter, max(4, len(str(classes - 1))), max(2, len(str(images_per_class - 1))))
-    order = _generator(seed, _SPLIT_STREAM).permutation(classes)
-    split_of = [""] * classes
-    start = 0
-    for split, count in zip(SPLITS, _split_counts(classes, ratios)):
-        for class_index in order[start : start + count]:
-            split_of[int(class_index)] = split
-        start += count
+    split_of = split_by_ratios([glyphs.name(c) for c in range(classes)], split_ratios, seed)
 
     specs = [
-        ClassSpec(glyphs.name(c), split_of[c], tuple((c, i) for i in range(images_per_class)))
+        ClassSpec(glyphs.name(c), split_of[glyphs.name(c)], tuple((c, i) for i in range(images_per_class)))
         for c in range(classes)
     ]
     provenance = {
@@ -259,7 +227,7 @@ def synthetic(
         "images_per_class": images_per_class,
         "size": size,
         "seed": seed,
-        "split_ratios": list(ratios),
+        "split_ratios": [float(r) for r in split_ratios],
         "jitter": float(jitter),
     }
     return SourceListing(specs, (1, size, size), glyphs.load, glyphs.describe, provenance)
