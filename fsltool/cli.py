@@ -293,3 +293,36 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
         if check.agreement < 0.999:
             raise FsltoolError(f"ONNX Runtime disagrees with PyTorch on {100 * (1 - check.agreement):.2f}% of queries")
     click.echo(f"ONNX model: {report.out_dir / 'classifier.onnx'}")
+
+
+# ---------------------------------------------------------------- predict
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("support", type=click.Path())
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run folder")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="with an export folder")
+@click.option("--json", "as_json", is_flag=True, help="print the predictions as JSON")
+def predict(model: str, support: str, queries: tuple[str, ...], which: str, device: str, as_json: bool) -> None:
+    """Classify QUERIES (images or folders) from a SUPPORT folder (one sub-folder of images per class).
+
+    MODEL is an export folder (ONNX Runtime alone, no torch needed) or a run folder / checkpoint (PyTorch).
+
+    Example: fsltool predict runs/omniglot/protonet-5w1s/export my_support/ query1.png query_folder/
+    """
+    from fsltool.predict import predict_onnx, predict_torch
+
+    if (Path(model) / "model.json").is_file():
+        predictions, provider = predict_onnx(model, support, list(queries), device)
+    else:
+        predictions, provider = predict_torch(model, support, list(queries), which), "PyTorch (CPU)"
+    if as_json:
+        click.echo(json.dumps({"provider": provider, "predictions": [p.to_json() for p in predictions]}, indent=2))
+        return
+    for p in predictions:
+        click.echo(f"{p.query}\t{p.label}\t{p.probability:.4f}")
+    from fsltool.console import console
+
+    console.print(f"{len(predictions)} queries classified with {provider}", highlight=False)

@@ -76,7 +76,22 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _export_onnx(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+def _check_other_sizes(model: onnx.ModelProto, graph: ExportGraph, check: ExportGraph, path: Path) -> None:
+    """Run the graph at sizes other than the traced example's: an exporter that silently fixed a "dynamic"
+    dimension to the example's value is caught here, before a wrong file is written."""
+    session = create_session(model.SerializeToString(), "cpu")
+    inputs = {name: tensor.numpy() for name, tensor in zip(graph.input_names, check.example_inputs)}
+    with torch.inference_mode():
+        expected = check.module(*check.example_inputs).numpy()
+    try:
+        got = session.run(None, inputs)[0]
+    except Exception as error:  # ORT's own exception types
+        raise FsltoolError(f"{path.name}: the exported graph does not run at other sizes ({str(error).splitlines()[0][:200]})") from None
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-3):
+        raise FsltoolError(f"{path.name}: the exported graph gives wrong results at other sizes; not written")
+
+
+def _export_onnx(graph: ExportGraph, check: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
     dims: dict[str, torch.export.Dim] = {}
     dynamic_shapes = {
         name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
@@ -97,6 +112,7 @@ def _export_onnx(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> No
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(model)
+    _check_other_sizes(model, graph, check, path)
     atomic_write(path, lambda file: file.write(model.SerializeToString()))
 
 
@@ -108,13 +124,12 @@ def _export_torchscript(graph: ExportGraph, path: Path, metadata: dict[str, Any]
         atomic_write(path, lambda file: torch.jit.save(traced, file, _extra_files=extra))
 
 
-def _example_episode(image_shape: list[int]) -> Episode:
-    """A 3-way 2-shot 2-query episode of random pixels: shapes only, traced with dynamic sizes."""
-    shape = EpisodeShape(3, 2, 2)
+def _example_episode(image_shape: list[int], shape: EpisodeShape) -> Episode:
+    """An episode of random pixels: only its shapes matter, to trace (and then check) the graphs."""
     support_labels, query_labels = episode_labels(shape)
     generator = torch.Generator().manual_seed(0)
-    return Episode(torch.rand(6, *image_shape, generator=generator), support_labels,
-                   torch.rand(6, *image_shape, generator=generator), query_labels, shape)
+    return Episode(torch.rand(len(support_labels), *image_shape, generator=generator), support_labels,
+                   torch.rand(len(query_labels), *image_shape, generator=generator), query_labels, shape)
 
 
 def export_run(
@@ -134,12 +149,14 @@ def export_run(
     except OSError as error:
         raise FsltoolError(f"{out}: cannot create the export folder ({error.strerror or error})") from None
     contract = preprocessing_contract(trained)
-    graphs = trained.method.export_graphs(_example_episode(trained.config["image_shape"]))
+    image_shape = trained.config["image_shape"]
+    graphs = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(3, 2, 2)))
+    checks = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(6, 3, 1)))
     report = ExportReport(out)
     for name, graph in graphs.items():
         metadata = {**contract, "graph": name, "inputs": graph.input_names, "outputs": graph.output_names}
         onnx_path, ts_path = out / f"{name}.onnx", out / f"{name}.ts"
-        _export_onnx(graph, onnx_path, metadata)
+        _export_onnx(graph, checks[name], onnx_path, metadata)
         _export_torchscript(graph, ts_path, metadata)
         report.files += [onnx_path, ts_path]
     sidecar = out / "model.json"

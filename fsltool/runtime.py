@@ -52,8 +52,9 @@ def cuda_can_run() -> bool:
     return True
 
 
-def create_session(path: str, device: str = "auto") -> ort.InferenceSession:
-    """A session on CUDA when asked for (or ``auto``) and it can run, else CPU; ``session_provider`` says which ran."""
+def create_session(model: str | bytes, device: str = "auto") -> ort.InferenceSession:
+    """A session for a model file path (or serialized bytes) on CUDA when asked for (or ``auto``) and it can run,
+    else CPU; ``session_provider`` says which ran."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     use_cuda = device in ("auto", "cuda") and cuda_can_run()
@@ -61,7 +62,7 @@ def create_session(path: str, device: str = "auto") -> ort.InferenceSession:
     options.log_severity_level = 3
     providers = [CUDA, CPU] if use_cuda else [CPU]
     with quiet_native_stderr():
-        return ort.InferenceSession(path, options, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers)
 
 
 def session_provider(session: ort.InferenceSession) -> str:

@@ -148,6 +148,12 @@ def test_bad_options_are_named(backbone: str, options: dict[str, object], messag
         fresh(backbone, **options)
 
 
+def test_fce_on_embeddings_wider_than_the_lstms_is_a_clear_error() -> None:
+    """conv4 on 56x56 images leaves 3x3 maps: 576-d embeddings, but the FCE LSTMs are 64-d (the channel count)."""
+    with pytest.raises(FsltoolError, match=r"backbone gives 576-d embeddings but the LSTMs are 64-d"):
+        fresh(fce=True)(torch.rand(2, 1, 56, 56), torch.arange(2), torch.rand(1, 1, 56, 56))
+
+
 def test_unknown_option_is_caught_when_the_recipe_loads(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data: d\noutput: o\nmethod: matchingnet\nmethod_options:\n  fce_step: 3\n")
