@@ -326,3 +326,27 @@ def predict(model: str, support: str, queries: tuple[str, ...], which: str, devi
     from fsltool.console import console
 
     console.print(f"{len(predictions)} queries classified with {provider}", highlight=False)
+
+
+# ---------------------------------------------------------------- info
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def info(target: str, as_json: bool) -> None:
+    """Describe a data file, a run folder or checkpoint, or an exported model (folder or .onnx).
+
+    Example: fsltool info data/omniglot.h5
+    """
+    from fsltool.info import describe
+
+    details = describe(target)
+    if as_json:
+        click.echo(json.dumps(details, indent=2, default=str))
+        return
+    from rich.pretty import Pretty
+
+    from fsltool.console import console
+
+    console.print(Pretty(details, expand_all=False), soft_wrap=True)

@@ -52,6 +52,13 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
     assert "prediction agreement 100.00%" in out and "CPUExecutionProvider" in out
     assert (run_dir / "export" / "classifier.onnx").is_file()
 
+    for target, kind in ((data, "data file"), (run_dir, "run folder"), (run_dir / "export", "export folder"),
+                         (run_dir / "export" / "classifier.onnx", "onnx model"), (run_dir / "checkpoints" / "last.pt", "checkpoint")):
+        code, out, err = run("info", str(target), "--json")
+        assert code == 0, err
+        assert json.loads(out)["kind"] == kind
+    assert json.loads(run("info", str(run_dir), "--json")[1])["episodes_trained"] == 6
+
     code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check")
     assert code == 2 and "no stored val episodes of shape 5w1s15q (stored: 5w1s5q, 5w5s5q)" in " ".join(err.split())
     code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check",
@@ -73,6 +80,8 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
         (["meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), "data={tmp}/none.h5"], "none.h5: data file not found"),
         (["evaluate", "{tmp}/no-run"], "no such run folder"),
         (["export", "{tmp}/no-run"], "no such run folder"),
+        (["info", "{tmp}/nothing"], "no such file or folder"),
+        (["predict", "{tmp}/no-run", "{tmp}", "{tmp}"], "no such run folder"),
     ],
 )
 def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path: Path, args: list[str], message: str) -> None:
