@@ -54,11 +54,11 @@ def embed_all(method: Method, data: FewShotData, indices: np.ndarray) -> torch.T
     return torch.cat([method.embed(data.images(indices[i : i + EMBED_BATCH])) for i in range(0, len(indices), EMBED_BATCH)])
 
 
-@torch.inference_mode()
 def episode_accuracies(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
-    """Per-episode accuracy. Episode-independent embeddings are computed once per distinct image."""
+    """Per-episode accuracy. Episode-independent embeddings are computed once per distinct image; other methods
+    run episode by episode under no_grad, which a method that adapts at test time (MAML) may re-enable."""
     was_training = method.training
     method.eval()
     support_labels, query_labels = episode_labels(shape)
@@ -67,24 +67,33 @@ def episode_accuracies(
             correct = []
             for s, q in zip(support, query):
                 episode = data.episode(s, q, shape)
-                scores = method(episode.support, episode.support_labels, episode.query)
+                with torch.no_grad():
+                    scores = method(episode.support, episode.support_labels, episode.query)
                 correct.append((scores.argmax(-1) == query_labels).float().mean().item())
             return np.array(correct)
-        unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
-        embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
-        feature_shape = embeddings.shape[1:]
-        support_emb = embeddings[torch.from_numpy(inverse[: support.size])].view(*support.shape, *feature_shape)
-        query_emb = embeddings[torch.from_numpy(inverse[support.size :])].view(*query.shape, *feature_shape)
-        per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
-        accuracies = []
-        for i in range(0, len(support), per_call):
-            s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
-            labels = support_labels.expand(len(s_emb), -1)
-            scores = method.scores_from_embeddings(s_emb, labels, q_emb, shape.way)
-            accuracies.append((scores.argmax(-1) == query_labels).float().mean(-1))
-        return torch.cat(accuracies).numpy()
+        return _accuracies_from_embeddings(method, data, shape, support, query)
     finally:
         method.train(was_training)
+
+
+@torch.inference_mode()
+def _accuracies_from_embeddings(
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
+) -> np.ndarray:
+    support_labels, query_labels = episode_labels(shape)
+    unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
+    embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
+    feature_shape = embeddings.shape[1:]
+    support_emb = embeddings[torch.from_numpy(inverse[: support.size])].view(*support.shape, *feature_shape)
+    query_emb = embeddings[torch.from_numpy(inverse[support.size :])].view(*query.shape, *feature_shape)
+    per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
+    accuracies = []
+    for i in range(0, len(support), per_call):
+        s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
+        labels = support_labels.expand(len(s_emb), -1)
+        scores = method.scores_from_embeddings(s_emb, labels, q_emb, shape.way)
+        accuracies.append((scores.argmax(-1) == query_labels).float().mean(-1))
+    return torch.cat(accuracies).numpy()
 
 
 def evaluate(

@@ -20,7 +20,8 @@ from fsltool.errors import FsltoolError
 @dataclass
 class TrainConfig:
     shape: str = "60w5s5q"  # training episode shape
-    episodes: int = 10000
+    episodes: int = 10000  # meta-updates (each uses meta_batch episodes)
+    meta_batch: int = 1  # episodes averaged into one meta-update
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -180,6 +181,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     positive = {
         "train.episodes": recipe.train.episodes,
         "train.log_every": recipe.train.log_every,
+        "train.meta_batch": recipe.train.meta_batch,
         "validation.every": recipe.validation.every,
         "validation.episodes": recipe.validation.episodes,
         "train.lr": recipe.train.lr,

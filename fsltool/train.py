@@ -150,19 +150,20 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     with progress_bar(*columns, quiet=quiet) as progress:
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
-            support, query = sampler.sample()
-            batch = data.episode(support, query, train_shape)
-            output = method.step(batch)
-            loss = output.loss.item()
+            batch = [data.episode(*sampler.sample(), train_shape) for _ in range(recipe.train.meta_batch)]
+            outputs = method.meta_step(batch)
+            loss_tensor = torch.stack([output.loss for output in outputs]).mean()
+            loss = loss_tensor.item()
             if not math.isfinite(loss):
                 raise FsltoolError(f"episode {episode}: loss is {loss}; stopped (last good checkpoint: {run.last})")
             optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            loss_tensor.backward()
             optimizer.step()
             scheduler.step()
             window_loss += loss
-            window_correct += (output.scores.argmax(-1) == batch.query_labels).sum().item()
-            window_total += output.scores.shape[0]
+            for output, one in zip(outputs, batch):
+                window_correct += (output.scores.argmax(-1) == one.query_labels).sum().item()
+                window_total += output.scores.shape[0]
             progress.update(task, completed=episode)
             now = time.perf_counter()
             if episode % recipe.train.log_every == 0 or episode == recipe.train.episodes:

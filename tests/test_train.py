@@ -82,3 +82,11 @@ def test_training_shape_the_split_cannot_supply_is_refused(synthetic_file: Path,
     with pytest.raises(FsltoolError, match=r"split 'train' has \d+ classes, fewer than the 500 ways"):
         meta_train(quick_recipe(synthetic_file, tmp_path / "run", shape="500w1s1q"), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_meta_batch_averages_episodes_into_one_update(synthetic_file: Path, tmp_path: Path) -> None:
+    """meta_batch=2 over 4 updates consumes the sampler like 8 single-episode updates but takes 4 optimizer steps."""
+    meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=4, meta_batch=2, lr_step=1, lr_gamma=0.5), quiet=True)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["episode"] == 4
+    assert state["scheduler"]["last_epoch"] == 4 and state["optimizer"]["state"][0]["step"].item() == 4

@@ -63,6 +63,11 @@ class Method(nn.Module, ABC):
         scores = self(episode.support, episode.support_labels, episode.query)
         return StepOutput(F.cross_entropy(scores, episode.query_labels), scores)
 
+    def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
+        """One meta-update's worth of episodes (recipe ``train.meta_batch``); the loop backpropagates the mean
+        loss. Methods that can process a meta-batch faster than episode by episode override this."""
+        return [self.step(episode) for episode in episodes]
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} does not embed images independently of the episode")
 
