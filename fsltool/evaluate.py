@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels
 from fsltool.data.store import FewShotData
@@ -48,10 +52,28 @@ class EvalResult:
         }
 
 
+def inference_copy(network: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A frozen TorchScript copy for inference: BatchNorm folded into the convolutions, oneDNN-friendly layouts.
+
+    Measured ~1.4x faster than eager for Conv-4 on 2 cores (scripts/benchmark.py); outputs agree to ~1e-5.
+    Falls back to the eager network where a backbone cannot be traced.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(copy.deepcopy(network).eval(), example)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    except (RuntimeError, torch.jit.Error):  # pragma: no cover - depends on the backbone
+        return network
+
+
 @torch.inference_mode()
-def embed_all(method: Method, data: FewShotData, indices: np.ndarray) -> torch.Tensor:
+def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True) -> torch.Tensor:
     """Embeddings of the images at ``indices`` (eval mode), computed in cache-sized batches."""
-    return torch.cat([method.embed(data.images(indices[i : i + EMBED_BATCH])) for i in range(0, len(indices), EMBED_BATCH)])
+    batches = (data.images(indices[i : i + EMBED_BATCH]) for i in range(0, len(indices), EMBED_BATCH))
+    first = next(batches)
+    embed = inference_copy(method.embedding_network(), first) if frozen else method.embed
+    return torch.cat([embed(first), *(embed(batch) for batch in batches)])
 
 
 def episode_accuracies(

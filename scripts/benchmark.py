@@ -3,7 +3,8 @@
 - a meta-training step (sample + assemble + forward + backward + Adam) of Prototypical Networks with
   Conv-4 at 60w5s5q and 5w1s15q, on the packed data file;
 - evaluation of the 600 stored 5w1s15q test episodes (embedding each image once);
-- the same with the allocator setting off and channels_last off, to show what each one buys.
+- what channels_last (training step) and the frozen inference copy (evaluation) buy, measured beside;
+  `--no-tuning` shows what the allocator setting buys.
 
     .venv/bin/python scripts/benchmark.py --data data/omniglot.h5 [--json results/benchmark.json]
 
@@ -20,11 +21,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
-from fsltool.evaluate import evaluate
+from fsltool.evaluate import embed_all, evaluate
 from fsltool.methods.protonet import ProtoNet
 from fsltool.models.backbones import conv4
 from fsltool.platform_tuning import tune_allocator
@@ -82,6 +84,11 @@ def main() -> None:
         method = ProtoNet(conv4(data.image_shape[0], data.mean, data.std)).eval()
         shape = EpisodeShape(5, 1, 15)
         figures["evaluate_600_stored_5w1s15q_s"] = round(median_seconds(lambda: evaluate(method, data, "test", shape), 3, warmup=1), 3)
+        support, query = data.stored_episodes("test", shape)
+        distinct = np.unique(np.concatenate([support.ravel(), query.ravel()]))
+        figures["evaluate_distinct_images"] = len(distinct)
+        figures["embed_distinct_images_eager_s"] = round(median_seconds(lambda: embed_all(method, data, distinct, frozen=False), 3, warmup=1), 3)
+        figures["embed_distinct_images_frozen_s"] = round(median_seconds(lambda: embed_all(method, data, distinct), 3, warmup=1), 3)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json:

@@ -52,3 +52,15 @@ def test_stored_subset_and_sampled_episodes(trained_run: Path, synthetic_file: P
             evaluate(method, data, "test", EpisodeShape(20, 1, 15))
         with pytest.raises(FsltoolError, match="unknown split 'tset'"):
             evaluate(method, data, "tset", shape, sample_seed=1)
+
+
+def test_frozen_inference_copy_matches_eager_embeddings(trained_run: Path, synthetic_file: Path) -> None:
+    from fsltool.evaluate import embed_all
+
+    method = load_trained(trained_run).method
+    indices = np.arange(0, 300, 7)
+    with FewShotData(synthetic_file) as data:
+        frozen = embed_all(method, data, indices)
+        eager = embed_all(method, data, indices, frozen=False)
+    assert frozen.shape == eager.shape == (len(indices), 64)
+    torch.testing.assert_close(frozen, eager, rtol=1e-4, atol=1e-4)

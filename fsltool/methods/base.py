@@ -68,8 +68,15 @@ class Method(nn.Module, ABC):
         loss. Methods that can process a meta-batch faster than episode by episode override this."""
         return [self.step(episode) for episode in episodes]
 
+    def embedding_network(self) -> nn.Module:
+        """The module that ``embed`` applies (the backbone unless a method says otherwise): evaluation compiles
+        a frozen inference copy of it, export writes it as the embedding graph."""
+        return self.backbone
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.name} does not embed images independently of the episode")
+        if not self.embeds_independently:
+            raise NotImplementedError(f"{self.name} does not embed images independently of the episode")
+        return self.embedding_network()(images)
 
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int

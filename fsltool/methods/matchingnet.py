@@ -101,11 +101,6 @@ class MatchingNet(Method):
             support_embeddings, query_embeddings = self.context(support_embeddings, query_embeddings)
         return matching_scores(support_embeddings, support_labels, query_embeddings, support_labels.max() + 1)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        if self.context is not None:  # the backbone's output alone is not this model's embedding
-            return super().embed(images)
-        return self.backbone(images)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
     ) -> torch.Tensor:

@@ -26,9 +26,6 @@ class ProtoNet(Method):
         support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
         return prototype_scores(support_embeddings, support_labels, query_embeddings, support_labels.max() + 1)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
     ) -> torch.Tensor:

@@ -95,9 +95,6 @@ class RelationNet(Method):
         scores = self(episode.support, episode.support_labels, episode.query)
         return StepOutput(F.mse_loss(scores, class_onehot(episode.query_labels, episode.shape.way, scores.dtype)), scores)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
     ) -> torch.Tensor:
