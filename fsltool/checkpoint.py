@@ -98,3 +98,10 @@ def load_trained(run: str | Path, which: str = "best") -> TrainedModel:
         raise FsltoolError(f"{path}: checkpoint does not match its method ({str(error).splitlines()[0]})") from None
     method.eval()
     return TrainedModel(method, recipe_from_dict(state["recipe"]), config, state, path)
+
+
+def untrained_like(trained: TrainedModel) -> Method:
+    """The same network freshly initialised as its run began (recipe seed): the baseline that shows what
+    meta-training bought."""
+    torch.manual_seed(trained.recipe.seed)
+    return build_model(trained.config).eval()

@@ -231,15 +231,16 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--sample-seed", type=int, default=None, help="sample fresh seeded episodes instead of the stored ones")
 @click.option("--data", "data_path", default=None, help="data file (default: the recipe's)")
 @click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
+@click.option("--untrained", is_flag=True, help="evaluate the run's network as initialised, before meta-training (a baseline)")
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
-             data_path: str | None, json_out: str | None) -> None:
+             data_path: str | None, json_out: str | None, untrained: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
     """
     from rich.table import Table
 
-    from fsltool.checkpoint import load_trained
+    from fsltool.checkpoint import load_trained, untrained_like
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
@@ -248,10 +249,11 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if episodes is not None and episodes < 1:
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
     trained = load_trained(run, which)
+    method = untrained_like(trained) if untrained else trained.method
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     with FewShotData(data_path or trained.recipe.data) as data:
-        result = run_evaluation(trained.method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
-    payload = {**result.to_json(), "run": str(run), "checkpoint": str(trained.path), "data": data.path}
+        result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+    payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path}
     if json_out == "-":
         _write_json("-", payload)
         return
@@ -260,7 +262,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         table.add_column(column)
     table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
     console.print(table)
-    click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, non-transductive)")
+    click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
+               f"{'transductive' if result.transductive else 'non-transductive'})")
     if json_out:
         _write_json(json_out, payload)
 

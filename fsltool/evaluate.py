@@ -27,6 +27,7 @@ class EvalResult:
     shape: EpisodeShape
     accuracies: np.ndarray  # per episode, fraction correct
     episodes_from: str  # "stored" or "sampled (seed N)"
+    transductive: bool = False  # True when queries of an episode influence each other's scores (BatchNorm)
 
     @property
     def accuracy(self) -> float:
@@ -48,7 +49,7 @@ class EvalResult:
             "query": self.shape.query,
             "split": self.split,
             "episodes_from": self.episodes_from,
-            "transductive": False,
+            "transductive": self.transductive,
         }
 
 
@@ -138,4 +139,5 @@ def evaluate(
         sampler = data.sampler(split, shape, torch.Generator().manual_seed(sample_seed))
         support, query = (a.astype(np.int64) for a in draw_episodes(sampler, episodes or 600))
         origin = f"sampled (seed {sample_seed})"
-    return EvalResult(split, shape, episode_accuracies(method, data, shape, support, query), origin)
+    accuracies = episode_accuracies(method, data, shape, support, query)
+    return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)))

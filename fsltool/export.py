@@ -172,7 +172,9 @@ def verify(trained: TrainedModel, onnx_path: Path, data_path: str, episodes: int
     """Run the exported classifier under ONNX Runtime and the PyTorch method on the same stored test episodes."""
     shape = EpisodeShape.parse(trained.recipe.test_shape)
     session = create_session(str(onnx_path), device)
-    method = trained.method.eval()
+    # Methods that adapt at test time export a fixed graph that is not their fine-tuned forward (MAML, Reptile:
+    # the body as a prototype classifier): they name the PyTorch module the graph stands for.
+    reference = getattr(trained.method, "exported_classifier", lambda: trained.method)().eval()
     max_diff, agree, total = 0.0, 0, 0
     with FewShotData(data_path) as data:
         support_idx, query_idx = data.stored_episodes("test", shape)
@@ -180,7 +182,7 @@ def verify(trained: TrainedModel, onnx_path: Path, data_path: str, episodes: int
         for s, q in zip(support_idx[:count], query_idx[:count]):
             episode = data.episode(s, q, shape)
             with torch.inference_mode():
-                expected = method(episode.support, episode.support_labels, episode.query).numpy()
+                expected = reference(episode.support, episode.support_labels, episode.query).numpy()
             got = session.run(None, {"support": episode.support.numpy(), "support_labels": episode.support_labels.numpy(),
                                      "query": episode.query.numpy()})[0]
             max_diff = max(max_diff, float(np.abs(got - expected).max()))

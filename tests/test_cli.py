@@ -46,6 +46,9 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
 
     code, out, err = run("evaluate", str(run_dir), "--shape", "5w5s5q", "--json", "-")
     assert code == 0 and json.loads(out)["shot"] == 5
+    code, out, err = run("evaluate", str(run_dir), "--untrained", "--json", "-")
+    assert code == 0 and json.loads(out)["checkpoint"] == "untrained"
+    assert json.loads(out)["accuracy"] != result["accuracy"]
 
     code, out, err = run("export", str(run_dir), "--verify-episodes", "5")
     assert code == 0, err

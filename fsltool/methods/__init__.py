@@ -3,6 +3,8 @@
 from fsltool.methods import protonet  # noqa: F401  (registers "protonet")
 from fsltool.methods import matchingnet  # noqa: F401  (registers "matchingnet")
 from fsltool.methods import relationnet  # noqa: F401  (registers "relationnet")
+from fsltool.methods import maml  # noqa: F401  (registers "maml")
+from fsltool.methods import reptile  # noqa: F401  (registers "reptile")
 from fsltool.methods.base import METHODS, Method, build_method, get_method, method_options
 
 __all__ = ["METHODS", "Method", "build_method", "get_method", "method_options"]

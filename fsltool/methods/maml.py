@@ -1,0 +1,113 @@
+"""Model-Agnostic Meta-Learning (Finn et al. 2017): meta-learn initial parameters from which a few SGD steps on
+an episode's support set classify its queries well. The outer loss is the query cross-entropy of the adapted
+parameters, differentiated through the inner SGD steps (second order), or with the adapted parameters' dependence
+on the meta-parameters taken as the identity (``first_order``: FOMAML).
+
+The network is the recipe's backbone (conv4-strided is MAML's Omniglot network) plus a linear head of ``way``
+outputs on the spatially averaged feature maps; see fsltool.methods.adaptation for the head's zero
+initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch runs as one grouped network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fsltool.data.episodes import Episode
+from fsltool.methods.adaptation import (
+    AdaptiveMethod,
+    Params,
+    inputs_for_autograd,
+    require_bool,
+    require_positive_float,
+    task_losses,
+)
+from fsltool.methods.base import StepOutput, register_method, require_positive_int
+from fsltool.models.backbones import Backbone
+
+
+@register_method("maml")
+class MAML(AdaptiveMethod):
+    """MAML / first-order MAML.
+
+    Options: ``way`` (the head's outputs: the episodes' way), ``inner_steps`` (SGD steps in meta-training),
+    ``test_inner_steps`` (at evaluation), ``inner_lr``, ``first_order``, ``transductive_bn`` (False: queries are
+    normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
+    as the paper's code, transductive).
+    """
+
+    group_tasks = True  # run a meta-batch as one grouped network (same results as a per-task loop, faster)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        way: int = 5,
+        inner_steps: int = 1,
+        test_inner_steps: int = 3,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        transductive_bn: bool = False,
+    ) -> None:
+        super().__init__(backbone, way, transductive_bn)
+        require_positive_int(self.name, "inner_steps", inner_steps)
+        require_positive_int(self.name, "test_inner_steps", test_inner_steps)
+        require_bool(self.name, "first_order", first_order)
+        self.inner_steps = inner_steps
+        self.test_inner_steps = test_inner_steps
+        self.inner_lr = require_positive_float(self.name, "inner_lr", inner_lr)
+        self.first_order = first_order
+
+    def adapt(self, params: Params, support: torch.Tensor, labels: torch.Tensor, steps: int, create_graph: bool, track: bool) -> Params:
+        """``steps`` SGD steps on each task's support cross-entropy (batch statistics of the support set).
+
+        With ``create_graph`` the steps stay differentiable (second order); without it the gradients are
+        constants, so the adapted parameters depend on ``params`` as the identity (first order)."""
+        for step in range(steps):
+            losses = task_losses(self.network.logits(params, support, track=track and step == 0), labels)
+            # The sum: each task's parameters only reach its own loss, so each gets its own mean-loss gradient.
+            grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph)
+            params = [p - self.inner_lr * g for p, g in zip(params, grads)]
+        return params
+
+    def adapted_query_logits(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, *, differentiable: bool
+    ) -> torch.Tensor:
+        """(T, S, ...), (T, S), (T, Q, ...) -> (T, Q, way) query logits after the inner loop. ``differentiable``:
+        a graph back to the meta-parameters (second or first order, as set); otherwise detached scores."""
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        tasks = support.shape[0]
+        with self.grad_context(differentiable):
+            support, support_labels, query = inputs_for_autograd((support, support_labels, query))
+            params = self.network.meta_parameters(tasks, detach=not differentiable)
+            create_graph = differentiable and not self.first_order
+            adapted = self.adapt(params, support, support_labels, steps, create_graph, track=self.training)
+            logits = self.network.query_logits(adapted, support, query, self.transductive)
+        return logits if differentiable else logits.detach()
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Adapt to the support set (``inner_steps`` in train mode, ``test_inner_steps`` in eval mode), then score
+        the queries. Under no_grad or inference_mode (evaluation) the inner loop still runs, on a detached copy."""
+        self.episode_way(support_labels)
+        differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        return self.adapted_query_logits(support[None], support_labels[None], query[None], differentiable=differentiable)[0]
+
+    def step(self, episode: Episode) -> StepOutput:
+        return self.meta_step([episode])[0]
+
+    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
+        """The outer losses of a meta-batch: one grouped network when the episodes share a shape (and
+        ``group_tasks``), else episode by episode; the loop averages them and backpropagates."""
+        for episode in episodes:
+            self.check_way(episode.shape.way)
+        stacked = self.stack(episodes) if self.group_tasks else None
+        if stacked is not None:
+            return self._steps(*stacked)
+        return [self._steps(*self.stack([episode]))[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
+
+    def _steps(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+    ) -> list[StepOutput]:
+        logits = self.adapted_query_logits(support, support_labels, query, differentiable=torch.is_grad_enabled())
+        losses = task_losses(logits, query_labels)
+        return [StepOutput(loss, scores.detach()) for loss, scores in zip(losses, logits)]

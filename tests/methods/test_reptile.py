@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsltool.data.episodes import Episode, EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.errors import FsltoolError
+from fsltool.evaluate import evaluate
+from fsltool.methods import build_method
+from fsltool.methods.adaptation import PooledBody
+from fsltool.methods.protonet import prototype_scores
+from fsltool.methods import reptile as reptile_module
+from fsltool.methods.reptile import Reptile, minibatch_order
+from fsltool.models import build_backbone
+from fsltool.recipe import load_recipe
+from fsltool.train import meta_train
+from tests.conftest import quick_recipe, random_episode
+from tests.methods.test_maml import tiny_episodes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fresh(hidden: int = 64, **options: object) -> Reptile:
+    torch.manual_seed(0)
+    method = build_method("reptile", build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=hidden), options)
+    assert isinstance(method, Reptile)
+    return method
+
+
+def tiny_reptile(**options: object) -> Reptile:
+    method = fresh(hidden=4, **{"way": 3, "inner_steps": 3, "inner_batch": 4, "inner_lr": 0.01, **options}).double()
+    with torch.no_grad():
+        method.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return method
+
+
+@pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
+def test_inner_loop_is_a_plain_optimizer_on_a_copy(inner_optimizer: str) -> None:
+    """The trained copy equals torch.optim (Adam with beta1 = 0, or SGD) run on a deep copy of the module, with
+    its ordinary forward (BatchNorm on batch statistics), over the same minibatches."""
+    method = tiny_reptile(inner_optimizer=inner_optimizer)
+    episode = tiny_episodes(1)[0]
+    images, labels = torch.cat([episode.support, episode.query]), torch.cat([episode.support_labels, episode.query_labels])
+    adapted = method.train_copies(images[None], labels[None], 3, 4, torch.Generator().manual_seed(5), track=False)
+    reference = copy.deepcopy(method).train()
+    body = PooledBody(reference.backbone)
+    params = list(reference.parameters())
+    optimizer = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999)) if inner_optimizer == "adam" else torch.optim.SGD(params, lr=0.01)
+    for chosen in minibatch_order(1, len(labels), 3, 4, torch.Generator().manual_seed(5))[0]:
+        optimizer.zero_grad()
+        F.cross_entropy(reference.head(body(images[chosen])), labels[chosen]).backward()
+        optimizer.step()
+    for got, want in zip(adapted, params):
+        torch.testing.assert_close(got[0], want.detach(), rtol=1e-9, atol=1e-12)
+    assert not torch.equal(adapted[0][0], method.network.parameters[0])  # it moved; the meta-parameters did not
+
+
+def test_the_loops_sgd_step_on_the_surrogate_is_the_reptile_update() -> None:
+    """meta_step's losses, averaged and backpropagated, then SGD (lr epsilon, no momentum) as train.py does:
+    theta <- theta + epsilon * mean_t(theta'_t - theta)."""
+    method = tiny_reptile()
+    episodes = tiny_episodes(3)
+    theta = [p.detach().clone() for p in method.parameters()]
+    torch.manual_seed(7)
+    outputs = method.meta_step(episodes)
+    torch.manual_seed(7)  # the same minibatches again: the copies meta_step trained
+    images = torch.stack([torch.cat([e.support, e.query]) for e in episodes])
+    labels = torch.stack([torch.cat([e.support_labels, e.query_labels]) for e in episodes])
+    copies = method.train_copies(images, labels, 3, 4, None, track=False)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.7, momentum=0.0)
+    optimizer.zero_grad()
+    torch.stack([o.loss for o in outputs]).mean().backward()
+    optimizer.step()
+    for before, after, trained in zip(theta, method.parameters(), copies):
+        torch.testing.assert_close(after.detach(), before + 0.7 * (trained - before).mean(0), rtol=1e-12, atol=1e-14)
+    for output, task_copies in zip(outputs, zip(*copies)):
+        distance = sum(0.5 * (before - c).pow(2).sum() for before, c in zip(theta, task_copies))
+        torch.testing.assert_close(output.loss.detach(), distance)
+        assert output.scores.shape == (3 * 2, 3)
+
+
+@pytest.mark.parametrize("transductive_bn", [False, True])
+def test_grouped_meta_batch_equals_the_per_task_loop(transductive_bn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Surrogate losses, scores, meta-gradients and BatchNorm running statistics of a 3-task meta-batch, grouped
+    vs one task at a time, each task on the same minibatches either way."""
+    episodes = tiny_episodes(3)
+    order = minibatch_order(3, 10, 3, 4, torch.Generator().manual_seed(3))
+    results = []
+    for grouped in (True, False):
+        method = tiny_reptile(transductive_bn=transductive_bn)
+        method.group_tasks = grouped
+        rows = iter([order] if grouped else order.split(1))
+        monkeypatch.setattr(reptile_module, "minibatch_order", lambda *args: next(rows))
+        outputs = method.meta_step(episodes)
+        method.zero_grad()
+        torch.stack([o.loss for o in outputs]).mean().backward()
+        results.append(([o.loss.detach() for o in outputs], [o.scores for o in outputs], [p.grad for p in method.parameters()],
+                        [b.clone() for b in method.buffers()]))
+    for grouped_values, loop_values in zip(*results):
+        for a, b in zip(grouped_values, loop_values):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_evaluation_is_seeded_non_transductive_and_leaves_the_model_alone() -> None:
+    support, labels, query = random_episode(5, 1, 6)
+    method = fresh(test_inner_steps=5).eval()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    with torch.no_grad():
+        together = method(support, labels, query)
+        again = method(support, labels, query)
+    with torch.inference_mode():
+        alone = torch.cat([method(support, labels, query[i : i + 1]) for i in range(6)])
+    assert together.shape == (6, 5) and together.abs().max() > 0
+    torch.testing.assert_close(together, again, rtol=0, atol=0)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in state.items())
+    transductive = fresh(test_inner_steps=5, transductive_bn=True).eval()
+    with torch.no_grad():
+        assert not torch.allclose(transductive(support, labels, query)[:1], transductive(support, labels, query[:1]), atol=1e-5)
+
+
+def test_short_meta_training_improves_accuracy_after_fine_tuning(synthetic_file: Path, tmp_path: Path) -> None:
+    """40 meta-steps of 5 tasks, 5-way 1-shot with 9 more images per class, SGD epsilon 1 on the surrogate: the
+    fine-tuned accuracy on the 30 stored validation episodes rises well above the initial network's."""
+    options = {"way": 5, "inner_lr": 0.01, "test_inner_steps": 10}
+    recipe = quick_recipe(synthetic_file, tmp_path / "reptile", method="reptile", backbone="conv4-strided", method_options=options,
+                          shape="5w1s9q", episodes=40, meta_batch=5, optimizer="sgd", momentum=0.0, lr=1.0, log_every=10)
+    recipe.validation.every, recipe.validation.episodes = 40, 30
+    with FewShotData(synthetic_file) as data:
+        torch.manual_seed(recipe.seed)
+        untrained = build_method("reptile", build_backbone("conv4-strided", 1, data.mean, data.std), options)
+        before = evaluate(untrained, data, "val", EpisodeShape(5, 1, 5)).accuracy
+    after = meta_train(recipe, quiet=True).best_accuracy
+    assert after > before + 5, (before, after)
+
+
+def test_export_graphs_are_the_body_and_prototype_classification() -> None:
+    method = fresh().eval()
+    support, labels, query = random_episode(4, 2, 3)
+    graphs = method.export_graphs(Episode(support, labels, query, torch.zeros(3, dtype=torch.long), EpisodeShape(4, 2, 1)))
+    assert set(graphs) == {"embedding", "classifier"}
+    with torch.no_grad():
+        embeddings = graphs["embedding"].module(support)
+        assert embeddings.shape == (8, 64)
+        expected = prototype_scores(embeddings, labels, graphs["embedding"].module(query), 4)
+        torch.testing.assert_close(graphs["classifier"].module(support, labels, query), expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"inner_optimizer": "rmsprop"}, r"method_options.inner_optimizer must be one of adam, sgd, got 'rmsprop'"),
+        ({"inner_batch": 0}, r"method_options.inner_batch must be a positive integer, got 0"),
+        ({"test_inner_batch": True}, r"method_options.test_inner_batch must be a positive integer, got True"),
+        ({"inner_lr": -1e-3}, r"method_options.inner_lr must be a positive number, got -0.001"),
+        ({"way": 0}, r"method_options.way must be a positive integer, got 0"),
+        ({"transductive_bn": "no"}, r"method_options.transductive_bn must be true or false, got 'no'"),
+    ],
+)
+def test_bad_options_are_named(options: dict[str, object], message: str) -> None:
+    with pytest.raises(FsltoolError, match=message):
+        fresh(**options)
+
+
+def test_an_episode_of_another_way_names_the_option() -> None:
+    with pytest.raises(FsltoolError, match=r"method_options.way = 5 outputs, but the episode is 3-way"):
+        fresh(way=5).eval()(*random_episode(3, 1, 2))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("reptile-*w*s.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_make_the_loops_step_the_reptile_update(path: Path) -> None:
+    recipe = load_recipe(path)
+    method = build_method(recipe.method, build_backbone(recipe.backbone, 1, [0.1], [0.3], **recipe.backbone_options), recipe.method_options)
+    for shape in (recipe.train.shape, recipe.validation.shape, recipe.test_shape):
+        method.check_way(EpisodeShape.parse(shape).way)
+    train = recipe.train
+    assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.0, 0.0)
+    assert EpisodeShape.parse(train.shape).per_class == 10  # the reference's 10 training shots per class
+    assert train.lr_step * 4 == train.episodes  # the StepLR stand-in for linear annealing: halve every quarter
