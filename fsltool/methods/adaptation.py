@@ -24,6 +24,7 @@ embedding alone (an exported network in eval mode normalises with them).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import nn
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, embedding_graph, option_error, require_positive_int
+from fsltool.methods.base import ExportGraph, Method, StepOutput, embedding_graph, option_error, require_positive_int
 from fsltool.methods.protonet import prototype_scores
 from fsltool.models.backbones import Backbone
 
@@ -248,6 +249,25 @@ class AdaptiveMethod(Method):
             stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         return stack
+
+    def step(self, episode: Episode) -> StepOutput:
+        return self.meta_step([episode])[0]
+
+    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
+        """A meta-batch as one grouped network when the episodes share a shape (and ``group_tasks``), else
+        episode by episode; the training loop averages the losses and backpropagates."""
+        for episode in episodes:
+            self.check_way(episode.shape.way)
+        stacked = self.stack(episodes) if self.group_tasks else None
+        if stacked is not None:
+            return self._steps(*stacked)
+        return [self._steps(*self.stack([episode]))[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
+
+    @abstractmethod
+    def _steps(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+    ) -> list[StepOutput]:
+        """The method's losses for stacked tasks (T, ...) of one shape."""
 
     def exported_classifier(self) -> nn.Module:
         """The PyTorch module the exported "classifier" graph computes: prototype classification on the body's

@@ -10,11 +10,9 @@ initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 
-from fsltool.data.episodes import Episode
 from fsltool.methods.adaptation import (
     AdaptiveMethod,
     Params,
@@ -91,19 +89,6 @@ class MAML(AdaptiveMethod):
         self.episode_way(support_labels)
         differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         return self.adapted_query_logits(support[None], support_labels[None], query[None], differentiable=differentiable)[0]
-
-    def step(self, episode: Episode) -> StepOutput:
-        return self.meta_step([episode])[0]
-
-    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
-        """The outer losses of a meta-batch: one grouped network when the episodes share a shape (and
-        ``group_tasks``), else episode by episode; the loop averages them and backpropagates."""
-        for episode in episodes:
-            self.check_way(episode.shape.way)
-        stacked = self.stack(episodes) if self.group_tasks else None
-        if stacked is not None:
-            return self._steps(*stacked)
-        return [self._steps(*self.stack([episode]))[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
 
     def _steps(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor

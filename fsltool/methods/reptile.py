@@ -23,11 +23,9 @@ support set plus that query; fsltool uses the support set alone (see fsltool.met
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 
-from fsltool.data.episodes import Episode
 from fsltool.methods.adaptation import (
     AdaptiveMethod,
     Params,
@@ -126,23 +124,12 @@ class Reptile(AdaptiveMethod):
             with torch.no_grad():
                 return self.network.query_logits(adapted, support[None], query[None], self.transductive)[0]
 
-    def step(self, episode: Episode) -> StepOutput:
-        return self.meta_step([episode])[0]
-
-    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
-        """Per task: the inner loop on the episode's support and query images, then the surrogate loss
-        0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
-        on: a training accuracy, not a held-out one)."""
-        for episode in episodes:
-            self.check_way(episode.shape.way)
-        stacked = self.stack(episodes) if self.group_tasks else None
-        if stacked is not None:
-            return self._steps(*stacked)
-        return [self._steps(*self.stack([episode]))[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
-
     def _steps(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
     ) -> list[StepOutput]:
+        """Per task: the inner loop on the episode's support and query images, then the surrogate loss
+        0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
+        on: a training accuracy, not a held-out one)."""
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
         adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training)
         losses = sum(0.5 * (p.unsqueeze(0) - a).pow(2).flatten(1).sum(1) for p, a in zip(self.network.parameters, adapted))
