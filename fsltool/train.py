@@ -61,6 +61,8 @@ class RunFolder:
         if resume:
             if not self.last.is_file():
                 raise FsltoolError(f"{self.path}: nothing to resume (no {self.last})")
+            for leftover in self.checkpoints.glob(".*.partial"):  # a write cut short by a kill
+                leftover.unlink(missing_ok=True)
             return
         if self.last.exists() and not force:
             raise FsltoolError(f"{self.path}: run folder already holds a trained run (use --resume to continue it, or --force to start over)")
