@@ -77,3 +77,26 @@ def trained_run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) 
     output = tmp_path_factory.mktemp("runs") / "protonet"
     meta_train(quick_recipe(synthetic_file, output), quiet=True)
     return output
+
+
+def assert_embedding_once_matches_per_episode(method: Method, data_file: Path) -> None:
+    """Batched scores from embeddings equal the method's own forward, and evaluate's embed-once path gives the
+    same accuracies as its episode-by-episode path (checked by switching the instance to the slow path)."""
+    from fsltool.data.store import FewShotData
+    from fsltool.evaluate import evaluate
+
+    episodes = [random_episode(5, 2, 6) for _ in range(3)]
+    with torch.inference_mode():
+        batched = method.scores_from_embeddings(
+            torch.stack([method.embed(s) for s, _, _ in episodes]),
+            torch.stack([labels for _, labels, _ in episodes]),
+            torch.stack([method.embed(q) for _, _, q in episodes]),
+            5,
+        )
+        for scores, episode in zip(batched, episodes):
+            torch.testing.assert_close(scores, method(*episode), rtol=1e-5, atol=1e-6)
+    with FewShotData(data_file) as data:
+        fast = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
+        method.embeds_independently = False  # the instance now takes evaluate's episode-by-episode path
+        slow = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
+    assert (fast.accuracies == slow.accuracies).all()

@@ -18,7 +18,7 @@ from fsltool.methods.matchingnet import MatchingNet
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
 from fsltool.train import meta_train
-from tests.conftest import assert_exported_classifier_matches, quick_recipe, random_episode
+from tests.conftest import assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = [(2, 1, 1), (5, 1, 19), (7, 3, 4), (20, 2, 3)]
@@ -90,21 +90,7 @@ def test_default_cross_entropy_is_the_papers_negative_log_likelihood() -> None:
 def test_embedding_once_gives_the_per_episode_scores(plain_run: Path, synthetic_file: Path) -> None:
     method = load_trained(plain_run).method
     assert method.embeds_independently
-    episodes = [random_episode(5, 2, 6) for _ in range(3)]
-    with torch.inference_mode():
-        batched = method.scores_from_embeddings(
-            torch.stack([method.embed(s) for s, _, _ in episodes]),
-            torch.stack([labels for _, labels, _ in episodes]),
-            torch.stack([method.embed(q) for _, _, q in episodes]),
-            5,
-        )
-        for scores, episode in zip(batched, episodes):
-            torch.testing.assert_close(scores, method(*episode), rtol=1e-5, atol=1e-6)
-    with FewShotData(synthetic_file) as data:
-        fast = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
-        method.embeds_independently = False  # the instance now takes evaluate's episode-by-episode path
-        slow = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
-    assert (fast.accuracies == slow.accuracies).all()
+    assert_embedding_once_matches_per_episode(method, synthetic_file)
 
 
 def test_fce_embeddings_depend_on_the_episode_so_evaluation_goes_episode_by_episode(fce_run: Path, synthetic_file: Path) -> None:

@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from fsltool.checkpoint import load_trained
-from fsltool.data.episodes import EpisodeShape
-from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import evaluate
 from fsltool.export import ExportReport, export_run
 from fsltool.methods import build_method
 from fsltool.methods.relationnet import RelationNet
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
 from fsltool.train import meta_train
-from tests.conftest import assert_exported_classifier_matches, quick_recipe, random_episode
+from tests.conftest import assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,21 +76,7 @@ def test_split_first_convolution_is_the_papers_concatenation() -> None:
 
 def test_embedding_once_gives_the_per_episode_scores(run: Path, synthetic_file: Path) -> None:
     method = load_trained(run).method
-    episodes = [random_episode(5, 2, 6) for _ in range(3)]
-    with torch.inference_mode():
-        batched = method.scores_from_embeddings(
-            torch.stack([method.embed(s) for s, _, _ in episodes]),
-            torch.stack([labels for _, labels, _ in episodes]),
-            torch.stack([method.embed(q) for _, _, q in episodes]),
-            5,
-        )
-        for scores, episode in zip(batched, episodes):
-            torch.testing.assert_close(scores, method(*episode), rtol=1e-5, atol=1e-6)
-    with FewShotData(synthetic_file) as data:
-        fast = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
-        method.embeds_independently = False  # the instance now takes evaluate's episode-by-episode path
-        slow = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
-    assert (fast.accuracies == slow.accuracies).all()
+    assert_embedding_once_matches_per_episode(method, synthetic_file)
 
 
 def test_export_verifies_and_writes_feature_map_embeddings(exported: tuple[Path, ExportReport]) -> None:
