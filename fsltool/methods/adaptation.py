@@ -35,7 +35,7 @@ from torch import nn
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, StepOutput, embedding_graph, option_error, require_positive_int
+from fsltool.methods.base import ExportGraph, Method, StepOutput, classifier_graph, embedding_graph, option_error, require_positive_int
 from fsltool.methods.protonet import prototype_scores
 from fsltool.models.backbones import Backbone
 
@@ -280,13 +280,7 @@ class AdaptiveMethod(Method):
         assert isinstance(classifier, PrototypeClassifier)
         return {
             "embedding": embedding_graph(classifier.body, example),
-            "classifier": ExportGraph(
-                classifier,
-                (example.support, example.support_labels, example.query),
-                ["support", "support_labels", "query"],
-                ["scores"],
-                {"support": {0: "support"}, "support_labels": {0: "support"}, "query": {0: "query"}},
-            ),
+            "classifier": classifier_graph(classifier, example),
         }
 
 

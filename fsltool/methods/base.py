@@ -100,10 +100,10 @@ def embedding_graph(backbone: nn.Module, example: Episode) -> ExportGraph:
     return ExportGraph(backbone, (example.query,), ["images"], ["embeddings"], {"images": {0: "batch"}})
 
 
-def classifier_graph(method: Method, example: Episode) -> ExportGraph:
-    """The whole method, support set and queries to scores, dynamic in way, shot and query."""
+def classifier_graph(classifier: nn.Module, example: Episode) -> ExportGraph:
+    """A classifier (support set and queries to scores; usually the whole method), dynamic in way, shot and query."""
     return ExportGraph(
-        method,
+        classifier,
         (example.support, example.support_labels, example.query),
         ["support", "support_labels", "query"],
         ["scores"],
