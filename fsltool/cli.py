@@ -169,41 +169,124 @@ def prepare_csv(images: str, splits: str, out: str, channels: str, size: int, **
     _run_prepare(lambda: csv_splits(images=images, splits=splits, channels=int(channels), size=size), out, **common)
 
 
-# ---------------------------------------------------------------- meta-train
+# ---------------------------------------------------------------- meta-train and recipes
+
+
+def _complete_recipe(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion: built-in recipe names, then files as usual."""
+    from click.shell_completion import CompletionItem
+
+    from fsltool.builtin_recipes import list_recipes
+
+    names = [CompletionItem(r.name) for r in list_recipes() if r.name.startswith(incomplete)]
+    return names + [CompletionItem(incomplete, type="file")]
+
+
+def _load_recipe(recipe: str, overrides: tuple[str, ...]) -> Any:
+    from fsltool.builtin_recipes import recipe_path
+    from fsltool.recipe import load_recipe
+
+    return load_recipe(recipe_path(recipe), overrides)
+
+
+def _check_recipe(recipe: str, loaded: Any) -> None:
+    from fsltool.console import console
+    from fsltool.recipe import check_data
+
+    check_data(loaded)
+    console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})", highlight=False)
 
 
 @main.command("meta-train")
-@click.argument("recipe", type=click.Path())
+@click.argument("recipe", shell_complete=_complete_recipe)
 @click.argument("overrides", nargs=-1)
 @click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
 @click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
 @click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool) -> None:
-    """Meta-train the method a RECIPE names; KEY=VALUE arguments override recipe keys.
+    """Meta-train the method a RECIPE (a file, or a built-in name) names; KEY=VALUE arguments override its keys.
 
     Example: fsltool meta-train recipes/omniglot/protonet-5w1s.yaml train.episodes=2000 output=runs/try
     """
-    from fsltool.console import console
-    from fsltool.recipe import load_recipe
-
-    loaded = load_recipe(recipe, overrides)
+    loaded = _load_recipe(recipe, overrides)
     if check:
-        import torch
-
-        from fsltool.data.episodes import EpisodeShape
-        from fsltool.data.store import FewShotData
-
-        with FewShotData(loaded.data) as data:
-            data.sampler("train", EpisodeShape.parse(loaded.train.shape), torch.Generator())
-            data.stored_episodes("val", EpisodeShape.parse(loaded.validation.shape))
-            data.stored_episodes("test", EpisodeShape.parse(loaded.test_shape))
-        console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})")
+        _check_recipe(recipe, loaded)
         return
     from fsltool.train import meta_train
 
     result = meta_train(loaded, resume=resume, force=force, quiet=quiet)
     click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
+
+
+@main.group()
+def recipes() -> None:
+    """The built-in recipes: list them, show or copy one to edit, check one without training.
+
+    Example: fsltool recipes copy omniglot/protonet-5w1s my-recipe.yaml
+    """
+
+
+@recipes.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+def recipes_list(as_json: bool) -> None:
+    """The built-in recipes by name, with what each trains.
+
+    Example: fsltool recipes list
+    """
+    from fsltool.builtin_recipes import list_recipes
+
+    found = list_recipes()
+    if as_json:
+        click.echo(json.dumps([{"name": r.name, "path": str(r.path), "summary": r.summary} for r in found], indent=2))
+        return
+    from rich.table import Table
+
+    from fsltool.console import console
+
+    table = Table("name", "what it trains")
+    for recipe in found:
+        table.add_row(recipe.name, recipe.summary)
+    console.print(table)
+
+
+@recipes.command("show")
+@click.argument("name", shell_complete=_complete_recipe)
+def recipes_show(name: str) -> None:
+    """Print a built-in recipe with its base merged in and every key resolved.
+
+    Example: fsltool recipes show omniglot/relationnet-5w1s
+    """
+    from fsltool.builtin_recipes import find_recipe, flattened_text
+
+    click.echo(flattened_text(find_recipe(name).path), nl=False)
+
+
+@recipes.command("copy")
+@click.argument("name", shell_complete=_complete_recipe)
+@click.argument("destination", type=click.Path(), default=".")
+@click.option("--force", is_flag=True, help="replace DESTINATION if it exists")
+def recipes_copy(name: str, destination: str, force: bool) -> None:
+    """Copy a built-in recipe to DESTINATION (a file, or a folder; default: here) as one self-contained file.
+
+    Example: fsltool recipes copy omniglot/protonet-5w1s my-recipe.yaml
+    """
+    from fsltool.builtin_recipes import copy_recipe
+    from fsltool.console import console
+
+    target = copy_recipe(name, Path(destination), force=force)
+    console.print(f"wrote {target} (edit it, then: fsltool meta-train {target})", highlight=False)
+
+
+@recipes.command("check")
+@click.argument("recipe", shell_complete=_complete_recipe)
+@click.argument("overrides", nargs=-1)
+def recipes_check(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Validate a RECIPE (file or built-in name) and its data file without training (= meta-train --check).
+
+    Example: fsltool recipes check omniglot/protonet-5w1s train.episodes=500
+    """
+    _check_recipe(recipe, _load_recipe(recipe, overrides))
 
 
 # ---------------------------------------------------------------- evaluate

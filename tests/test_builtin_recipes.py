@@ -1,0 +1,75 @@
+"""Built-in recipes: discoverable by name, copied out as one self-contained file, checked without training,
+and shipped inside the wheel."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fsltool.builtin_recipes import find_recipe, list_recipes, recipe_path
+from fsltool.cli import main
+from fsltool.errors import FsltoolError
+from fsltool.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_list_names_every_recipe_but_the_bases() -> None:
+    on_disk = {p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in (REPO / "recipes").glob("*/*.yaml")}
+    listed = {r.name for r in list_recipes()}
+    assert listed == {name for name in on_disk if not name.endswith("-base")}
+    assert "omniglot/protonet-5w1s" in listed and all(r.summary for r in list_recipes())
+    code, out, _ = invoke("recipes", "list", "--json")
+    assert code == 0 and {row["name"] for row in json.loads(out)} == listed
+
+
+def test_copy_is_self_contained_and_equal_to_the_original(tmp_path: Path) -> None:
+    code, _, err = invoke("recipes", "copy", "omniglot/relationnet-5w1s", str(tmp_path))
+    assert code == 0, err
+    copied = tmp_path / "relationnet-5w1s.yaml"
+    assert "base:" not in copied.read_text() and "Sung et al. 2018" in copied.read_text()  # the base's comments came too
+    assert load_recipe(copied) == load_recipe(REPO / "recipes/omniglot/relationnet-5w1s.yaml")
+
+    before = copied.read_text()
+    copied.write_text(before + "# my edit\n")
+    code, _, err = invoke("recipes", "copy", "omniglot/relationnet-5w1s", str(copied))
+    assert code == 2 and "already exists" in err and copied.read_text().endswith("# my edit\n")  # nothing lost
+    assert invoke("recipes", "copy", "omniglot/relationnet-5w1s", str(copied), "--force")[0] == 0
+    assert copied.read_text() == before
+
+
+def test_unknown_names_suggest_the_nearest() -> None:
+    with pytest.raises(FsltoolError, match=r"did you mean 'omniglot/protonet-5w1s'"):
+        find_recipe("omniglot/protonet-5w1")
+    with pytest.raises(FsltoolError, match=r"nope\.yaml: no such recipe file, nor a built-in recipe"):
+        recipe_path("nope.yaml")
+    assert recipe_path("synthetic/protonet-quick") == REPO / "recipes/synthetic/protonet-quick.yaml"
+
+
+def test_check_by_name_validates_against_the_data(synthetic_file: Path) -> None:
+    shapes = ["validation.shape=5w1s5q", "test_shape=5w1s5q", "train.shape=10w1s5q"]
+    code, _, err = invoke("recipes", "check", "synthetic/protonet-quick", f"data={synthetic_file}", *shapes)
+    assert code == 0 and "recipe is valid" in err
+    code, _, err = invoke("recipes", "check", "synthetic/protonet-quick", f"data={synthetic_file}", *shapes[:2], "train.shape=500w1s5q")
+    assert code == 2 and err.count("\n") == 1 and "500" in err
+
+
+def test_the_wheel_ships_every_recipe_folder() -> None:
+    """pyproject lists packages by hand (the recipes come from another folder): a new recipe folder or
+    sub-package must be added there, or it silently goes missing from installs."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p.parent.relative_to(REPO / "recipes").as_posix() for p in (REPO / "recipes").glob("*/*.yaml")}
+    assert {f"fsltool.recipes.{folder}" for folder in folders} <= set(config["package-data"])
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fsltool").rglob("__init__.py")}
+    assert packages <= set(config["packages"])
