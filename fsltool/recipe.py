@@ -206,6 +206,19 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: unknown backbone {recipe.backbone!r}{hint}")
 
 
+def check_data(recipe: Recipe) -> None:
+    """The checks that need the data file: it opens, and holds what the recipe's episode shapes need (enough
+    training classes and images, stored validation and test episodes of those shapes)."""
+    import torch
+
+    from fsltool.data.store import FewShotData
+
+    with FewShotData(recipe.data) as data:
+        data.sampler("train", EpisodeShape.parse(recipe.train.shape), torch.Generator())
+        data.stored_episodes("val", EpisodeShape.parse(recipe.validation.shape))
+        data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
