@@ -216,7 +216,8 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
     from fsltool.train import meta_train
 
     result = meta_train(loaded, resume=resume, force=force, quiet=quiet)
-    click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
+    if result.writer:  # under torchrun, rank 0 alone validated and wrote the run
+        click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
 
 
 @main.group()

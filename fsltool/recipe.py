@@ -29,6 +29,9 @@ class TrainConfig:
     lr_step: int = 2000  # multiply lr by lr_gamma every lr_step episodes (0: constant)
     lr_gamma: float = 0.5
     log_every: int = 50
+    keep_checkpoints: int = 3  # episode-numbered checkpoints kept beside last.pt and best.pt (0: none)
+    on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that meta-step and count it)
+    prefetch: bool = True  # assemble the next meta-batch's episodes on a background thread during the step
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Recipe:
 
 
 OPTIMIZERS = ("adam", "sgd")
+NONFINITE_POLICIES = ("stop", "skip")
+# Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
+# loss is not finite, which is why one resumes with it changed).
+RESUMABLE_KEYS = ("episodes", "keep_checkpoints", "on_nonfinite", "prefetch")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected in (int, float, str) and (type(value) is not expected):
+    if expected in (int, float, str, bool) and (type(value) is not expected):
         raise FsltoolError(f"recipe key {key!r}: expected {expected.__name__}, got {value!r}")
     return value
 
@@ -191,6 +198,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             raise FsltoolError(f"{where}: recipe key {key!r} must be positive, got {value}")
     if recipe.train.lr_step < 0 or recipe.train.weight_decay < 0:
         raise FsltoolError(f"{where}: recipe keys 'train.lr_step' and 'train.weight_decay' must be >= 0")
+    if recipe.train.keep_checkpoints < 0:
+        raise FsltoolError(f"{where}: recipe key 'train.keep_checkpoints' must be >= 0, got {recipe.train.keep_checkpoints}")
+    if recipe.train.on_nonfinite not in NONFINITE_POLICIES:
+        raise FsltoolError(f"{where}: recipe key 'train.on_nonfinite': {recipe.train.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
     if recipe.train.optimizer not in OPTIMIZERS:
         raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     get_method(recipe.method)

@@ -3,6 +3,7 @@ It knows nothing of the method it runs beyond the Method interface."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,12 +16,15 @@ from rich.progress import TextColumn
 
 from fsltool.checkpoint import build_model, load_checkpoint, model_config, save_checkpoint
 from fsltool.console import console, progress_bar
+from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods import Method
-from fsltool.recipe import Recipe, dump_recipe
+from fsltool.methods.base import TaskShare
+from fsltool.recipe import RESUMABLE_KEYS, Recipe, dump_recipe, recipe_from_dict
 
 
 @dataclass
@@ -31,6 +35,8 @@ class TrainResult:
     best_ci95: float
     best_episode: int
     seconds: float
+    skipped_nonfinite: int  # meta-steps dropped for a non-finite loss (train.on_nonfinite=skip)
+    writer: bool  # this process wrote the run folder (the only one that has validation results under torchrun)
 
 
 def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
@@ -68,10 +74,23 @@ class RunFolder:
             raise FsltoolError(f"{self.path}: run folder already holds a trained run (use --resume to continue it, or --force to start over)")
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-            for stale in (self.last, self.best, self.metrics):
+            for stale in (self.last, self.best, self.metrics, *self.numbered()):
                 stale.unlink(missing_ok=True)
         except OSError as error:
             raise FsltoolError(f"{self.path}: cannot write the run folder ({error.strerror or error})") from None
+
+    def numbered(self) -> list[Path]:
+        """The episode-numbered checkpoints, oldest first."""
+        return sorted(self.checkpoints.glob("episode-*.pt"), key=lambda path: int(path.stem.split("-")[1]))
+
+    def episode_checkpoint(self, episode: int) -> Path:
+        return self.checkpoints / f"episode-{episode:08d}.pt"
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` numbered checkpoints (last.pt and best.pt are never touched)."""
+        numbered = self.numbered()
+        for old in numbered[: max(len(numbered) - keep, 0)]:
+            old.unlink(missing_ok=True)
 
     def save_recipe(self, recipe: Recipe) -> None:
         """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
@@ -89,12 +108,46 @@ class RunFolder:
             file.write(json.dumps(row) + "\n")
 
 
-def _without_length(recipe: dict[str, Any]) -> dict[str, Any]:
-    """A recipe minus train.episodes: a resumed run may be extended, nothing else may change."""
-    return {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "episodes"}}
+
+
+def _resumable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A saved recipe, defaults filled in, minus the keys a resumed run may change (RESUMABLE_KEYS)."""
+    full = recipe_from_dict(recipe).to_dict()
+    return {**full, "train": {k: v for k, v in full["train"].items() if k not in RESUMABLE_KEYS}}
+
+
+@dataclass
+class Window:
+    """Training statistics between two log rows."""
+
+    start: int
+    began: float
+    loss: float = 0.0
+    correct: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+    def row(self, episode: int, now: float, lr: float, elapsed: float, skipped: int) -> dict[str, Any]:
+        """A metrics row; loss and accuracy are null when every meta-step of the window was skipped."""
+        return {"episode": episode, "phase": "train",
+                "loss": self.loss / self.steps if self.steps else None,
+                "accuracy": 100 * self.correct / self.total if self.total else None,
+                "lr": lr, "episodes_per_s": (episode - self.start) / (now - self.began), "elapsed": elapsed,
+                "skipped_nonfinite": skipped}
 
 
 def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
+    """Meta-train ``recipe``: in this process, or, under torchrun, as one of WORLD_SIZE data-parallel processes
+    (fsltool.distributed) of which rank 0 alone writes the run folder and validates."""
+    group = join()
+    try:
+        return _meta_train(recipe, group, resume=resume, force=force, quiet=quiet or not group.writer)
+    finally:
+        group.leave()
+
+
+def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
+    share = group.share(recipe.train.meta_batch)
     data = FewShotData(recipe.data)
     train_shape = EpisodeShape.parse(recipe.train.shape)
     val_shape = EpisodeShape.parse(recipe.validation.shape)
@@ -102,19 +155,23 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     torch.manual_seed(recipe.seed)
     config = model_config(recipe, data.image_shape, data.mean, data.std, data.provenance)
     method = build_model(config)
+    if group.world > 1:
+        method.task_share = TaskShare(share.start, recipe.train.meta_batch)
     optimizer, scheduler = make_optimizer(recipe, method)
+    parameters = list(method.parameters())
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     sampler = data.sampler("train", train_shape, generator)
 
     run = RunFolder(recipe.output)
-    run.create(resume=resume, force=force)
+    if group.writer:
+        run.create(resume=resume, force=force)
     start, best = 0, {"accuracy": -math.inf, "ci95": math.nan, "episode": 0}
-    elapsed_before = 0.0
+    elapsed_before, skipped = 0.0, 0
     if resume:
         state = load_checkpoint(run.last)
-        if _without_length(state["recipe"]) != _without_length(recipe.to_dict()):
+        if _resumable(state["recipe"]) != _resumable(recipe.to_dict()):
             raise FsltoolError(f"{run.last}: the recipe differs from the one this run was started with (see {run.recipe}); "
-                               "only train.episodes may change on --resume")
+                               f"only {', '.join('train.' + key for key in RESUMABLE_KEYS)} may change on --resume")
         if state["episode"] >= recipe.train.episodes:
             raise FsltoolError(f"{run.last}: already trained {state['episode']} episodes; raise train.episodes to continue")
         method.load_state_dict(state["model"])
@@ -123,8 +180,12 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
         generator.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         start, best, elapsed_before = state["episode"], state["best"], state["elapsed"]
-        run.truncate_metrics(start)
-    run.save_recipe(recipe)
+        skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
+        if group.writer:
+            run.truncate_metrics(start)
+    if group.writer:
+        run.save_recipe(recipe)
+    batches = MetaBatches(data, sampler, recipe.train.meta_batch, share, recipe.train.episodes - start, prefetch=recipe.train.prefetch)
 
     def checkpoint(path: Path, episode: int, elapsed: float) -> None:
         save_checkpoint(
@@ -135,48 +196,56 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
                 "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "sampler_rng": generator.get_state(),
+                "sampler_rng": batches.sampler_state(),
                 "torch_rng": torch.get_rng_state(),
                 "episode": episode,
                 "best": dict(best),
                 "elapsed": elapsed,
+                "skipped_nonfinite": skipped,
             },
         )
 
     method.train()
     began = time.perf_counter()
-    window_loss = window_correct = window_total = 0.0
-    window_start, window_time = start, began
+    window = Window(start, began)
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
                TextColumn("{task.fields[speed]} ep/s"), TextColumn("val {task.fields[val]}"))
-    with progress_bar(*columns, quiet=quiet) as progress:
+    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches):
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
-            batch = [data.episode(*sampler.sample(), train_shape) for _ in range(recipe.train.meta_batch)]
+            batch = batches.next()
+            running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)
-            loss_tensor = torch.stack([output.loss for output in outputs]).mean()
-            loss = loss_tensor.item()
-            if not math.isfinite(loss):
-                raise FsltoolError(f"episode {episode}: loss is {loss}; stopped (last good checkpoint: {run.last})")
-            optimizer.zero_grad(set_to_none=True)
-            loss_tensor.backward()
-            optimizer.step()
-            scheduler.step()
-            window_loss += loss
-            for output, one in zip(outputs, batch):
-                window_correct += (output.scores.argmax(-1) == one.query_labels).sum().item()
-                window_total += output.scores.shape[0]
+            # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
+            loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
+            correct = sum((output.scores.argmax(-1) == one.query_labels).sum().item() for output, one in zip(outputs, batch))
+            totals = group.sum(torch.tensor([loss_tensor.item(), correct, sum(output.scores.shape[0] for output in outputs)], dtype=torch.float64))
+            loss = float(totals[0])
+            if math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                loss_tensor.backward()
+                group.sum_gradients(parameters)
+                group.merge_running_stats(running_stats)
+                optimizer.step()
+                window.loss, window.correct, window.total, window.steps = (
+                    window.loss + loss, window.correct + float(totals[1]), window.total + float(totals[2]), window.steps + 1)
+            elif recipe.train.on_nonfinite == "skip":
+                running_stats.restore()  # the forward pass may have folded non-finite statistics in
+                skipped += 1
+            else:
+                raise FsltoolError(f"episode {episode}: loss is {loss}; stopped (last good checkpoint: {run.last}; "
+                                   "train.on_nonfinite=skip drops such meta-steps instead)")
+            scheduler.step()  # the schedule follows the episode number, skipped meta-steps included
             progress.update(task, completed=episode)
             now = time.perf_counter()
             if episode % recipe.train.log_every == 0 or episode == recipe.train.episodes:
-                n = episode - window_start
-                row = {"episode": episode, "phase": "train", "loss": window_loss / n, "accuracy": 100 * window_correct / window_total,
-                       "lr": scheduler.get_last_lr()[0], "episodes_per_s": n / (now - window_time), "elapsed": elapsed_before + now - began}
-                run.log(row)
-                progress.update(task, loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", speed=f"{row['episodes_per_s']:.1f}")
-                window_loss = window_correct = window_total = 0.0
-                window_start, window_time = episode, now
-            if episode % recipe.validation.every == 0 or episode == recipe.train.episodes:
+                row = window.row(episode, now, scheduler.get_last_lr()[0], elapsed_before + now - began, skipped)
+                if group.writer:
+                    run.log(row)
+                progress.update(task, loss="-" if row["loss"] is None else f"{row['loss']:.3f}",
+                                acc="-" if row["accuracy"] is None else f"{row['accuracy']:.1f}", speed=f"{row['episodes_per_s']:.1f}")
+                window = Window(episode, now)
+            if group.writer and (episode % recipe.validation.every == 0 or episode == recipe.train.episodes):
                 result = evaluate(method, data, "val", val_shape, episodes=recipe.validation.episodes)
                 elapsed = elapsed_before + time.perf_counter() - began
                 run.log({"episode": episode, "phase": "val", "accuracy": result.accuracy, "ci95": result.ci95,
@@ -186,9 +255,14 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
                     best = {"accuracy": result.accuracy, "ci95": result.ci95, "episode": episode}
                     checkpoint(run.best, episode, elapsed)
                 checkpoint(run.last, episode, elapsed)
-                window_time = time.perf_counter()  # validation time does not count against training speed
+                if recipe.train.keep_checkpoints:
+                    checkpoint(run.episode_checkpoint(episode), episode, elapsed)
+                    run.prune(recipe.train.keep_checkpoints)
+                window.began = time.perf_counter()  # validation time does not count against training speed
     seconds = elapsed_before + time.perf_counter() - began
+    if group.writer and skipped:
+        console.print(f"skipped {skipped} meta-steps whose loss was not finite (train.on_nonfinite=skip)")
     if not quiet:
         console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({val_shape}) at episode {best['episode']}")
     data.close()
-    return TrainResult(run.path, recipe.train.episodes, best["accuracy"], best["ci95"], best["episode"], seconds)
+    return TrainResult(run.path, recipe.train.episodes, best["accuracy"], best["ci95"], best["episode"], seconds, skipped, group.writer)

@@ -55,7 +55,7 @@ def test_existing_run_is_never_overwritten_silently(synthetic_file: Path, tmp_pa
     with pytest.raises(FsltoolError, match="already holds a trained run"):
         meta_train(recipe, quiet=True)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
-    with pytest.raises(FsltoolError, match="only train.episodes may change"):
+    with pytest.raises(FsltoolError, match="the recipe differs from the one this run was started with"):
         meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8, lr=0.5), quiet=True, resume=True)
     with pytest.raises(FsltoolError, match="nothing to resume"):
         meta_train(quick_recipe(synthetic_file, tmp_path / "other"), quiet=True, resume=True)
@@ -90,3 +90,54 @@ def test_meta_batch_averages_episodes_into_one_update(synthetic_file: Path, tmp_
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["episode"] == 4
     assert state["scheduler"]["last_epoch"] == 4 and state["optimizer"]["state"][0]["step"].item() == 4
+
+
+def nan_at_call(monkeypatch: pytest.MonkeyPatch, bad: int) -> None:
+    """ProtoNet's ``bad``-th training step returns a NaN loss."""
+    from fsltool.methods.protonet import ProtoNet
+
+    original = ProtoNet.step
+    calls = {"n": 0}
+
+    def step(self: ProtoNet, episode: object) -> StepOutput:
+        calls["n"] += 1
+        output = original(self, episode)  # type: ignore[arg-type]
+        return StepOutput(output.loss * float("nan"), output.scores) if calls["n"] == bad else output
+
+    monkeypatch.setattr(ProtoNet, "step", step)
+
+
+def test_skip_drops_non_finite_meta_steps_and_counts_them(
+    synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nan_at_call(monkeypatch, 6)
+    result = meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8, on_nonfinite="skip"), quiet=True)
+    assert result.skipped_nonfinite == 1
+    assert "skipped 1 meta-steps whose loss was not finite" in capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["episode"] == 8 and state["skipped_nonfinite"] == 1
+    assert state["optimizer"]["state"][0]["step"].item() == 7  # no optimizer step for the dropped meta-step
+    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped_nonfinite"] for row in rows if row["phase"] == "train"] == [0, 0, 1, 1]
+
+
+def test_resuming_a_run_stopped_by_a_non_finite_loss_with_skip(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nan_at_call(monkeypatch, 6)
+    with pytest.raises(FsltoolError, match="episode 6: loss is nan.*on_nonfinite=skip"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8), quiet=True)
+    nan_at_call(monkeypatch, 2)  # the resumed process's 2nd step is episode 6 again
+    result = meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8, on_nonfinite="skip"), quiet=True, resume=True)
+    assert result.skipped_nonfinite == 1
+
+
+def test_the_last_numbered_checkpoints_are_kept(synthetic_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    meta_train(quick_recipe(synthetic_file, run, episodes=12, keep_checkpoints=2), quiet=True)  # validates every 4
+    numbered = sorted(path.name for path in (run / "checkpoints").glob("episode-*.pt"))
+    assert numbered == ["episode-00000008.pt", "episode-00000012.pt"]
+    assert load_checkpoint(run / "checkpoints" / numbered[0])["episode"] == 8
+    meta_train(quick_recipe(synthetic_file, run, episodes=16, keep_checkpoints=2), quiet=True, resume=True)
+    assert sorted(path.name for path in (run / "checkpoints").glob("episode-*.pt")) == ["episode-00000012.pt", "episode-00000016.pt"]
+    meta_train(quick_recipe(synthetic_file, run, episodes=4, keep_checkpoints=0), quiet=True, force=True)
+    assert not list((run / "checkpoints").glob("episode-*.pt"))  # --force starts over: old numbered ones go too

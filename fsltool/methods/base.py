@@ -23,6 +23,15 @@ class StepOutput:
     scores: torch.Tensor  # (queries, way): higher is more likely
 
 
+@dataclass(frozen=True)
+class TaskShare:
+    """The tasks a meta_step computes within its meta-batch: ``total`` tasks, of which those from ``start`` on (a
+    data-parallel process's slice; see fsltool.distributed)."""
+
+    start: int
+    total: int
+
+
 @dataclass
 class ExportGraph:
     """A module to export with example inputs and which input dimensions are dynamic."""
@@ -44,6 +53,9 @@ class Method(nn.Module, ABC):
 
     name: ClassVar[str]
     embeds_independently: bool = False  # a class attribute, or per instance when options decide it (MatchingNet's fce)
+    # Set by a data-parallel training loop: a method that draws random numbers per task in meta_step draws them for
+    # the whole meta-batch and keeps its share's, so the global RNG advances as in one process (None: all tasks).
+    task_share: TaskShare | None = None
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()

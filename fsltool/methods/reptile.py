@@ -33,7 +33,7 @@ from fsltool.methods.adaptation import (
     require_positive_float,
     task_losses,
 )
-from fsltool.methods.base import StepOutput, option_error, register_method, require_positive_int
+from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_positive_int
 from fsltool.models.backbones import Backbone
 
 INNER_OPTIMIZERS = ("adam", "sgd")
@@ -86,12 +86,15 @@ class Reptile(AdaptiveMethod):
         self.inner_optimizer = inner_optimizer
 
     def train_copies(
-        self, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, generator: torch.Generator | None, track: bool
+        self, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, generator: torch.Generator | None, track: bool,
+        share: TaskShare | None = None,
     ) -> Params:
         """Train one copy of the meta-parameters per task on (T, n, ...) images, (T, n) labels; returns the trained
         copies (T, *shape), detached. Each task's loss reaches only its own copy, so summing them trains each copy
-        on its own mean loss, and Adam (element-wise) or SGD on the stacked copies is the per-task optimiser."""
+        on its own mean loss, and Adam (element-wise) or SGD on the stacked copies is the per-task optimiser.
+        With a ``share`` the minibatch order is drawn for the share's whole meta-batch and its rows kept."""
         tasks, count = labels.shape
+        share = share or TaskShare(0, tasks)
         with self.grad_context(False):
             images, labels = inputs_for_autograd((images, labels))
             params = self.network.meta_parameters(tasks, detach=True)
@@ -99,7 +102,7 @@ class Reptile(AdaptiveMethod):
                 optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.inner_lr, betas=(0.0, 0.999), eps=1e-8)
             else:
                 optimizer = torch.optim.SGD(params, lr=self.inner_lr)
-            order = minibatch_order(tasks, count, steps, batch, generator)
+            order = minibatch_order(share.total, count, steps, batch, generator)[share.start : share.start + tasks]
             rows = torch.arange(tasks).unsqueeze(1)
             for step in range(steps):
                 chosen = order[:, step]
@@ -131,7 +134,7 @@ class Reptile(AdaptiveMethod):
         0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
         on: a training accuracy, not a held-out one)."""
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
-        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training)
+        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=self.task_share)
         losses = sum(0.5 * (p.unsqueeze(0) - a).pow(2).flatten(1).sum(1) for p, a in zip(self.network.parameters, adapted))
         with torch.no_grad():
             scores = self.network.query_logits(adapted, support, query, self.transductive)
