@@ -141,3 +141,14 @@ def test_the_last_numbered_checkpoints_are_kept(synthetic_file: Path, tmp_path: 
     assert sorted(path.name for path in (run / "checkpoints").glob("episode-*.pt")) == ["episode-00000012.pt", "episode-00000016.pt"]
     meta_train(quick_recipe(synthetic_file, run, episodes=4, keep_checkpoints=0), quiet=True, force=True)
     assert not list((run / "checkpoints").glob("episode-*.pt"))  # --force starts over: old numbered ones go too
+
+
+def test_prefetch_changes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
+    """The background thread assembles the same episodes in the same order, and checkpoints the sampler state before
+    a meta-batch it prefetched, so a resumed prefetching run matches an uninterrupted one without prefetch."""
+    meta_train(quick_recipe(synthetic_file, tmp_path / "plain", episodes=8, meta_batch=2, prefetch=False), quiet=True)
+    meta_train(quick_recipe(synthetic_file, tmp_path / "prefetched", episodes=4, meta_batch=2, prefetch=True), quiet=True)
+    meta_train(quick_recipe(synthetic_file, tmp_path / "prefetched", episodes=8, meta_batch=2, prefetch=True), quiet=True, resume=True)
+    plain, prefetched = parameters(tmp_path / "plain"), parameters(tmp_path / "prefetched")
+    for key in plain:
+        assert torch.equal(plain[key], prefetched[key]), key
