@@ -147,8 +147,11 @@ def test_prefetch_changes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
     """The background thread assembles the same episodes in the same order, and checkpoints the sampler state before
     a meta-batch it prefetched, so a resumed prefetching run matches an uninterrupted one without prefetch."""
     meta_train(quick_recipe(synthetic_file, tmp_path / "plain", episodes=8, meta_batch=2, prefetch=False), quiet=True)
-    meta_train(quick_recipe(synthetic_file, tmp_path / "prefetched", episodes=4, meta_batch=2, prefetch=True), quiet=True)
-    meta_train(quick_recipe(synthetic_file, tmp_path / "prefetched", episodes=8, meta_batch=2, prefetch=True), quiet=True, resume=True)
+    recipe = quick_recipe(synthetic_file, tmp_path / "prefetched", episodes=8, meta_batch=2, prefetch=True)
+    meta_train(recipe, quiet=True)
+    checkpoints = tmp_path / "prefetched" / "checkpoints"  # resume from episode 4, written while episode 5 was prefetched
+    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
+    meta_train(recipe, quiet=True, resume=True)
     plain, prefetched = parameters(tmp_path / "plain"), parameters(tmp_path / "prefetched")
     for key in plain:
         assert torch.equal(plain[key], prefetched[key]), key
