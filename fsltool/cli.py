@@ -316,8 +316,9 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--data", "data_path", default=None, help="data file (default: the recipe's)")
 @click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
 @click.option("--untrained", is_flag=True, help="evaluate the run's network as initialised, before meta-training (a baseline)")
+@click.option("--by-instance", is_flag=True, help="accuracy by instance number on labelled sequences, 10 images per class (mann)")
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
-             data_path: str | None, json_out: str | None, untrained: bool) -> None:
+             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -336,6 +337,13 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     method = untrained_like(trained) if untrained else trained.method
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     with FewShotData(data_path or trained.recipe.data) as data:
+        if by_instance:
+            from fsltool.by_instance import accuracy_by_instance
+
+            by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+            _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
+                                               "data": data.path}, json_out)
+            return
         result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path}
     if json_out == "-":
@@ -348,6 +356,26 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     console.print(table)
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
                f"{'transductive' if result.transductive else 'non-transductive'})")
+    if json_out:
+        _write_json(json_out, payload)
+
+
+def _report_by_instance(result: dict[str, Any], source: dict[str, str], json_out: str | None) -> None:
+    payload = {**result, **source}
+    if json_out == "-":
+        _write_json("-", payload)
+        return
+    from rich.table import Table
+
+    from fsltool.console import console
+
+    table = Table(title=f"accuracy by instance, {result['way']}-way sequences of {result['sequence_length']} steps, "
+                        f"{result['episodes']} {result['episodes_from']} {result['split']} episodes")
+    for column in ("instance", "accuracy (%)", "95% CI"):
+        table.add_column(column)
+    for instance, row in result["by_instance"].items():
+        table.add_row(instance, f"{row['accuracy']:.2f}", f"± {row['ci95']:.2f}")
+    console.print(table)
     if json_out:
         _write_json(json_out, payload)
 
@@ -413,6 +441,58 @@ def predict(model: str, support: str, queries: tuple[str, ...], which: str, devi
     from fsltool.console import console
 
     console.print(f"{len(predictions)} queries classified with {provider}", highlight=False)
+
+
+# ---------------------------------------------------------------- plot
+
+
+@main.group()
+def plot() -> None:
+    """PNG figures: a run's learning curves, or a stored episode with a model's predictions.
+
+    Example: fsltool plot curves runs/omniglot/protonet-5w1s
+    """
+
+
+@plot.command("curves")
+@click.argument("run", type=click.Path())
+@click.option("--out", default=None, help="PNG file (default: RUN/curves.png)")
+def plot_curves(run: str, out: str | None) -> None:
+    """Loss and accuracy against episodes, and validation accuracy against wall time, of a RUN folder.
+
+    Example: fsltool plot curves runs/omniglot/protonet-5w1s --out curves.png
+    """
+    from fsltool.console import console
+    from fsltool.plots import plot_learning_curves
+
+    console.print(f"wrote {plot_learning_curves(run, out)}", highlight=False)
+
+
+@plot.command("episode")
+@click.argument("target", type=click.Path())
+@click.option("--split", default="test", show_default=True)
+@click.option("--shape", default=None, help="stored episode shape (default: the run's test_shape, or 5w1s15q)")
+@click.option("--index", default=0, show_default=True, help="which stored episode")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run")
+@click.option("--out", default="episode.png", show_default=True, help="PNG file")
+def plot_episode(target: str, split: str, shape: str | None, index: int, which: str, out: str) -> None:
+    """A stored episode as a grid: one row per class, support then queries. TARGET is a data file, or a run
+    folder / checkpoint whose predictions frame each query green (right) or red (wrong).
+
+    Example: fsltool plot episode runs/omniglot/protonet-5w1s --shape 5w1s15q --index 3 --out episode.png
+    """
+    from fsltool.console import console
+    from fsltool.plots import plot_episode_grid, stored_episode_view
+
+    trained = None
+    data_path = target
+    if not target.endswith((".h5", ".hdf5")):
+        from fsltool.checkpoint import load_trained
+
+        trained = load_trained(target, which)
+        data_path = trained.recipe.data
+    view = stored_episode_view(data_path, split, shape or (trained.recipe.test_shape if trained else "5w1s15q"), index, trained)
+    console.print(f"wrote {plot_episode_grid(view, Path(out))}", highlight=False)
 
 
 # ---------------------------------------------------------------- info
