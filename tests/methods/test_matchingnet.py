@@ -75,6 +75,22 @@ def test_scores_are_log_probabilities_per_query_and_class(way: int, shot: int, q
     torch.testing.assert_close(scores.exp().sum(-1), torch.ones(query))
 
 
+def test_attention_scale_sharpens_the_attention_and_keeps_probabilities() -> None:
+    """Scale s multiplies the cosines before the softmax: scale 1 is the paper's attention, a larger scale puts
+    more weight on the most similar support image of each query."""
+    support, labels, query = random_episode(5, 1, 10)
+    paper, sharp = fresh(), fresh(attention_scale=10)
+    sharp.load_state_dict(paper.state_dict())
+    paper.eval(), sharp.eval()  # BatchNorm with running statistics: the backbone embeds images one by one
+    with torch.no_grad():
+        embedded_support, embedded_query = paper.backbone(support), paper.backbone(query)
+        cosine = F.normalize(embedded_query, dim=-1) @ F.normalize(embedded_support, dim=-1).T
+        for method, scale in ((paper, 1.0), (sharp, 10.0)):
+            scores = method(support, labels, query)
+            torch.testing.assert_close(scores, (scale * cosine).log_softmax(-1), rtol=1e-4, atol=1e-5)  # 1 shot: a class is an image
+    assert sharp(support, labels, query).max(-1).values.mean() > paper(support, labels, query).max(-1).values.mean()
+
+
 def test_default_cross_entropy_is_the_papers_negative_log_likelihood() -> None:
     """The step keeps Method's cross-entropy on the log-probabilities: same loss and gradients as nll_loss."""
     method = fresh()
@@ -126,6 +142,8 @@ def test_fce_export_is_refused_with_a_clear_error(fce_run: Path, tmp_path: Path)
         ("conv4", {"fce": True, "fce_steps": 0}, r"method_options.fce_steps must be a positive integer, got 0"),
         ("conv4", {"fce_steps": 3}, r"method_options.fce_steps applies only with 'fce: true'"),
         ("conv4", {"fce": "yes"}, r"method_options.fce must be true or false, got 'yes'"),
+        ("conv4", {"attention_scale": 0}, r"method_options.attention_scale must be a number in \(0, 40\], got 0"),
+        ("conv4", {"attention_scale": 100.0}, r"method_options.attention_scale must be a number in \(0, 40\], got 100.0"),
         ("conv4-relation", {}, r"keeps feature maps: use a flattening backbone"),
     ],
 )
