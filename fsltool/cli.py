@@ -404,7 +404,8 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
     check = report.verification
     if check is not None:
         click.echo(f"verified on {check.episodes} stored {check.shape} test episodes with ONNX Runtime ({check.provider}): "
-                   f"max |ONNX - PyTorch| = {check.max_abs_diff:.2e}, prediction agreement {100 * check.agreement:.2f}%")
+                   f"max |ONNX - PyTorch| = {check.max_abs_diff:.2e}, prediction agreement {100 * check.agreement:.2f}%, "
+                   f"ONNX accuracy {check.accuracy:.2f}%")
         if check.agreement < 0.999:
             raise FsltoolError(f"ONNX Runtime disagrees with PyTorch on {100 * (1 - check.agreement):.2f}% of queries")
     click.echo(f"ONNX model: {report.out_dir / 'classifier.onnx'}")

@@ -24,7 +24,7 @@ from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
 from fsltool.methods.base import ExportGraph
-from fsltool.runtime import create_session, session_provider
+from fsltool.runtime import OnnxModel, create_session
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Verification:
     max_abs_diff: float
     agreement: float  # fraction of queries with the same predicted class
     provider: str
+    accuracy: float  # % of queries the ONNX graph classifies right (the deployed model's accuracy)
 
 
 @dataclass
@@ -171,11 +172,11 @@ def export_run(
 def verify(trained: TrainedModel, onnx_path: Path, data_path: str, episodes: int, device: str = "auto") -> Verification:
     """Run the exported classifier under ONNX Runtime and the PyTorch method on the same stored test episodes."""
     shape = EpisodeShape.parse(trained.recipe.test_shape)
-    session = create_session(str(onnx_path), device)
+    model = OnnxModel(str(onnx_path), device)
     # Methods that adapt at test time export a fixed graph that is not their fine-tuned forward (MAML, Reptile:
     # the body as a prototype classifier): they name the PyTorch module the graph stands for.
     reference = getattr(trained.method, "exported_classifier", lambda: trained.method)().eval()
-    max_diff, agree, total = 0.0, 0, 0
+    max_diff, agree, correct, total = 0.0, 0, 0, 0
     with FewShotData(data_path) as data:
         support_idx, query_idx = data.stored_episodes("test", shape)
         count = min(episodes, len(support_idx))
@@ -183,9 +184,10 @@ def verify(trained: TrainedModel, onnx_path: Path, data_path: str, episodes: int
             episode = data.episode(s, q, shape)
             with torch.inference_mode():
                 expected = reference(episode.support, episode.support_labels, episode.query).numpy()
-            got = session.run(None, {"support": episode.support.numpy(), "support_labels": episode.support_labels.numpy(),
-                                     "query": episode.query.numpy()})[0]
+            got = model.run({"support": episode.support.numpy(), "support_labels": episode.support_labels.numpy(),
+                             "query": episode.query.numpy()})[0]
             max_diff = max(max_diff, float(np.abs(got - expected).max()))
             agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+            correct += int((got.argmax(-1) == episode.query_labels.numpy()).sum())
             total += len(got)
-    return Verification(count, str(shape), max_diff, agree / total, session_provider(session))
+    return Verification(count, str(shape), max_diff, agree / total, model.provider, 100 * correct / total)

@@ -87,7 +87,7 @@ def _predictions(names: list[str], queries: list[Path], scores: np.ndarray) -> l
 
 def predict_onnx(export_dir: str | Path, support: str, queries: list[str], device: str = "auto") -> tuple[list[Prediction], str]:
     """With an export folder (model.json + classifier.onnx): returns the predictions and the provider that ran."""
-    from fsltool.runtime import create_session, session_provider
+    from fsltool.runtime import OnnxModel
 
     folder = Path(export_dir)
     try:
@@ -97,12 +97,11 @@ def predict_onnx(export_dir: str | Path, support: str, queries: list[str], devic
     names, support_paths, labels = read_support(support)
     query_paths = read_queries(queries)
     try:
-        session = create_session(str(folder / "classifier.onnx"), device)
+        model = OnnxModel(str(folder / "classifier.onnx"), device)
     except Exception as error:  # ORT raises its own exception types for missing or foreign files
         raise FsltoolError(f"{folder / 'classifier.onnx'}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
-    scores = session.run(None, {"support": load_batch(support_paths, contract), "support_labels": labels,
-                                "query": load_batch(query_paths, contract)})[0]
-    return _predictions(names, query_paths, scores), session_provider(session)
+    scores = model.run({"support": load_batch(support_paths, contract), "support_labels": labels, "query": load_batch(query_paths, contract)})[0]
+    return _predictions(names, query_paths, scores), model.provider
 
 
 def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best") -> list[Prediction]:

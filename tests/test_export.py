@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from fsltool.checkpoint import load_trained
 from fsltool.errors import FsltoolError
 from fsltool.export import export_run
-from fsltool.runtime import create_session, session_provider
+from fsltool.runtime import OnnxModel, create_session, session_provider
 from tests.conftest import assert_exported_classifier_matches
 
 
@@ -29,7 +30,7 @@ def test_export_writes_onnx_torchscript_and_contract_and_verifies(exported: tupl
     assert {p.name for p in out.iterdir()} == {"embedding.onnx", "embedding.ts", "classifier.onnx", "classifier.ts", "model.json"}
     verification = report.verification  # type: ignore[attr-defined]
     assert verification.episodes == 10 and verification.agreement == 1.0 and verification.max_abs_diff < 1e-3
-    assert verification.provider == "CPUExecutionProvider"
+    assert verification.provider == "CPUExecutionProvider" and 20 <= verification.accuracy <= 100
     contract = json.loads((out / "model.json").read_text())
     assert contract["input_height"] == 28 and contract["input_channels"] == 1 and contract["method"] == "protonet"
     metadata = {p.key: p.value for p in onnx.load(out / "classifier.onnx").metadata_props}
@@ -52,6 +53,23 @@ def test_embedding_graph_has_dynamic_batch(exported: tuple[Path, object], traine
         with torch.inference_mode():
             expected = method.embed(images).numpy()
         np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_io_bound_runs_equal_plain_runs_and_chain_on_device(exported: tuple[Path, object]) -> None:
+    """OnnxModel binds inputs and outputs to the session's device: same scores as a plain run, and embeddings
+    kept on the device (OrtValues) feed the next call without a round trip through numpy."""
+    out, _ = exported
+    classifier, embedding = OnnxModel(str(out / "classifier.onnx"), "cpu"), OnnxModel(str(out / "embedding.onnx"), "cpu")
+    support, labels, query = (np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32), np.arange(5),
+                              np.random.default_rng(1).random((9, 1, 28, 28), dtype=np.float32))
+    feeds = {"support": support, "support_labels": labels, "query": query}
+    plain = create_session(str(out / "classifier.onnx"), "cpu").run(None, feeds)[0]
+    np.testing.assert_array_equal(classifier.run(feeds)[0], plain)
+    (on_device,) = embedding.run_on_device({"images": query})
+    assert on_device.device_name() == "cpu" and on_device.shape()[0] == 9
+    np.testing.assert_array_equal(on_device.numpy(), embedding.run({"images": query})[0])
+    # an OrtValue input (here a CPU one) is bound as it is, without a copy
+    np.testing.assert_array_equal(embedding.run({"images": ort.OrtValue.ortvalue_from_numpy(query)})[0], on_device.numpy())
 
 
 def test_runtime_never_imports_torch() -> None:
