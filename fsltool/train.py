@@ -126,14 +126,16 @@ class Window:
     correct: float = 0.0
     total: float = 0.0
     steps: int = 0
+    data_wait: float = 0.0  # seconds the loop waited for its episodes (what prefetching hides)
 
     def row(self, episode: int, now: float, lr: float, elapsed: float, skipped: int) -> dict[str, Any]:
-        """A metrics row; loss and accuracy are null when every meta-step of the window was skipped."""
+        """A metrics row; loss and accuracy are null when every meta-step of the window was skipped; data_wait_s is
+        per meta-step."""
         return {"episode": episode, "phase": "train",
                 "loss": self.loss / self.steps if self.steps else None,
                 "accuracy": 100 * self.correct / self.total if self.total else None,
                 "lr": lr, "episodes_per_s": (episode - self.start) / (now - self.began), "elapsed": elapsed,
-                "skipped_nonfinite": skipped}
+                "data_wait_s": self.data_wait / (episode - self.start), "skipped_nonfinite": skipped}
 
 
 def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
@@ -213,7 +215,9 @@ def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quie
     with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches):
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
+            waiting = time.perf_counter()
             batch = batches.next()
+            window.data_wait += time.perf_counter() - waiting
             running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)
             # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.

@@ -24,6 +24,7 @@ from fsltool.errors import BadImageError, FsltoolError
 
 DEFAULT_SHAPES = ("5w1s", "5w5s", "20w1s", "20w5s")
 CHUNK_BYTES = 64 * 1024
+BLOCK_BYTES = 32 * 2**20  # images decoded, written and summed per block: packing memory is bounded by this, not by a class
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def pack(
                     compression_opts=4,
                 )
                 starts, counts, splits_of = _write_images(listing, images, skip_bad, skipped, quiet)
+                _check_no_empty_class(listing, counts, skipped)
                 written = int(counts.sum())
                 images.resize(written, axis=0)
                 names = [spec.name for spec in listing.classes]
@@ -142,14 +144,16 @@ def pack(
 def _write_images(
     listing: SourceListing, images: h5py.Dataset, skip_bad: bool, skipped: list[str], quiet: bool
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode class by class into ``images`` (contiguous per class); returns the class index."""
+    """Decode class by class into ``images`` (contiguous per class), ``BLOCK_BYTES`` at a time; returns the class index."""
     starts = np.zeros(len(listing.classes), dtype=np.int64)
     counts = np.zeros(len(listing.classes), dtype=np.int64)
+    rows = _block_rows(images)
     position = 0
     with progress_bar(quiet=quiet) as progress:
         task = progress.add_task("packing images", total=images.shape[0])
         for index, spec in enumerate(listing.classes):
-            block = []
+            starts[index] = position
+            block: list[np.ndarray] = []
             for item in spec.items:
                 try:
                     array = listing.load(item)
@@ -163,27 +167,52 @@ def _write_images(
                         f"{listing.describe(item)}: image of shape {array.shape}, expected {tuple(images.shape[1:])}"
                     )
                 block.append(array)
-            if block:
-                images[position : position + len(block)] = np.stack(block)
-            starts[index], counts[index] = position, len(block)
-            position += len(block)
-            progress.advance(task, len(spec.items))
+                if len(block) == rows:
+                    position = _flush(images, block, position)
+                progress.advance(task)
+            position = _flush(images, block, position)
+            counts[index] = position - starts[index]
     return starts, counts, [spec.split for spec in listing.classes]
+
+
+def _check_no_empty_class(listing: SourceListing, counts: np.ndarray, skipped: list[str]) -> None:
+    """A class without images cannot supply any episode: refuse it now rather than when training samples it."""
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        spec = listing.classes[int(empty[0])]
+        after = " left after skipping unreadable ones" if skipped else ""
+        more = f" ({len(empty)} such classes)" if len(empty) > 1 else ""
+        raise FsltoolError(f"class {spec.name!r} ({spec.split}) has no images{after}{more}")
+
+
+def _block_rows(images: h5py.Dataset) -> int:
+    return max(1, BLOCK_BYTES // int(np.prod(images.shape[1:])))
+
+
+def _flush(images: h5py.Dataset, block: list[np.ndarray], position: int) -> int:
+    """Write ``block`` at ``position`` and empty it; returns the next position."""
+    if block:
+        images[position : position + len(block)] = np.stack(block)
+        position += len(block)
+        block.clear()
+    return position
 
 
 def _train_statistics(
     images: h5py.Dataset, starts: np.ndarray, counts: np.ndarray, train_classes: np.ndarray
 ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the training images in [0, 1], streamed class by class."""
+    """Per-channel mean and std of the training images in [0, 1], streamed in blocks of ``BLOCK_BYTES`` as float64."""
     channels = images.shape[1]
     total = np.zeros(channels)
     squares = np.zeros(channels)
     n = 0
+    rows = max(1, _block_rows(images) // 8)
     for cls in train_classes:
-        block = images[starts[cls] : starts[cls] + counts[cls]].astype(np.float64) / 255.0
-        total += block.sum(axis=(0, 2, 3))
-        squares += (block**2).sum(axis=(0, 2, 3))
-        n += block.shape[0] * block.shape[2] * block.shape[3]
+        for first in range(starts[cls], starts[cls] + counts[cls], rows):
+            block = images[first : min(first + rows, starts[cls] + counts[cls])].astype(np.float64) / 255.0
+            total += block.sum(axis=(0, 2, 3))
+            squares += (block**2).sum(axis=(0, 2, 3))
+            n += block.shape[0] * block.shape[2] * block.shape[3]
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(squares / max(n, 1) - mean**2, 1e-12))
     return mean.tolist(), std.tolist()
