@@ -96,6 +96,8 @@ def load_trained(run: str | Path, which: str = "best") -> TrainedModel:
         method.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as error:
         raise FsltoolError(f"{path}: checkpoint does not match its method ({str(error).splitlines()[0]})") from None
+    except FsltoolError as error:  # a method or backbone that refuses the checkpoint's configuration
+        raise FsltoolError(f"{path}: {error}") from None
     method.eval()
     return TrainedModel(method, recipe_from_dict(state["recipe"]), config, state, path)
 

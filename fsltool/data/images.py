@@ -18,7 +18,11 @@ def convert_image(
     """Return a uint8 (C, H, W) array: ``channels`` 1 (grey) or 3 (RGB), square ``size`` by LANCZOS.
 
     ``rotation`` is counter-clockwise degrees (a multiple of 90, lossless); ``invert`` makes dark ink high.
+    16-bit and floating-point images are refused (ValueError): Pillow's conversion to 8 bits clips their values
+    rather than scaling them, so a 16-bit scan would silently become an almost white image.
     """
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise ValueError(f"16-bit or floating-point pixels (mode {image.mode}); convert the images to 8 bits per channel")
     image = image.convert("L" if channels == 1 else "RGB")
     if rotation % 360:
         image = image.rotate(rotation)

@@ -125,6 +125,20 @@ class ImageFileLoader:
         return array
 
 
+def _first_readable_size(classes: list[ClassSpec]) -> tuple[int, int]:
+    """(width, height) of the first image whose header reads: an unreadable one is for the packer to report, or
+    to skip under --skip-bad, not a reason to stop listing. Raises for the first image when none reads."""
+    first: BadImageError | None = None
+    for item in (item for spec in classes for item in spec.items):
+        try:
+            with Image.open(str(item)) as image:
+                return image.size
+        except (OSError, SyntaxError, ValueError) as error:
+            first = first or BadImageError(str(item), str(error) or type(error).__name__)
+    assert first is not None  # classes hold at least one item
+    raise first
+
+
 def image_file_listing(
     classes: list[ClassSpec], *, channels: int, size: int | None, provenance: dict[str, Any]
 ) -> SourceListing:
@@ -134,12 +148,7 @@ def image_file_listing(
     sets ``image_shape`` and ``load`` refuses any image of another size.
     """
     if size is None:
-        first = str(classes[0].items[0])
-        try:
-            with Image.open(first) as image:
-                width, height = image.size
-        except (OSError, SyntaxError, ValueError) as error:
-            raise BadImageError(first, str(error) or type(error).__name__) from None
+        width, height = _first_readable_size(classes)
     else:
         width = height = size
     shape = (channels, height, width)
