@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -14,6 +15,13 @@ from fsltool import __version__
 from fsltool.errors import FsltoolError
 
 SHAPES_HELP = "comma-separated episode shapes to store, e.g. 5w1s,5w5s,20w1s,20w5s"
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="no progress bar or messages on stderr; results still on stdout")
+json_option = click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout (for scripts)")
+
+
+def _echo_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, default=str))
 
 
 class FsltoolGroup(click.Group):
@@ -32,7 +40,10 @@ class FsltoolGroup(click.Group):
 @click.group(cls=FsltoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fsltool")
 def main() -> None:
-    """Few-shot classification by meta-learning: prepare -> meta-train -> evaluate -> export."""
+    """Few-shot classification by meta-learning: prepare -> meta-train -> evaluate -> export.
+
+    Example: fsltool meta-train omniglot/protonet-5w1s
+    """
     from fsltool.platform_tuning import tune_allocator
 
     tune_allocator()
@@ -51,7 +62,8 @@ def _episode_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
         click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
         click.option("--force", is_flag=True, help="replace OUT if it exists"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress bar"),
+        quiet_option,
+        json_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -59,7 +71,7 @@ def _episode_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, query: int, episodes: int,
-                 episode_seed: int, episode_splits: str, skip_bad: bool, force: bool, quiet: bool) -> None:
+                 episode_seed: int, episode_splits: str, skip_bad: bool, force: bool, quiet: bool, as_json: bool) -> None:
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.pack import EpisodePlan, pack
@@ -72,7 +84,11 @@ def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, quer
         episodes=episodes,
         seed=episode_seed,
     )
-    report = pack(listing_factory(), out, plan, skip_bad=skip_bad, overwrite=force, quiet=quiet)
+    report = pack(listing_factory(), out, plan, skip_bad=skip_bad, overwrite=force, quiet=quiet or as_json)
+    if as_json:
+        _echo_json({"path": report.path, "images": report.images, "classes": report.classes,
+                    "splits": report.split_classes, "skipped": report.skipped})
+        return
     splits = ", ".join(f"{name} {count}" for name, count in report.split_classes.items())
     skipped = f"; skipped {len(report.skipped)} unreadable images" if report.skipped else ""
     if not quiet:
@@ -93,7 +109,10 @@ def _ratios(text: str) -> tuple[float, float, float]:
 
 @main.group()
 def prepare() -> None:
-    """Pack a dataset into one HDF5 file with its class splits and stored evaluation episodes."""
+    """Pack a dataset into one HDF5 file with its class splits and stored evaluation episodes.
+
+    Example: fsltool prepare omniglot ../shared/data/omniglot data/omniglot.h5
+    """
 
 
 @prepare.command("synthetic")
@@ -203,8 +222,9 @@ def _check_recipe(recipe: str, loaded: Any) -> None:
 @click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
 @click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
 @click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool) -> None:
+@quiet_option
+@json_option
+def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool) -> None:
     """Meta-train the method a RECIPE (a file, or a built-in name) names; KEY=VALUE arguments override its keys.
 
     Example: fsltool meta-train recipes/omniglot/protonet-5w1s.yaml train.episodes=2000 output=runs/try
@@ -215,8 +235,14 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
         return
     from fsltool.train import meta_train
 
-    result = meta_train(loaded, resume=resume, force=force, quiet=quiet)
-    if result.writer:  # under torchrun, rank 0 alone validated and wrote the run
+    result = meta_train(loaded, resume=resume, force=force, quiet=quiet or as_json)
+    if not result.writer:  # under torchrun, rank 0 alone validated and wrote the run
+        return
+    if as_json:
+        _echo_json({"run": str(result.run_dir), "episodes": result.episodes, "seconds": round(result.seconds, 1),
+                    "best_validation": {"accuracy": result.best_accuracy, "ci95": result.best_ci95, "episode": result.best_episode},
+                    "skipped_nonfinite": result.skipped_nonfinite})
+    else:
         click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
 
 
@@ -229,7 +255,7 @@ def recipes() -> None:
 
 
 @recipes.command("list")
-@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+@json_option
 def recipes_list(as_json: bool) -> None:
     """The built-in recipes by name, with what each trains.
 
@@ -239,7 +265,7 @@ def recipes_list(as_json: bool) -> None:
 
     found = list_recipes()
     if as_json:
-        click.echo(json.dumps([{"name": r.name, "path": str(r.path), "summary": r.summary} for r in found], indent=2))
+        _echo_json([{"name": r.name, "path": str(r.path), "summary": r.summary} for r in found])
         return
     from rich.table import Table
 
@@ -317,8 +343,9 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
 @click.option("--untrained", is_flag=True, help="evaluate the run's network as initialised, before meta-training (a baseline)")
 @click.option("--by-instance", is_flag=True, help="accuracy by instance number on labelled sequences, 10 images per class (mann)")
+@quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
-             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool) -> None:
+             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -349,11 +376,12 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if json_out == "-":
         _write_json("-", payload)
         return
-    table = Table(title=f"{trained.config['method']} on {data.path}")
-    for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
-        table.add_column(column)
-    table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
-    console.print(table)
+    if not quiet:
+        table = Table(title=f"{trained.config['method']} on {data.path}")
+        for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
+            table.add_column(column)
+        table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
+        console.print(table)
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
                f"{'transductive' if result.transductive else 'non-transductive'})")
     if json_out:
@@ -390,7 +418,9 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, str], json_out
 @click.option("--verify-episodes", default=100, show_default=True, help="stored test episodes to check ONNX Runtime against PyTorch on (0: skip)")
 @click.option("--data", "data_path", default=None, help="data file for verification (default: the recipe's)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="ONNX Runtime device for verification")
-def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data_path: str | None, device: str) -> None:
+@quiet_option
+@json_option
+def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data_path: str | None, device: str, quiet: bool, as_json: bool) -> None:
     """Export a trained RUN to ONNX (dynamic way/shot/query) and TorchScript, then verify under ONNX Runtime.
 
     Example: fsltool export runs/protonet-omniglot-5w1s --out models/protonet
@@ -399,15 +429,19 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
     from fsltool.export import export_run
 
     report = export_run(run, out_dir, which=which, data_path=data_path, verify_episodes=verify_episodes, device=device)
-    for path in report.files:
-        console.print(f"wrote {path}", highlight=False)
     check = report.verification
+    if check is not None and check.agreement < 0.999:
+        raise FsltoolError(f"ONNX Runtime disagrees with PyTorch on {100 * (1 - check.agreement):.2f}% of queries")
+    if as_json:
+        _echo_json({"out": str(report.out_dir), "files": [str(p) for p in report.files],
+                    "verification": dataclasses.asdict(check) if check is not None else None})
+        return
+    for path in report.files if not quiet else ():
+        console.print(f"wrote {path}", highlight=False)
     if check is not None:
         click.echo(f"verified on {check.episodes} stored {check.shape} test episodes with ONNX Runtime ({check.provider}): "
                    f"max |ONNX - PyTorch| = {check.max_abs_diff:.2e}, prediction agreement {100 * check.agreement:.2f}%, "
                    f"ONNX accuracy {check.accuracy:.2f}%")
-        if check.agreement < 0.999:
-            raise FsltoolError(f"ONNX Runtime disagrees with PyTorch on {100 * (1 - check.agreement):.2f}% of queries")
     click.echo(f"ONNX model: {report.out_dir / 'classifier.onnx'}")
 
 
@@ -420,8 +454,9 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run folder")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="with an export folder")
-@click.option("--json", "as_json", is_flag=True, help="print the predictions as JSON")
-def predict(model: str, support: str, queries: tuple[str, ...], which: str, device: str, as_json: bool) -> None:
+@json_option
+@quiet_option
+def predict(model: str, support: str, queries: tuple[str, ...], which: str, device: str, as_json: bool, quiet: bool) -> None:
     """Classify QUERIES (images or folders) from a SUPPORT folder (one sub-folder of images per class).
 
     MODEL is an export folder (ONNX Runtime alone, no torch needed) or a run folder / checkpoint (PyTorch).
@@ -439,6 +474,8 @@ def predict(model: str, support: str, queries: tuple[str, ...], which: str, devi
         return
     for p in predictions:
         click.echo(f"{p.query}\t{p.label}\t{p.probability:.4f}")
+    if quiet:
+        return
     from fsltool.console import console
 
     console.print(f"{len(predictions)} queries classified with {provider}", highlight=False)
@@ -458,7 +495,8 @@ def plot() -> None:
 @plot.command("curves")
 @click.argument("run", type=click.Path())
 @click.option("--out", default=None, help="PNG file (default: RUN/curves.png)")
-def plot_curves(run: str, out: str | None) -> None:
+@quiet_option
+def plot_curves(run: str, out: str | None, quiet: bool) -> None:
     """Loss and accuracy against episodes, and validation accuracy against wall time, of a RUN folder.
 
     Example: fsltool plot curves runs/omniglot/protonet-5w1s --out curves.png
@@ -466,7 +504,9 @@ def plot_curves(run: str, out: str | None) -> None:
     from fsltool.console import console
     from fsltool.plots import plot_learning_curves
 
-    console.print(f"wrote {plot_learning_curves(run, out)}", highlight=False)
+    written = plot_learning_curves(run, out)
+    if not quiet:
+        console.print(f"wrote {written}", highlight=False)
 
 
 @plot.command("episode")
@@ -476,7 +516,8 @@ def plot_curves(run: str, out: str | None) -> None:
 @click.option("--index", default=0, show_default=True, help="which stored episode")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run")
 @click.option("--out", default="episode.png", show_default=True, help="PNG file")
-def plot_episode(target: str, split: str, shape: str | None, index: int, which: str, out: str) -> None:
+@quiet_option
+def plot_episode(target: str, split: str, shape: str | None, index: int, which: str, out: str, quiet: bool) -> None:
     """A stored episode as a grid: one row per class, support then queries. TARGET is a data file, or a run
     folder / checkpoint whose predictions frame each query green (right) or red (wrong).
 
@@ -493,7 +534,9 @@ def plot_episode(target: str, split: str, shape: str | None, index: int, which: 
         trained = load_trained(target, which)
         data_path = trained.recipe.data
     view = stored_episode_view(data_path, split, shape or (trained.recipe.test_shape if trained else "5w1s15q"), index, trained)
-    console.print(f"wrote {plot_episode_grid(view, Path(out))}", highlight=False)
+    written = plot_episode_grid(view, Path(out))
+    if not quiet:
+        console.print(f"wrote {written}", highlight=False)
 
 
 # ---------------------------------------------------------------- info
@@ -501,7 +544,7 @@ def plot_episode(target: str, split: str, shape: str | None, index: int, which: 
 
 @main.command()
 @click.argument("target", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="print as JSON")
+@json_option
 def info(target: str, as_json: bool) -> None:
     """Describe a data file, a run folder or checkpoint, or an exported model (folder or .onnx).
 
@@ -511,7 +554,7 @@ def info(target: str, as_json: bool) -> None:
 
     details = describe(target)
     if as_json:
-        click.echo(json.dumps(details, indent=2, default=str))
+        _echo_json(details)
         return
     from rich.pretty import Pretty
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -78,7 +79,7 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
         (["prepare", "synthetic", "{tmp}/out.h5", "--classes", "40", "--shapes", "5w19s"], "fewer than shot + query"),
         (["prepare", "synthetic", "{tmp}/out.h5", "--shapes", "5w1x"], "not of the form"),
         (["prepare", "synthetic", "{tmp}/missing/out.h5"], "output folder does not exist"),
-        (["meta-train", "{tmp}/missing.yaml"], "cannot read recipe"),
+        (["meta-train", "{tmp}/missing.yaml"], "missing.yaml: no such recipe file, nor a built-in recipe"),
         (["meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), "train.lr=fast"], "'train.lr'"),
         (["meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), "data={tmp}/none.h5"], "none.h5: data file not found"),
         (["evaluate", "{tmp}/no-run"], "no such run folder"),
@@ -94,6 +95,40 @@ def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path: Path, args: lis
     assert message in " ".join(err.split()), err
     assert err.strip().startswith("error:") and "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    found: list[tuple[tuple[str, ...], click.Command]] = []
+    for name, command in group.commands.items():
+        found.append(((*prefix, name), command))
+        if isinstance(command, click.Group):
+            found += _commands(command, (*prefix, name))
+    return found
+
+
+@pytest.mark.parametrize(("path", "command"), _commands(main), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_every_command_help_shows_an_example(path: tuple[str, ...], command: click.Command) -> None:
+    code, out, _ = run(*path, "--help")
+    assert code == 0 and "Example: fsltool " in out
+
+
+def test_json_and_quiet_for_scripts(trained_run: Path, tmp_path: Path) -> None:
+    code, out, err = run("prepare", "synthetic", str(tmp_path / "s.h5"), "--classes", "30", "--shapes", "5w1s", "--query", "5",
+                         "--episodes", "5", "--json")
+    assert code == 0 and json.loads(out)["classes"] == 30 and err == ""
+    code, out, err = run("evaluate", str(trained_run), "--quiet")
+    assert code == 0 and err == "" and out.startswith("accuracy ")
+    code, out, err = run("export", str(trained_run), "--out", str(tmp_path / "export"), "--verify-episodes", "3", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["verification"]["agreement"] == 1.0 and 0 <= report["verification"]["accuracy"] <= 100
+    assert {Path(p).name for p in report["files"]} >= {"classifier.onnx", "embedding.onnx", "model.json"}
+    code, out, err = run("export", str(trained_run), "--out", str(tmp_path / "export"), "--verify-episodes", "0", "-q")
+    assert code == 0 and err == "" and out.strip().endswith("classifier.onnx")
+    code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={tmp_path / 's.h5'}",
+                         f"output={tmp_path / 'run'}", "train.episodes=2", "train.shape=5w1s5q", "validation.every=2",
+                         "validation.episodes=5", "validation.shape=5w1s5q", "test_shape=5w1s5q", "--json")
+    assert code == 0 and err == "" and json.loads(out)["episodes"] == 2
 
 
 def test_python_dash_m_and_version() -> None:
