@@ -136,7 +136,11 @@ def join(device: torch.device = torch.device("cpu")) -> Group:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Group()
-    rank = int(os.environ["RANK"])
-    if not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device.type], rank=rank, world_size=world)
+    try:
+        rank = int(os.environ["RANK"])
+        if not dist.is_initialized():
+            dist.init_process_group(BACKENDS[device.type], rank=rank, world_size=world)
+    except (KeyError, ValueError, RuntimeError) as error:  # WORLD_SIZE set without torchrun's other variables
+        reason = f"{error} is not set" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise FsltoolError(f"WORLD_SIZE={world}: cannot join the process group ({reason}); launch with torchrun") from None
     return Group(rank, world)

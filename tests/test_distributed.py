@@ -91,3 +91,18 @@ def test_a_meta_batch_that_does_not_divide_among_the_processes_is_refused() -> N
     assert Group(1, 2).share(4) == range(2, 4)
     with pytest.raises(FsltoolError, match=r"'train.meta_batch': 3 episodes do not divide among 2 processes"):
         Group(0, 2).share(3)
+
+
+def test_world_size_without_torchrun_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsltool.distributed import join
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(FsltoolError, match="WORLD_SIZE=2: cannot join the process group .*launch with torchrun"):
+        join()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(FsltoolError, match="MASTER_ADDR"):
+        join()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join() == Group()
