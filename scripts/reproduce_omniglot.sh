@@ -1,37 +1,49 @@
 #!/usr/bin/env bash
-# Reproduce the Omniglot table: prepare the Vinyals split from ../shared/data/omniglot, meta-train
-# Prototypical Networks, evaluate on the 600 stored test episodes of each setting, write results/omniglot.md.
+# Reproduce the Omniglot table: prepare the Vinyals split from ../shared/data/omniglot, meta-train each metric
+# method, evaluate on the SAME 600 stored test episodes of each setting, write results/omniglot.md.
 #
-#   bash scripts/reproduce_omniglot.sh                 # the four recipes at their full budget
-#   EPISODES_1SHOT=5000 EPISODES_5SHOT=3000 bash scripts/reproduce_omniglot.sh   # the README's budget
+#   bash scripts/reproduce_omniglot.sh                        # all methods, all settings, the recipes' budgets
+#   METHODS=relationnet SETTINGS="5w5s 20w1s" EPISODES=2000 bash scripts/reproduce_omniglot.sh
+#   METHODS=protonet EPISODES_1SHOT=5000 EPISODES_5SHOT=3000 bash scripts/reproduce_omniglot.sh   # README budget
 #
-# Snell et al. train one model per shot with 60-way episodes and test it at 5 and 20 ways; so does this
-# script when SHARE_WAYS=1 (default): the 5w1s recipe's model is evaluated at 5w1s and 20w1s, the 5w5s
-# recipe's at 5w5s and 20w5s. SHARE_WAYS=0 trains all four recipes.
+# EPISODES overrides train.episodes for every recipe; EPISODES_1SHOT / EPISODES_5SHOT only for that shot.
+# Snell et al. train one Prototypical Network per shot with 60-way episodes and test it at 5 and 20 ways; so
+# does this script when SHARE_WAYS=1 (default): protonet-5w1s is evaluated at 5w1s and 20w1s, protonet-5w5s at
+# 5w5s and 20w5s. SHARE_WAYS=0 trains all four protonet recipes. The other methods train one model per setting,
+# as their papers do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FSLTOOL=${FSLTOOL:-.venv/bin/fsltool}
 OMNIGLOT=${OMNIGLOT:-../shared/data/omniglot}
+METHODS=${METHODS:-protonet relationnet matchingnet}
+SETTINGS=${SETTINGS:-5w1s 5w5s 20w1s 20w5s}
 SHARE_WAYS=${SHARE_WAYS:-1}
 mkdir -p data results
 [ -f data/omniglot.h5 ] || "$FSLTOOL" prepare omniglot "$OMNIGLOT" data/omniglot.h5
 
-train() {  # recipe episodes
-  local extra=()
-  [ -n "$2" ] && extra+=("train.episodes=$2")
-  "$FSLTOOL" meta-train "recipes/omniglot/protonet-$1.yaml" "${extra[@]}" --force --quiet
+budget() {  # setting -> train.episodes override, or nothing
+  local shot=${1#*w} episodes=${EPISODES:-}
+  [ "$shot" = 1s ] && episodes=${EPISODES_1SHOT:-$episodes}
+  [ "$shot" = 5s ] && episodes=${EPISODES_5SHOT:-$episodes}
+  [ -n "$episodes" ] && echo "train.episodes=$episodes"
+  return 0
 }
-train 5w1s "${EPISODES_1SHOT:-}"
-train 5w5s "${EPISODES_5SHOT:-}"
-if [ "$SHARE_WAYS" = 0 ]; then
-  train 20w1s "${EPISODES_1SHOT:-}"
-  train 20w5s "${EPISODES_5SHOT:-}"
-fi
-for setting in 5w1s 5w5s 20w1s 20w5s; do
-  shot=${setting#*w}
-  run=runs/omniglot/protonet-$setting
-  [ "$SHARE_WAYS" = 1 ] && run=runs/omniglot/protonet-5w$shot
-  "$FSLTOOL" evaluate "$run" --shape "$setting" --json "results/omniglot-protonet-$setting.json"
+
+trained_by() {  # method setting -> the recipe whose model is evaluated at that setting
+  if [ "$1" = protonet ] && [ "$SHARE_WAYS" = 1 ]; then echo "protonet-5w${2#*w}"; else echo "$1-$2"; fi
+}
+
+for method in $METHODS; do
+  trained=" "
+  for setting in $SETTINGS; do
+    recipe=$(trained_by "$method" "$setting")
+    if [[ "$trained" != *" $recipe "* ]]; then
+      # shellcheck disable=SC2046  # budget prints zero or one word
+      "$FSLTOOL" meta-train "recipes/omniglot/$recipe.yaml" $(budget "$setting") --force --quiet
+      trained="$trained$recipe "
+    fi
+    "$FSLTOOL" evaluate "runs/omniglot/$recipe" --shape "$setting" --json "results/omniglot-$method-$setting.json"
+  done
 done
 .venv/bin/python scripts/results_table.py results > results/omniglot.md
 cat results/omniglot.md
