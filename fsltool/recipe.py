@@ -26,7 +26,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    lr_step: int = 2000  # multiply lr by lr_gamma every lr_step episodes (0: constant)
+    lr_schedule: str = "step"  # step: lr_step / lr_gamma below | linear: lr * (1 - done / train.episodes), to 0 at the end
+    lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step episodes (0: constant)
     lr_gamma: float = 0.5
     log_every: int = 50
     keep_checkpoints: int = 3  # episode-numbered checkpoints kept beside last.pt and best.pt (0: none)
@@ -59,6 +60,7 @@ class Recipe:
 
 
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("step", "linear")
 NONFINITE_POLICIES = ("stop", "skip")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed).
@@ -202,6 +204,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'train.keep_checkpoints' must be >= 0, got {recipe.train.keep_checkpoints}")
     if recipe.train.on_nonfinite not in NONFINITE_POLICIES:
         raise FsltoolError(f"{where}: recipe key 'train.on_nonfinite': {recipe.train.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
+    if recipe.train.lr_schedule not in LR_SCHEDULES:
+        raise FsltoolError(f"{where}: recipe key 'train.lr_schedule': {recipe.train.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     if recipe.train.optimizer not in OPTIMIZERS:
         raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     get_method(recipe.method)

@@ -39,12 +39,21 @@ class TrainResult:
     writer: bool  # this process wrote the run folder (the only one that has validation results under torchrun)
 
 
-def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The outer optimizer and its schedule, stepped once per episode (meta-step).
+
+    ``linear`` is Reptile's annealing (Nichol et al.): meta-step i of E (0-based) uses lr * (1 - i / E), reaching 0
+    after the last. It follows the recipe's ``train.episodes``: a run resumed with the same value continues the
+    schedule exactly; one resumed with more episodes continues on the longer line from where it stands (its lr
+    rises to lr * (1 - done / new total)), as if it had been planned that long."""
     train = recipe.train
     if train.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(method.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     else:
         optimizer = torch.optim.SGD(method.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    if train.lr_schedule == "linear":
+        episodes = train.episodes
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: max(0.0, 1 - done / episodes))
     if train.lr_step == 0:  # constant learning rate
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_step, gamma=train.lr_gamma)

@@ -34,6 +34,7 @@ def test_base_merge_and_overrides(tmp_path: Path) -> None:
         ("data: d\noutput: o\ntrain:\n  episodes: 1.5\n", [], r"'train.episodes': expected int"),
         ("data: d\noutput: o\ntrain:\n  episodes: 0\n", [], r"'train.episodes' must be positive"),
         ("data: d\noutput: o\ntrain:\n  shape: 5way\n", [], r"'train.shape'"),
+        ("data: d\noutput: o\n", ["train.lr_schedule=cosine"], r"'train.lr_schedule': 'cosine' is not one of step, linear"),
         ("data: d\noutput: o\nmethod: protonett\n", [], r"unknown method 'protonett'"),
         ("data: d\noutput: o\nbackbone: conv5\n", [], r"unknown backbone 'conv5' \(did you mean 'conv4'\?\)"),
         ("data: d\noutput: o\nmethod_options:\n  distance: cosine\n", [], r"method 'protonet' has no option 'distance'"),

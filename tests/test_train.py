@@ -155,3 +155,20 @@ def test_prefetch_changes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
     plain, prefetched = parameters(tmp_path / "plain"), parameters(tmp_path / "prefetched")
     for key in plain:
         assert torch.equal(plain[key], prefetched[key]), key
+
+
+def test_linear_schedule_falls_to_zero_and_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> None:
+    """train.lr_schedule=linear (Reptile's annealing): the lr after episode e of E is lr * (1 - e / E), 0 at the end;
+    a run resumed from its episode-4 checkpoint ends with exactly the parameters of the uninterrupted run."""
+    meta_train(quick_recipe(synthetic_file, tmp_path / "straight", episodes=8, log_every=1, lr=0.01, lr_schedule="linear"), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows if row["phase"] == "train"] == pytest.approx([0.01 * (1 - e / 8) for e in range(1, 9)], abs=1e-12)
+    recipe = quick_recipe(synthetic_file, tmp_path / "resumed", episodes=8, lr=0.01, lr_schedule="linear", keep_checkpoints=2)
+    meta_train(recipe, quiet=True)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
+    meta_train(recipe, quiet=True, resume=True)
+    straight, resumed = parameters(tmp_path / "straight"), parameters(tmp_path / "resumed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert load_checkpoint(checkpoints / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0

@@ -181,4 +181,4 @@ def test_shipped_recipes_make_the_loops_step_the_reptile_update(path: Path) -> N
     train = recipe.train
     assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.0, 0.0)
     assert EpisodeShape.parse(train.shape).per_class == 10  # the reference's 10 training shots per class
-    assert train.lr_step * 4 == train.episodes  # the StepLR stand-in for linear annealing: halve every quarter
+    assert train.lr_schedule == "linear"  # the paper's epsilon, annealed linearly to 0
