@@ -119,6 +119,20 @@ def _accuracies_from_embeddings(
     return torch.cat(accuracies).numpy()
 
 
+def episode_indices(
+    data: FewShotData, split: str, shape: EpisodeShape, episodes: int | None, sample_seed: int | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Support and query index arrays of the episodes ``evaluate`` runs, and where they come from."""
+    if sample_seed is None:
+        support, query = data.stored_episodes(split, shape)
+        if episodes is not None:
+            support, query = support[:episodes], query[:episodes]
+        return support, query, "stored"
+    sampler = data.sampler(split, shape, torch.Generator().manual_seed(sample_seed))
+    support, query = (a.astype(np.int64) for a in draw_episodes(sampler, episodes or 600))
+    return support, query, f"sampled (seed {sample_seed})"
+
+
 def evaluate(
     method: Method,
     data: FewShotData,
@@ -130,14 +144,6 @@ def evaluate(
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
     ``sample_seed`` when given (any shape the split can supply)."""
-    if sample_seed is None:
-        support, query = data.stored_episodes(split, shape)
-        if episodes is not None:
-            support, query = support[:episodes], query[:episodes]
-        origin = "stored"
-    else:
-        sampler = data.sampler(split, shape, torch.Generator().manual_seed(sample_seed))
-        support, query = (a.astype(np.int64) for a in draw_episodes(sampler, episodes or 600))
-        origin = f"sampled (seed {sample_seed})"
+    support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
     accuracies = episode_accuracies(method, data, shape, support, query)
     return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)))

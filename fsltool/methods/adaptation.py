@@ -35,7 +35,7 @@ from torch import nn
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, StepOutput, classifier_graph, embedding_graph, option_error, require_positive_int
+from fsltool.methods.base import ExportGraph, Method, StepOutput, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
 from fsltool.methods.protonet import prototype_scores
 from fsltool.models.backbones import Backbone
 
@@ -282,11 +282,6 @@ class AdaptiveMethod(Method):
             "embedding": embedding_graph(classifier.body, example),
             "classifier": classifier_graph(classifier, example),
         }
-
-
-def require_bool(method: str, key: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise option_error(method, key, f"must be true or false, got {value!r}")
 
 
 def require_positive_float(method: str, key: str, value: object) -> float:

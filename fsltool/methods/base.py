@@ -128,6 +128,12 @@ def option_error(method: str, key: str, problem: str) -> FsltoolError:
     return FsltoolError(f"method {method!r}: method_options.{key} {problem}")
 
 
+def require_bool(method: str, key: str, value: object) -> None:
+    """YAML's ``yes``/``1``/``"true"`` are not booleans to the method: refuse them rather than guess."""
+    if not isinstance(value, bool):
+        raise option_error(method, key, f"must be true or false, got {value!r}")
+
+
 def require_positive_int(method: str, key: str, value: object) -> None:
     """Recipe values arrive as parsed YAML, unchecked: a string or a bool must not reach a layer size."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

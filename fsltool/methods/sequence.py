@@ -1,0 +1,101 @@
+"""What the model-based methods (MANN, SNAIL) share: an episode read as a sequence of (embedding, one-hot label)
+steps by a network with a fixed number of label slots, the method option ``way``.
+
+Each image is embedded alone by the recipe's backbone, so evaluation embeds every image once and scores whole
+batches of episodes at a time. The support set is the labelled part of the sequence and every query is the next
+step after it, scored from the support alone: queries never see each other (no transduction at test time).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from fsltool.data.episodes import Episode
+from fsltool.errors import FsltoolError
+from fsltool.methods.base import (
+    ExportGraph,
+    Method,
+    StepOutput,
+    class_onehot,
+    classifier_graph,
+    embedding_graph,
+    option_error,
+    require_positive_int,
+)
+from fsltool.models.backbones import Backbone
+
+
+def first_columns(scores: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
+    """(..., W) -> (..., way): the first ``way`` label slots, as a product with a 0/1 matrix rather than a slice,
+    so ``way`` may be a tensor computed from the labels (dynamic way in the exported graph, as class_onehot)."""
+    slots = torch.arange(scores.shape[-1], device=scores.device)
+    return scores @ class_onehot(slots, way, scores.dtype)
+
+
+class SequenceMethod(Method):
+    """A sequence model over (embedding, label) steps with ``way`` label slots: episodes of up to ``way`` classes."""
+
+    embeds_independently = True
+
+    def __init__(self, backbone: Backbone, way: int) -> None:
+        super().__init__(backbone)
+        if not backbone.flatten:
+            raise FsltoolError(
+                f"method {self.name!r} reads embedding vectors, but the recipe's backbone keeps feature maps: "
+                "use a flattening backbone (e.g. 'backbone: conv4') or drop 'flatten: false' from backbone_options"
+            )
+        require_positive_int(self.name, "way", way)
+        if way < 2:
+            raise option_error(self.name, "way", f"must be at least 2 (the episodes' way), got {way}")
+        self.way = way
+        self.embedding_size = backbone.out_channels  # the flattened embedding on images the backbone maps to 1x1
+
+    @abstractmethod
+    def query_logits(self, support: torch.Tensor, support_onehot: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """(E, S, D) support embeddings, (E, S, way slots) their one-hot labels, (E, Q, D) queries -> (E, Q, slots),
+        each query scored as the step after the support sequence, independently of the other queries."""
+
+    def check_episode(self, embedding_size: int, way: int | torch.Tensor) -> None:
+        """Eager runs only: an exported graph takes way from the label values and cannot raise."""
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return
+        if embedding_size != self.embedding_size:
+            raise FsltoolError(
+                f"method {self.name!r}: the backbone gives {embedding_size}-d embeddings but the sequence model reads "
+                f"{self.embedding_size}-d ones (its channel count): use images the backbone reduces to 1x1 maps (28x28 for conv4)"
+            )
+        if int(way) > self.way:
+            raise FsltoolError(
+                f"method {self.name!r}: the episode is {int(way)}-way but the model has method_options.way = {self.way} "
+                "label slots; train a model with way at least the episodes' way"
+            )
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
+        way = support_labels.max() + 1
+        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
+
+    def scores_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
+    ) -> torch.Tensor:
+        self.check_episode(support.shape[-1], way)
+        logits = self.query_logits(support, class_onehot(support_labels, self.way, support.dtype), query)
+        return first_columns(logits, way)
+
+    def step(self, episode: Episode) -> StepOutput:
+        """Cross-entropy on the queries, with the support set in a new random order every time: a sequence model
+        would otherwise learn the class-by-class layout of stored episodes rather than to read any order."""
+        order = torch.randperm(len(episode.support_labels))
+        scores = self(episode.support[order], episode.support_labels[order], episode.query)
+        return StepOutput(F.cross_entropy(scores, episode.query_labels), scores)
+
+    def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
+        """An example with more classes than the label slots (export checks a 6-way one) is folded onto them,
+        labels modulo ``way``: tracing and checking need its sizes, not its classes."""
+        if example.shape.way > self.way:
+            example = replace(example, support_labels=example.support_labels % self.way, query_labels=example.query_labels % self.way)
+        return {"embedding": embedding_graph(self.backbone, example), "classifier": classifier_graph(self, example)}

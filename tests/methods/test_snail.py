@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsltool.checkpoint import load_trained
+from fsltool.data.episodes import EpisodeShape
+from fsltool.errors import FsltoolError
+from fsltool.export import ExportReport, export_run
+from fsltool.methods import build_method
+from fsltool.methods.base import class_onehot
+from fsltool.methods.snail import SNAIL, AttentionLayer, DenseLayer
+from fsltool.models import build_backbone
+from fsltool.recipe import load_recipe
+from fsltool.train import meta_train
+from tests.conftest import assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"way": 5, "sequence_length": 11, "tc_filters": 16, "attention": [[16, 8], [16, 16], [32, 16]]}
+
+
+def fresh(backbone: str = "conv4", **options: object) -> SNAIL:
+    torch.manual_seed(0)
+    method = build_method("snail", build_backbone(backbone, 1, [0.1], [0.3]), {**SMALL, **options})
+    assert isinstance(method, SNAIL)
+    return method.eval()
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("runs") / "snail"
+    recipe = quick_recipe(synthetic_file, output, method="snail", method_options={**SMALL, "sequence_length": 6},
+                          shape="5w1s5q", episodes=12, log_every=4)
+    recipe.validation.every = 12
+    meta_train(recipe, quiet=True)
+    return output
+
+
+@pytest.fixture(scope="module")
+def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
+    out = tmp_path_factory.mktemp("export")
+    return out, export_run(run, out, verify_episodes=5)
+
+
+@pytest.mark.parametrize("layer", [DenseLayer(6, 4, 1), DenseLayer(6, 4, 4), AttentionLayer(6, 5, 3)], ids=["dense-d1", "dense-d4", "attention"])
+def test_a_layer_never_sees_the_future(layer: torch.nn.Module) -> None:
+    """Perturbing step t changes the outputs at t (and after) but none before it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 6)
+    for t in (0, 4, 8):
+        changed = x.clone()
+        changed[:, t] += 1.0
+        before, after = layer(x), layer(changed)
+        torch.testing.assert_close(before[:, :t], after[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(before[:, t], after[:, t])
+
+
+def test_the_whole_network_is_causal() -> None:
+    method = fresh()
+    steps = torch.randn(3, 10, method.embedding_size + method.way)
+    changed = steps.clone()
+    changed[:, 6] += 1.0
+    with torch.no_grad():
+        before, after = method.sequence_outputs(steps), method.sequence_outputs(changed)
+    torch.testing.assert_close(before[:, :6], after[:, :6], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+def test_tc_blocks_have_dilations_up_to_the_sequence_length() -> None:
+    """T = 11: ceil(log2 11) = 4 layers of dilation 1, 2, 4, 8 per TC block, two TC blocks."""
+    dilations = [layer.dilation for layer in fresh().layers if isinstance(layer, DenseLayer)]
+    assert dilations == [1, 2, 4, 8] * 2
+
+
+def test_each_query_is_scored_as_the_last_step_of_its_own_sequence() -> None:
+    """The batched queries (support computed once, each query appended) equal running the whole network on
+    support + that one query with a zero label."""
+    method = fresh()
+    support, labels, query = random_episode(5, 2, 4)
+    with torch.no_grad():
+        scores = method(support, labels, query)
+        support_emb, query_emb = method.backbone(support), method.backbone(query)
+        prefix = torch.cat([support_emb, class_onehot(labels, 5, support_emb.dtype)], -1)
+        for j in range(4):
+            last = torch.cat([query_emb[j], torch.zeros(5)])
+            full = method.sequence_outputs(torch.cat([prefix, last[None]])[None])[0, -1]
+            torch.testing.assert_close(scores[j], full, rtol=1e-5, atol=1e-5)
+
+
+def test_queries_do_not_leak_into_each_other() -> None:
+    method = fresh()
+    support, labels, query = random_episode(5, 1, 6)
+    changed = query.clone()
+    changed[2] = torch.rand_like(changed[2])
+    with torch.no_grad():
+        before, after = method(support, labels, query), method(support, labels, changed)
+    others = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(before[others], after[others], rtol=0, atol=0)
+    assert not torch.allclose(before[2], after[2])
+
+
+def test_end_to_end_training_runs_and_logs(run: Path) -> None:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row["phase"] == "train"]
+    assert len(train) == 3 and all(0 < row["loss"] < 3 and 0 <= row["accuracy"] <= 100 for row in train), train
+    assert rows[-1]["phase"] == "val"
+
+
+def prototype_episodes(count: int, way: int, queries: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """1-shot episodes of well-separated embeddings: each class a random 64-d prototype plus noise; the support
+    in a random order."""
+    prototypes = torch.randn(count, way, 64, generator=generator)
+    support_labels = torch.stack([torch.randperm(way, generator=generator) for _ in range(count)])
+    query_labels = torch.arange(way).repeat(queries).expand(count, -1)
+    support = prototypes.gather(1, support_labels.unsqueeze(-1).expand(-1, -1, 64))
+    query = prototypes.gather(1, query_labels.unsqueeze(-1).expand(-1, -1, 64))
+    noise = 0.3 * torch.randn(count, way * (1 + queries), 64, generator=generator)
+    return support + noise[:, :way], support_labels, query + noise[:, way:], query_labels
+
+
+def test_training_teaches_queries_to_find_their_labelled_support() -> None:
+    """On well-separated embeddings (the backbone's job is left out, to keep this short), 150 updates of 8
+    3-way 1-shot episodes take accuracy from chance (33%) to near perfect."""
+    method = fresh().train()
+    optimizer = torch.optim.Adam(method.parameters(), lr=0.003)
+    generator = torch.Generator().manual_seed(0)
+
+    def accuracy() -> float:
+        support, support_labels, query, query_labels = prototype_episodes(300, 3, 5, generator)
+        with torch.no_grad():
+            return (method.scores_from_embeddings(support, support_labels, query, 3).argmax(-1) == query_labels).float().mean().item()
+
+    before = accuracy()
+    for _ in range(150):
+        support, support_labels, query, query_labels = prototype_episodes(8, 3, 5, generator)
+        scores = method.scores_from_embeddings(support, support_labels, query, 3)
+        loss = F.cross_entropy(scores.flatten(0, 1), query_labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = accuracy()
+    assert before < 0.45 and after > 0.85, (before, after)
+
+
+def test_embedding_once_gives_the_per_episode_scores(run: Path, synthetic_file: Path) -> None:
+    assert_embedding_once_matches_per_episode(load_trained(run).method, synthetic_file)
+
+
+def test_export_verifies(exported: tuple[Path, ExportReport]) -> None:
+    out, report = exported
+    assert {p.name for p in out.iterdir()} == {"embedding.onnx", "embedding.ts", "classifier.onnx", "classifier.ts", "model.json"}
+    assert report.verification is not None and report.verification.agreement == 1.0
+
+
+@pytest.mark.parametrize(("way", "shot", "query"), [(2, 1, 1), (5, 1, 7), (4, 5, 3), (5, 8, 2)])
+def test_exported_classifier_has_dynamic_sequence_length(exported: tuple[Path, ExportReport], run: Path, way: int, shot: int, query: int) -> None:
+    """Sequences shorter and longer (41 steps) than the recipe's T = 6, and way below the model's 5."""
+    assert_exported_classifier_matches(exported[0], load_trained(run).method, way, shot, query)
+
+
+def test_more_ways_than_label_slots_is_a_clear_error() -> None:
+    with pytest.raises(FsltoolError, match=r"the episode is 6-way but the model has method_options.way = 5 label slots"):
+        fresh()(*random_episode(6, 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("backbone", "options", "message"),
+    [
+        ("conv4", {"way": 1}, r"method_options.way must be at least 2"),
+        ("conv4", {"sequence_length": "6"}, r"method_options.sequence_length must be a positive integer, got '6'"),
+        ("conv4", {"sequence_length": 1}, r"method_options.sequence_length must be at least 2"),
+        ("conv4", {"tc_filters": 0}, r"method_options.tc_filters must be a positive integer, got 0"),
+        ("conv4", {"attention": [[64, 32]]}, r"method_options.attention must be three \[key size, value size\] pairs"),
+        ("conv4", {"attention": [[64, 32], [1, 1], [0, 2]]}, r"method_options.attention must be a positive integer, got 0"),
+        ("conv4-relation", {}, r"keeps feature maps: use a flattening backbone"),
+    ],
+)
+def test_bad_options_are_named(backbone: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(FsltoolError, match=message):
+        fresh(backbone, **options)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("snail-*w*s.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_build(path: Path) -> None:
+    recipe = load_recipe(path)
+    method = build_method(recipe.method, build_backbone(recipe.backbone, 1, [0.1], [0.3], **recipe.backbone_options), recipe.method_options)
+    shape = EpisodeShape.parse(recipe.train.shape)
+    assert isinstance(method, SNAIL) and method.way == shape.way
+    assert recipe.method_options["sequence_length"] == shape.way * shape.shot + 1  # the paper's T = N*K + 1
