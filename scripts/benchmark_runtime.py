@@ -16,10 +16,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,21 +25,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from benchmark import median_seconds  # scripts/benchmark.py: the same timing everywhere
+
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape, episode_labels
 from fsltool.export import export_run
 from fsltool.runtime import OnnxModel
-
-
-def median_seconds(action: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def backends(run: str, export_dir: Path, device: str) -> dict[str, dict[str, Callable[..., object]]]:

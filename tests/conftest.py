@@ -20,6 +20,18 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 torch.set_num_threads(1)  # tests are many small ops: threads cost more than they give, and CI has 2 cores
 
 
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the command line in-process: (exit code, stdout, stderr); a crash (not a clean exit) re-raises."""
+    from click.testing import CliRunner
+
+    from fsltool.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
 def small_plan(episodes: int = 30) -> EpisodePlan:
     return EpisodePlan(shapes=(EpisodeShape(5, 1, 5), EpisodeShape(5, 5, 5)), episodes=episodes)
 

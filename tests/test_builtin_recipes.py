@@ -8,21 +8,16 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from fsltool.builtin_recipes import find_recipe, list_recipes, recipe_path
-from fsltool.cli import main
 from fsltool.errors import FsltoolError
 from fsltool.recipe import load_recipe
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+invoke = run_cli
 
 
 def test_list_names_every_recipe_but_the_bases() -> None:

@@ -9,19 +9,15 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from fsltool import __version__
 from fsltool.cli import main
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+run = run_cli
 
 
 def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:

@@ -6,22 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from fsltool.checkpoint import load_trained
-from fsltool.cli import main
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.evaluate import episode_accuracies
 from fsltool.plots import stored_episode_view
+from tests.conftest import run_cli
 
 
 def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stderr
+    code, _, err = run_cli(*args)
+    return code, err
 
 
 def test_learning_curves_png(trained_run: Path, tmp_path: Path) -> None:
