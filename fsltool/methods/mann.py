@@ -214,9 +214,6 @@ class MANN(SequenceMethod):
         self.check_episode(embeddings.shape[-1], way)
         return first_columns(self.sequence_logits(embeddings, class_onehot(labels, self.way, embeddings.dtype))[1], way)
 
-    def step(self, episode: Episode) -> StepOutput:
-        return self.meta_step([episode])[0] if self.sequence_training else super().step(episode)
-
     def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
         """With ``sequence_training``: each episode's images (support and queries) in one random order, a
         cross-entropy at every step, and the meta-batch's sequences run as one batch through one recurrence.
@@ -225,7 +222,7 @@ class MANN(SequenceMethod):
             return super().meta_step(episodes)
         first = episodes[0]
         labels = torch.cat([first.support_labels, first.query_labels]).expand(len(episodes), -1)
-        order = torch.stack([torch.randperm(labels.shape[1]) for _ in episodes])
+        order = self.random_orders(len(episodes), labels.shape[1])
         images = torch.stack([torch.cat([e.support, e.query]) for e in episodes])
         images = images[torch.arange(len(episodes)).unsqueeze(1), order]
         labels = labels.gather(1, order)

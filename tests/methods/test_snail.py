@@ -12,7 +12,7 @@ from fsltool.data.episodes import EpisodeShape
 from fsltool.errors import FsltoolError
 from fsltool.export import ExportReport, export_run
 from fsltool.methods import build_method
-from fsltool.methods.base import class_onehot
+from fsltool.methods.base import TaskShare, class_onehot
 from fsltool.methods.snail import SNAIL, AttentionLayer, DenseLayer
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
@@ -160,6 +160,15 @@ def test_export_verifies(exported: tuple[Path, ExportReport]) -> None:
 def test_exported_classifier_has_dynamic_sequence_length(exported: tuple[Path, ExportReport], run: Path, way: int, shot: int, query: int) -> None:
     """Sequences shorter and longer (41 steps) than the recipe's T = 6, and way below the model's 5."""
     assert_exported_classifier_matches(exported[0], load_trained(run).method, way, shot, query)
+
+
+def test_a_data_parallel_share_draws_the_support_orders_one_process_would() -> None:
+    method = fresh()
+    torch.manual_seed(0)
+    whole = method.random_orders(4, 5)
+    method.task_share = TaskShare(2, 4)
+    torch.manual_seed(0)
+    torch.testing.assert_close(method.random_orders(2, 5), whole[2:])
 
 
 def test_more_ways_than_label_slots_is_a_clear_error() -> None:
