@@ -97,7 +97,7 @@ def tc_block(channels: int, sequence_length: int, filters: int) -> list[DenseLay
     field covers the whole sequence. The paper's pseudo-code counts i from 1 (dilations 2, 4, ...), which would
     leave odd offsets unseen; starting at 1 is the receptive field its text describes."""
     layers: list[DenseLayer] = []
-    for i in range(max(1, math.ceil(math.log2(sequence_length)))):
+    for i in range(math.ceil(math.log2(sequence_length))):
         layers.append(DenseLayer(channels, filters, 2**i))
         channels += filters
     return layers
