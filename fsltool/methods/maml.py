@@ -36,6 +36,7 @@ class MAML(AdaptiveMethod):
     """
 
     group_tasks = True  # run a meta-batch as one grouped network (same results as a per-task loop, faster)
+    task_chunk = 8  # tasks per grouped pass in meta-training; bounds the memory of the kept inner-loop graphs
 
     def __init__(
         self,
@@ -69,15 +70,16 @@ class MAML(AdaptiveMethod):
         return params
 
     def adapted_query_logits(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, *, differentiable: bool
+        self, params: Params | None, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, *, differentiable: bool
     ) -> torch.Tensor:
-        """(T, S, ...), (T, S), (T, Q, ...) -> (T, Q, way) query logits after the inner loop. ``differentiable``:
-        a graph back to the meta-parameters (second or first order, as set); otherwise detached scores."""
+        """(T, S, ...), (T, S), (T, Q, ...) -> (T, Q, way) query logits after the inner loop from ``params`` (T, *shape;
+        None: a detached copy of the meta-parameters, made here where autograd is on even under inference_mode).
+        ``differentiable``: a graph back to ``params`` (second or first order, as set); otherwise detached scores."""
         steps = self.inner_steps if self.training else self.test_inner_steps
-        tasks = support.shape[0]
         with self.grad_context(differentiable):
             support, support_labels, query = inputs_for_autograd((support, support_labels, query))
-            params = self.network.meta_parameters(tasks, detach=not differentiable)
+            if params is None:
+                params = self.network.meta_parameters(support.shape[0], detach=True)
             create_graph = differentiable and not self.first_order
             adapted = self.adapt(params, support, support_labels, steps, create_graph, track=self.training)
             logits = self.network.query_logits(adapted, support, query, self.transductive)
@@ -88,11 +90,40 @@ class MAML(AdaptiveMethod):
         the queries. Under no_grad or inference_mode (evaluation) the inner loop still runs, on a detached copy."""
         self.episode_way(support_labels)
         differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        return self.adapted_query_logits(support[None], support_labels[None], query[None], differentiable=differentiable)[0]
+        params = self.network.meta_parameters(1) if differentiable else None
+        return self.adapted_query_logits(params, support[None], support_labels[None], query[None], differentiable=differentiable)[0]
 
     def _steps(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
     ) -> list[StepOutput]:
-        logits = self.adapted_query_logits(support, support_labels, query, differentiable=torch.is_grad_enabled())
+        """Without autograd (a validation loss): the query losses. With it: the meta-gradient is computed here,
+        ``task_chunk`` tasks at a time, each chunk's graph freed before the next is built (peak memory: one chunk's
+        graph, not the meta-batch's), and each task's loss carries its own meta-gradient (see meta_gradient_losses)."""
+        if not torch.is_grad_enabled():
+            logits = self.adapted_query_logits(None, support, support_labels, query, differentiable=False)
+            return [StepOutput(loss, scores) for loss, scores in zip(task_losses(logits, query_labels), logits)]
+        outputs: list[StepOutput] = []
+        for start in range(0, support.shape[0], self.task_chunk):
+            chunk = slice(start, start + self.task_chunk)
+            outputs += self.meta_gradient_losses(support[chunk], support_labels[chunk], query[chunk], query_labels[chunk])
+        return outputs
+
+    def meta_gradient_losses(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+    ) -> list[StepOutput]:
+        """Per task t: a loss whose value is the query loss L_t and whose gradient with respect to the
+        meta-parameters theta is dL_t/dtheta, computed now by autograd through the inner loop.
+
+        The inner loops start from per-task leaves (T, *shape) that alias theta, so one autograd.grad of the summed
+        losses gives every task its own meta-gradient G_t (a task's loss reaches only its own slice). The returned
+        loss is L_t + <theta, G_t> - <theta, G_t>.detach(): the value of L_t, the gradient G_t, for whatever
+        weighting of the tasks the training loop backpropagates."""
+        theta = self.network.parameters
+        leaves = [p.detach().unsqueeze(0).expand(support.shape[0], *p.shape).requires_grad_() for p in theta]
+        logits = self.adapted_query_logits(leaves, support, support_labels, query, differentiable=True)
         losses = task_losses(logits, query_labels)
+        grads = torch.autograd.grad(losses.sum(), leaves)
+        surrogate = sum((p.unsqueeze(0) * g).flatten(1).sum(1) for p, g in zip(theta, grads))
+        assert isinstance(surrogate, torch.Tensor)
+        losses = losses.detach() + (surrogate - surrogate.detach())
         return [StepOutput(loss, scores.detach()) for loss, scores in zip(losses, logits)]

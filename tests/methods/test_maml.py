@@ -147,20 +147,23 @@ def functional_logits(method: MAML, params: list[torch.Tensor], images: torch.Te
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("transductive_bn", [False, True])
 def test_grouped_meta_batch_equals_the_per_task_loop(first_order: bool, transductive_bn: bool) -> None:
-    """Losses, scores, meta-gradients and BatchNorm running statistics of a 3-task meta-batch, grouped vs one by one."""
+    """Losses, scores, meta-gradients and BatchNorm running statistics of a 3-task meta-batch: grouped in one pass,
+    grouped in chunks of 2 tasks (each chunk's meta-gradient computed before the next), and one by one."""
     results = []
-    for grouped in (True, False):
+    for grouped, chunk in ((True, 8), (True, 2), (False, 8)):
         method = tiny_maml(first_order=first_order, transductive_bn=transductive_bn)
-        method.group_tasks = grouped
+        method.group_tasks, method.task_chunk = grouped, chunk
         episodes = tiny_episodes(3)
         outputs = method.meta_step(episodes)
         method.zero_grad()
         torch.stack([o.loss for o in outputs]).mean().backward()
         results.append(([o.loss.detach() for o in outputs], [o.scores for o in outputs], [p.grad for p in method.parameters()],
                         [b.clone() for b in method.buffers()]))
-    for grouped, loop in zip(*results):
-        for a, b in zip(grouped, loop):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for other in results[1:]:
+        for grouped, loop in zip(results[0], other):
+            assert len(grouped) == len(loop)
+            for a, b in zip(grouped, loop):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_evaluation_adapts_and_queries_do_not_influence_each_other() -> None:
