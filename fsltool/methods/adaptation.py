@@ -15,6 +15,8 @@ BatchNorm never uses running statistics to classify:
 - non-transductive (the default, honest): query images are normalised with the statistics of the support set,
   computed in the same pass, so a query's score depends on the support set and on itself alone, never on the
   other queries;
+- non-transductive per query (Reptile's ``per_query_bn``): each query is normalised with the statistics of the
+  support set plus itself, as Reptile's reference code evaluates without ``--transductive``;
 - transductive (``transductive_bn``): queries are normalised with the statistics of the query batch, as MAML's
   and Reptile's reference code do (MAML always; Reptile with ``--transductive``): every query influences every
   other query's score, and such accuracies must be reported as transductive.
@@ -164,6 +166,15 @@ class TaskNetwork:
         if transductive:
             return self.logits(params, query)
         return self.logits(params, torch.cat([support, query], 1), stats_rows=support.shape[1])[:, support.shape[1] :]
+
+    def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way), each query normalised with the BatchNorm statistics
+        of the support set plus itself (Reptile's reference code without ``--transductive``): still
+        non-transductive, since no query sees another. Runs as T*Q grouped tasks of S+1 images."""
+        tasks, count = query.shape[:2]
+        images = torch.cat([support.unsqueeze(1).expand(tasks, count, *support.shape[1:]), query.unsqueeze(2)], 2)
+        repeated = [p.repeat_interleave(count, 0) for p in params]
+        return self.logits(repeated, images.flatten(0, 1))[:, -1].view(tasks, count, -1)
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

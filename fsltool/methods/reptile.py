@@ -16,9 +16,9 @@ each task starts a fresh optimizer, so tasks stay independent and a meta-batch c
 
 Evaluation fine-tunes on the support set alone (``test_inner_steps`` minibatches of ``test_inner_batch``, drawn
 with a fixed seed so an episode's score is reproducible), then classifies the queries: BatchNorm statistics from
-the support set (non-transductive, default) or from the query batch (``transductive_bn``, the paper's
-"transduction" rows). The reference's non-transductive mode normalises each query with the statistics of the
-support set plus that query; fsltool uses the support set alone (see fsltool.methods.adaptation).
+the support set (non-transductive, default), from the support set plus that one query (``per_query_bn``: the
+reference code's non-transductive mode, behind the paper's non-transductive rows), or from the query batch
+(``transductive_bn``, the paper's "transduction" rows); see fsltool.methods.adaptation.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from fsltool.methods.adaptation import (
     AdaptiveMethod,
     Params,
     inputs_for_autograd,
+    require_bool,
     require_positive_float,
     task_losses,
 )
@@ -57,7 +58,9 @@ class Reptile(AdaptiveMethod):
     minibatches per task and images per minibatch, from the episode's support and query images),
     ``test_inner_steps`` / ``test_inner_batch`` (evaluation, from the support set), ``inner_lr``,
     ``inner_optimizer`` (adam | sgd), ``transductive_bn`` (False: queries are normalised with support-set
-    BatchNorm statistics, non-transductive; True: with the query batch's, transductive).
+    BatchNorm statistics, non-transductive; True: with the query batch's, transductive), ``per_query_bn``
+    (evaluation, non-transductive only: each query with the statistics of the support set plus itself, as the
+    paper's non-transductive numbers; the training log's scores keep the support-set statistics).
     """
 
     group_tasks = True  # run a meta-batch's inner loops as one grouped network (same results, faster)
@@ -73,8 +76,13 @@ class Reptile(AdaptiveMethod):
         inner_lr: float = 0.001,
         inner_optimizer: str = "adam",
         transductive_bn: bool = False,
+        per_query_bn: bool = False,
     ) -> None:
         super().__init__(backbone, way, transductive_bn)
+        require_bool(self.name, "per_query_bn", per_query_bn)
+        if per_query_bn and transductive_bn:
+            raise option_error(self.name, "per_query_bn", "is a non-transductive mode: it cannot be combined with transductive_bn: true")
+        self.per_query_bn = per_query_bn
         for key, value in (("inner_steps", inner_steps), ("inner_batch", inner_batch), ("test_inner_steps", test_inner_steps),
                            ("test_inner_batch", test_inner_batch)):
             require_positive_int(self.name, key, value)
@@ -125,6 +133,8 @@ class Reptile(AdaptiveMethod):
         with self.grad_context(False):
             support, query = inputs_for_autograd((support, query))
             with torch.no_grad():
+                if self.per_query_bn:
+                    return self.network.per_query_logits(adapted, support[None], query[None])[0]
                 return self.network.query_logits(adapted, support[None], query[None], self.transductive)[0]
 
     def _steps(

@@ -124,6 +124,26 @@ def test_evaluation_is_seeded_non_transductive_and_leaves_the_model_alone() -> N
         assert not torch.allclose(transductive(support, labels, query)[:1], transductive(support, labels, query[:1]), atol=1e-5)
 
 
+def test_per_query_bn_scores_each_query_with_the_support_set_and_itself_alone() -> None:
+    """per_query_bn (the paper's non-transductive evaluation): a query's scores are the same scored with the other
+    queries or alone, they are those of a pass over the support set plus that query, and they differ from the
+    support-statistics mode's (the query enters its own normalisation). Evaluation labels it non-transductive."""
+    support, labels, query = random_episode(5, 1, 6)
+    method = fresh(test_inner_steps=5, per_query_bn=True).eval()
+    with torch.no_grad():
+        together = method(support, labels, query)
+        alone = torch.cat([method(support, labels, query[i : i + 1]) for i in range(6)])
+        adapted = method.train_copies(support[None], labels[None], 5, 5, torch.Generator().manual_seed(reptile_module.EVAL_SEED), track=False)
+        reference = torch.cat([method.network.logits(adapted, torch.cat([support, query[i : i + 1]])[None])[0, -1:] for i in range(6)])
+        method.per_query_bn = False
+        support_statistics = method(support, labels, query)
+    assert together.shape == (6, 5) and together.abs().max() > 0
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together, support_statistics, atol=1e-4)
+    assert method.transductive is False
+
+
 def test_short_meta_training_improves_accuracy_after_fine_tuning(synthetic_file: Path, tmp_path: Path) -> None:
     """40 meta-steps of 5 tasks, 5-way 1-shot with 9 more images per class, SGD epsilon 1 on the surrogate: the
     fine-tuned accuracy on the 30 stored validation episodes rises well above the initial network's."""
@@ -160,6 +180,8 @@ def test_export_graphs_are_the_body_and_prototype_classification() -> None:
         ({"inner_lr": -1e-3}, r"method_options.inner_lr must be a positive number, got -0.001"),
         ({"way": 0}, r"method_options.way must be a positive integer, got 0"),
         ({"transductive_bn": "no"}, r"method_options.transductive_bn must be true or false, got 'no'"),
+        ({"per_query_bn": 1}, r"method_options.per_query_bn must be true or false, got 1"),
+        ({"per_query_bn": True, "transductive_bn": True}, r"method_options.per_query_bn is a non-transductive mode"),
     ],
 )
 def test_bad_options_are_named(options: dict[str, object], message: str) -> None:
