@@ -32,10 +32,13 @@ def fresh(backbone: str = "conv4", **options: object) -> SNAIL:
 
 @pytest.fixture(scope="module")
 def run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 updates of 8 3-way 1-shot episodes (a 16-filter Conv-4): the meta-batch and learning rate of the
+    Omniglot recipes, which leave chance far sooner than single episodes at 1e-3."""
     output = tmp_path_factory.mktemp("runs") / "snail"
     recipe = quick_recipe(synthetic_file, output, method="snail", method_options={**SMALL, "sequence_length": 6},
-                          shape="5w1s5q", episodes=12, log_every=4)
-    recipe.validation.every = 12
+                          shape="3w1s5q", episodes=120, log_every=24, meta_batch=8, lr=0.003)
+    recipe.backbone_options = {"hidden": 16}
+    recipe.validation.every = 120
     meta_train(recipe, quiet=True)
     return output
 
@@ -103,11 +106,12 @@ def test_queries_do_not_leak_into_each_other() -> None:
     assert not torch.allclose(before[2], after[2])
 
 
-def test_end_to_end_training_runs_and_logs(run: Path) -> None:
+def test_short_training_on_the_synthetic_set_improves_accuracy(run: Path) -> None:
+    """Training accuracy (3-way, chance 33%) rises by more than 8 points and 5-way validation leaves chance (20%)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["phase"] == "train"]
-    assert len(train) == 3 and all(0 < row["loss"] < 3 and 0 <= row["accuracy"] <= 100 for row in train), train
-    assert rows[-1]["phase"] == "val"
+    assert len(train) == 5 and train[-1]["accuracy"] > train[0]["accuracy"] + 8 and train[-1]["loss"] < train[0]["loss"], train
+    assert rows[-1]["phase"] == "val" and rows[-1]["accuracy"] > 25, rows
 
 
 def prototype_episodes(count: int, way: int, queries: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
