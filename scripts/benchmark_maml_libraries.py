@@ -7,7 +7,8 @@ Adam step. The network is the same module everywhere: fsltool's conv4-strided (4
 ReLU], channels_last), feature maps averaged over space, a linear head. BatchNorm normalises every pass with its
 own batch, queries included (transductive): that is what the libraries do with a module in train mode, so fsltool
 runs with ``transductive_bn: true`` here; its default (queries normalised with the support statistics, computed in
-one pass over support and queries) is timed as an extra row.
+one pass over support and queries) is timed as an extra row, and so is a smaller ``task_chunk`` (tasks per grouped
+pass: less memory, more time).
 
 Every case runs in a fresh subprocess: its peak memory is ru_maxrss at the end minus ru_maxrss after importing
 torch and building the model and optimizer. fsltool's cases run with this interpreter; the libraries' with
@@ -21,8 +22,9 @@ torch and building the model and optimizer. fsltool's cases run with this interp
     .venv/bin/python scripts/benchmark_maml_libraries.py --side-python /work/sidevenv/bin/python \\
         --json results/benchmark_maml_libraries.json --markdown results/benchmark_maml_libraries.md
 
-Cases whose library the side environment lacks are reported as not installed. Medians of ``--repeats`` steps after
-``--warmup`` steps; run it on an otherwise idle machine.
+A case that fails (its library not installed) is reported with its error. Each case's time is the median of its
+``--repeats`` steps after ``--warmup`` steps, over ``--rounds`` interleaved rounds; its memory the largest peak.
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -53,16 +55,17 @@ from fsltool.platform_tuning import tune_allocator  # noqa: E402
 
 WAY, SHOT, QUERY, TASKS, INNER_STEPS, INNER_LR, OUTER_LR = 5, 1, 15, 32, 5, 0.4, 1e-3
 
-# name -> (implementation, second order, runs under the side environment)
-CASES: dict[str, tuple[str, bool, bool]] = {
-    "fsltool per-task, 2nd order": ("fsltool-loop", True, False),
-    "fsltool grouped, 2nd order": ("fsltool-grouped", True, False),
-    "fsltool grouped, 2nd order, support-statistics BN": ("fsltool-grouped-support-bn", True, False),
-    "higher 0.2.1, 2nd order": ("higher", True, True),
-    "learn2learn 0.2.0, 2nd order": ("learn2learn", True, True),
-    "fsltool per-task, 1st order": ("fsltool-loop", False, False),
-    "fsltool grouped, 1st order": ("fsltool-grouped", False, False),
-    "learn2learn 0.2.0, 1st order": ("learn2learn", False, True),
+# name -> (implementation, second order, runs under the side environment, fsltool's task_chunk or 0: its default)
+CASES: dict[str, tuple[str, bool, bool, int]] = {
+    "fsltool per-task, 2nd order": ("fsltool-loop", True, False, 0),
+    "fsltool grouped, 2nd order": ("fsltool-grouped", True, False, 0),
+    "fsltool grouped by 2 tasks, 2nd order": ("fsltool-grouped", True, False, 2),
+    "fsltool grouped, 2nd order, support-statistics BN": ("fsltool-grouped-support-bn", True, False, 0),
+    "higher 0.2.1, 2nd order": ("higher", True, True, 0),
+    "learn2learn 0.2.0, 2nd order": ("learn2learn", True, True, 0),
+    "fsltool per-task, 1st order": ("fsltool-loop", False, False, 0),
+    "fsltool grouped, 1st order": ("fsltool-grouped", False, False, 0),
+    "learn2learn 0.2.0, 1st order": ("learn2learn", False, True, 0),
 }
 
 
@@ -86,7 +89,7 @@ def tasks(generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, 
              torch.rand(WAY * QUERY, 1, 28, 28, generator=generator), query_labels) for _ in range(TASKS)]
 
 
-def fsltool_step(kind: str, second_order: bool) -> tuple[nn.Module, Callable[[list[Any]], None]]:
+def fsltool_step(kind: str, second_order: bool, chunk: int) -> tuple[nn.Module, Callable[[list[Any]], None]]:
     from fsltool.data.episodes import Episode, EpisodeShape
     from fsltool.methods import build_method
 
@@ -95,6 +98,8 @@ def fsltool_step(kind: str, second_order: bool) -> tuple[nn.Module, Callable[[li
                "transductive_bn": kind != "fsltool-grouped-support-bn"}
     method = build_method("maml", build_backbone("conv4-strided", 1, [0.1], [0.3]), options)
     method.group_tasks = kind != "fsltool-loop"  # type: ignore[attr-defined]
+    if chunk:
+        method.task_chunk = chunk  # type: ignore[attr-defined]
     optimizer = torch.optim.Adam(method.parameters(), lr=OUTER_LR)
 
     def step(batch: list[Any]) -> None:
@@ -165,10 +170,10 @@ def peak_mib() -> float:
 
 def run_case(name: str, warmup: int, repeats: int) -> dict[str, Any]:
     """In this (fresh) process: build, measure the baseline, time the steps."""
-    kind, second_order, _ = CASES[name]
+    kind, second_order, _, chunk = CASES[name]
     torch.manual_seed(0)
     if kind.startswith("fsltool"):
-        _, step = fsltool_step(kind, second_order)
+        _, step = fsltool_step(kind, second_order, chunk)
     elif kind == "higher":
         _, step = higher_step(second_order)
     else:
@@ -196,6 +201,16 @@ def spawn(name: str, python: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def combine(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case over all rounds: the median of all its timed steps, the largest peak."""
+    failed = [result for result in results if "error" in result]
+    if failed:
+        return failed[0]
+    steps = [seconds for result in results for seconds in result["all_seconds"]]
+    return {"case": name, "seconds": round(statistics.median(steps), 4), "all_seconds": steps,
+            "peak_mib": max(result["peak_mib"] for result in results), "baseline_mib": max(result["baseline_mib"] for result in results)}
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| implementation | s / meta-step | peak memory above baseline |", "|---|---|---|"]
     for row in rows:
@@ -212,6 +227,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run the list of cases this many times, interleaved")
     parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     parser.add_argument("--no-tuning", action="store_true", help="glibc's default allocator settings")
     parser.add_argument("--json", default=None)
@@ -224,18 +240,19 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.warmup, args.repeats)))
         return
-    rows = []
-    for name, (_, _, side) in CASES.items():
-        if args.only not in name:
-            continue
-        if side and not args.side_python:
-            row: dict[str, Any] = {"case": name, "error": "no --side-python"}
-        else:
-            row = spawn(name, args.side_python if side else sys.executable, args)
-        rows.append(row)
-        print(markdown([row]).splitlines()[-1], flush=True)
+    names = [name for name in CASES if args.only in name]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(args.rounds):  # cases interleaved, so a drift in the machine's speed touches all of them alike
+        for name in names:
+            side = CASES[name][2]
+            if side and not args.side_python:
+                runs[name].append({"case": name, "error": "no --side-python"})
+            else:
+                runs[name].append(spawn(name, args.side_python if side else sys.executable, args))
+            print(markdown(runs[name][-1:]).splitlines()[-1], flush=True)
+    rows = [combine(name, results) for name, results in runs.items()]
     report = {"threads": args.threads, "torch": torch.__version__, "allocator_tuned": not args.no_tuning,
-              "warmup": args.warmup, "repeats": args.repeats, "step": {"way": WAY, "shot": SHOT, "query_per_class": QUERY,
+              "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds, "step": {"way": WAY, "shot": SHOT, "query_per_class": QUERY,
               "tasks": TASKS, "inner_steps": INNER_STEPS, "inner_lr": INNER_LR, "outer": f"Adam {OUTER_LR}"}, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
