@@ -1,33 +1,55 @@
 """Print the README's results table (markdown) from `fsltool evaluate --json` files in a folder.
 
     python scripts/results_table.py results
+
+Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
+recipe.yaml give the training budget and time. Files of other protocols (e.g. MANN's --by-instance tables) are
+left out.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+
+import yaml
 
 PAPER = {  # published Omniglot accuracies (../shared/docs/PROTOCOLS.md)
     "protonet": {"5w1s": 98.8, "5w5s": 99.7, "20w1s": 96.0, "20w5s": 98.9},  # Snell et al. 2017, non-transductive
     "relationnet": {"5w1s": 99.6, "5w5s": 99.8, "20w1s": 97.6, "20w5s": 99.1},  # Sung et al. 2018
     "matchingnet": {"5w1s": 98.1, "5w5s": 98.9, "20w1s": 93.8, "20w5s": 98.5},  # Vinyals et al. 2016, no FCE
+    "snail": {"5w1s": 99.07, "5w5s": 99.78, "20w1s": 97.64, "20w5s": 99.36},  # Mishra et al. 2018
 }
+NAME = re.compile(r"omniglot-(?P<method>[a-z]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
+ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
+
+
+def rows(root: Path) -> list[tuple[str, str, str]]:
+    found = []
+    for path in root.glob("omniglot-*.json"):
+        match = NAME.match(path.stem)
+        result = json.loads(path.read_text())
+        if not match or "accuracy" not in result:
+            continue
+        method, setting = match["method"], match["setting"]
+        run = Path(result["run"])
+        log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+        steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
+        budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
+        paper = PAPER.get(method, {}).get(setting, "")
+        found.append((method, setting, f"| {method} | {setting} | {paper} | {result['accuracy']:.2f} ± {result['ci95']:.2f} | "
+                                         f"{run.name} | {budget} | {log[-1]['elapsed'] / 60:.0f} min |"))
+    return sorted(found, key=lambda row: (row[0], ORDER.get(row[1], 9), row[2]))
 
 
 def main(folder: str) -> None:
-    root = Path(folder)
-    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | trained by recipe | training episodes | training time (incl. validation) |")
+    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | run | training episodes | training time (incl. validation) |")
     print("|---|---|---|---|---|---|---|")
-    for path in sorted(root.glob("omniglot-*-*.json")):
-        method, setting = path.stem.split("-")[1:3]
-        result = json.loads(path.read_text())
-        recipe_run = Path(result["run"]).name
-        rows = [json.loads(line) for line in (Path(result["run"]) / "metrics.jsonl").read_text().splitlines()]
-        episodes, minutes = rows[-1]["episode"], f"{rows[-1]['elapsed'] / 60:.0f} min"
-        paper = PAPER.get(method, {}).get(setting, "")
-        print(f"| {method} | {setting} | {paper} | {result['accuracy']:.2f} ± {result['ci95']:.2f} | {recipe_run} | {episodes} | {minutes} |")
+    for _, _, line in rows(Path(folder)):
+        print(line)
 
 
 if __name__ == "__main__":
