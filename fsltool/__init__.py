@@ -1,3 +1,3 @@
 """fsltool: few-shot classification by meta-learning, as a file-based command-line workflow."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
