@@ -32,6 +32,18 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def assert_queries_independent(method: Method) -> None:
+    """Changing one query changes its own scores and no other query's: the method is non-transductive."""
+    support, labels, query = random_episode(5, 1, 6)
+    changed = query.clone()
+    changed[2] = torch.rand_like(changed[2])
+    with torch.no_grad():
+        before, after = method(support, labels, query), method(support, labels, changed)
+    others = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(before[others], after[others], rtol=0, atol=0)
+    assert not torch.allclose(before[2], after[2])
+
+
 def small_plan(episodes: int = 30) -> EpisodePlan:
     return EpisodePlan(shapes=(EpisodeShape(5, 1, 5), EpisodeShape(5, 5, 5)), episodes=episodes)
 
