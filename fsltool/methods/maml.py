@@ -36,7 +36,8 @@ class MAML(AdaptiveMethod):
     """
 
     group_tasks = True  # run a meta-batch as one grouped network (same results as a per-task loop, faster)
-    task_chunk = 8  # tasks per grouped pass in meta-training; bounds the memory of the kept inner-loop graphs
+    task_chunk = 8  # tasks per grouped inner loop in meta-training; bounds the memory of the kept inner-loop graphs
+    query_chunk = 4  # tasks per grouped query pass (scripts/benchmark_maml_libraries.py measured the pair)
 
     def __init__(
         self,
@@ -114,16 +115,30 @@ class MAML(AdaptiveMethod):
         """Per task t: a loss whose value is the query loss L_t and whose gradient with respect to the
         meta-parameters theta is dL_t/dtheta, computed now by autograd through the inner loop.
 
-        The inner loops start from per-task leaves (T, *shape) that alias theta, so one autograd.grad of the summed
-        losses gives every task its own meta-gradient G_t (a task's loss reaches only its own slice). The returned
-        loss is L_t + <theta, G_t> - <theta, G_t>.detach(): the value of L_t, the gradient G_t, for whatever
-        weighting of the tasks the training loop backpropagates."""
+        The inner loops start from per-task leaves (T, *shape) that alias theta, so every task gets its own
+        meta-gradient G_t (a task's loss reaches only its own slice). The chain rule is applied in two halves:
+        g_t = dL_t/dphi_t at the adapted parameters phi_t, from a query pass whose graph is freed as soon as it is
+        differentiated (``query_chunk`` tasks at a time), then G_t = (dphi_t/dtheta)^T g_t through the inner loop's
+        graph, which only holds the support passes (first order: dphi_t/dtheta is the identity, G_t = g_t). Peak
+        memory is the inner-loop graph plus one query chunk, never both graphs of all tasks. The returned loss is
+        L_t + <theta, G_t> - <theta, G_t>.detach(): the value of L_t, the gradient G_t, for whatever weighting of
+        the tasks the training loop backpropagates."""
         theta = self.network.parameters
         leaves = [p.detach().unsqueeze(0).expand(support.shape[0], *p.shape).requires_grad_() for p in theta]
-        logits = self.adapted_query_logits(leaves, support, support_labels, query, differentiable=True)
-        losses = task_losses(logits, query_labels)
-        grads = torch.autograd.grad(losses.sum(), leaves)
+        adapted = self.adapt(leaves, support, support_labels, self.inner_steps, not self.first_order, track=True)
+        losses, logits, query_grads = [], [], []
+        for start in range(0, support.shape[0], self.query_chunk):
+            chunk = slice(start, start + self.query_chunk)
+            ends = [a[chunk].detach().requires_grad_() for a in adapted]
+            chunk_logits = self.network.query_logits(ends, support[chunk], query[chunk], self.transductive)
+            chunk_losses = task_losses(chunk_logits, query_labels[chunk])
+            query_grads.append(torch.autograd.grad(chunk_losses.sum(), ends))
+            losses.append(chunk_losses.detach())
+            logits.append(chunk_logits.detach())
+        grads = [torch.cat(parts) for parts in zip(*query_grads)]
+        if not self.first_order:
+            grads = list(torch.autograd.grad(adapted, leaves, grad_outputs=grads))
         surrogate = sum((p.unsqueeze(0) * g).flatten(1).sum(1) for p, g in zip(theta, grads))
         assert isinstance(surrogate, torch.Tensor)
-        losses = losses.detach() + (surrogate - surrogate.detach())
-        return [StepOutput(loss, scores.detach()) for loss, scores in zip(losses, logits)]
+        total = torch.cat(losses) + (surrogate - surrogate.detach())
+        return [StepOutput(loss, scores) for loss, scores in zip(total, torch.cat(logits))]

@@ -148,11 +148,12 @@ def functional_logits(method: MAML, params: list[torch.Tensor], images: torch.Te
 @pytest.mark.parametrize("transductive_bn", [False, True])
 def test_grouped_meta_batch_equals_the_per_task_loop(first_order: bool, transductive_bn: bool) -> None:
     """Losses, scores, meta-gradients and BatchNorm running statistics of a 3-task meta-batch: grouped in one pass,
-    grouped in chunks of 2 tasks (each chunk's meta-gradient computed before the next), and one by one."""
+    grouped in chunks of 2 tasks (each chunk's meta-gradient computed before the next), with query passes of 1 or
+    2 tasks inside an inner-loop chunk of 3, and one by one."""
     results = []
-    for grouped, chunk in ((True, 8), (True, 2), (False, 8)):
+    for grouped, chunk, query_chunk in ((True, 8, 8), (True, 2, 2), (True, 3, 2), (True, 8, 1), (False, 8, 8)):
         method = tiny_maml(first_order=first_order, transductive_bn=transductive_bn)
-        method.group_tasks, method.task_chunk = grouped, chunk
+        method.group_tasks, method.task_chunk, method.query_chunk = grouped, chunk, query_chunk
         episodes = tiny_episodes(3)
         outputs = method.meta_step(episodes)
         method.zero_grad()
