@@ -81,20 +81,21 @@ def episode_accuracies(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
     """Per-episode accuracy. Episode-independent embeddings are computed once per distinct image; other methods
-    run episode by episode under no_grad, which a method that adapts at test time (MAML) may re-enable."""
+    score ``method.episodes_per_call`` episodes per call under no_grad, which a method that adapts at test time
+    (MAML) may re-enable."""
     was_training = method.training
     method.eval()
-    support_labels, query_labels = episode_labels(shape)
     try:
-        if not method.embeds_independently:
-            correct = []
-            for s, q in zip(support, query):
-                episode = data.episode(s, q, shape)
-                with torch.no_grad():
-                    scores = method(episode.support, episode.support_labels, episode.query)
-                correct.append((scores.argmax(-1) == query_labels).float().mean().item())
-            return np.array(correct)
-        return _accuracies_from_embeddings(method, data, shape, support, query)
+        if method.embeds_independently:
+            return _accuracies_from_embeddings(method, data, shape, support, query)
+        correct = []
+        for start in range(0, len(support), method.episodes_per_call):
+            episodes = [data.episode(s, q, shape) for s, q in zip(support[start : start + method.episodes_per_call], query[start:])]
+            with torch.no_grad():
+                scores = method.score_episodes(*(torch.stack([getattr(e, key) for e in episodes]) for key in ("support", "support_labels", "query")))
+            labels = torch.stack([e.query_labels for e in episodes])
+            correct.append((scores.argmax(-1) == labels).float().mean(-1))
+        return torch.cat(correct).numpy()
     finally:
         method.train(was_training)
 

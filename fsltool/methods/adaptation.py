@@ -172,14 +172,20 @@ class TaskNetwork:
             return self.logits(params, query)
         return self.logits(params, torch.cat([support, query], 1), stats_rows=support.shape[1])[:, support.shape[1] :]
 
-    def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, tasks_per_pass: int = 128) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way), each query normalised with the BatchNorm statistics
         of the support set plus itself (Reptile's reference code without ``--transductive``): still
-        non-transductive, since no query sees another. Runs as T*Q grouped tasks of S+1 images."""
+        non-transductive, since no query sees another. Each (task, query) pair is a grouped task of S+1 images,
+        ``tasks_per_pass`` pairs per pass (each pass holds that many copies of the parameters)."""
         tasks, count = query.shape[:2]
-        images = torch.cat([support.unsqueeze(1).expand(tasks, count, *support.shape[1:]), query.unsqueeze(2)], 2)
-        repeated = [p.repeat_interleave(count, 0) for p in params]
-        return self.logits(repeated, images.flatten(0, 1))[:, -1].view(tasks, count, -1)
+        task_of = torch.arange(tasks).repeat_interleave(count)  # pair -> its task
+        queries = query.flatten(0, 1)
+        logits = []
+        for start in range(0, tasks * count, tasks_per_pass):
+            pairs = task_of[start : start + tasks_per_pass]
+            images = torch.cat([support[pairs], queries[start : start + tasks_per_pass].unsqueeze(1)], 1)
+            logits.append(self.logits([p[pairs] for p in params], images)[:, -1])
+        return torch.cat(logits).view(tasks, count, -1)
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -228,6 +234,8 @@ class AdaptiveMethod(Method):
     """
 
     embeds_independently = False
+    episodes_per_call = 64  # evaluation hands over this many episodes; they adapt side by side, as grouped networks
+    images_per_pass = 4096  # ... of at most this many images each (support + queries), which bounds the activations
 
     def __init__(self, backbone: Backbone, way: int, transductive_bn: bool) -> None:
         super().__init__(backbone)
@@ -248,6 +256,26 @@ class AdaptiveMethod(Method):
                 f"method {self.name!r}: the head has method_options.way = {self.way} outputs, but the episode is "
                 f"{way}-way; train and evaluate at the way the model was built for (or set method_options.way)"
             )
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Adapt a copy to the support set (the training or the test inner loop, as the mode says), then score the
+        queries; no gradient reaches the meta-parameters (MAML's differentiable forward overrides this)."""
+        return self.score_episodes(support[None], support_labels[None], query[None])[0]
+
+    def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Episodes adapted side by side in groups of at most ``images_per_pass`` images. Reptile's 50-step
+        fine-tuning of 5w1s15q Omniglot episodes took 0.2 s per episode in groups of 16, 0.1 s in groups of 64."""
+        self.episode_way(support_labels)
+        per_pass = max(1, self.images_per_pass // (support.shape[1] + query.shape[1]))
+        with self.grad_context(False):
+            support, support_labels, query = inputs_for_autograd((support, support_labels, query))
+            return torch.cat([self.adapted_scores(support[i : i + per_pass], support_labels[i : i + per_pass], query[i : i + per_pass])
+                              for i in range(0, support.shape[0], per_pass)])
+
+    @abstractmethod
+    def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """(T, S, ...), (T, S), (T, Q, ...) -> (T, Q, way), detached: each task adapted on its own support set
+        (autograd is on, outside inference mode, for the inner loop), then its queries scored."""
 
     def episode_way(self, support_labels: torch.Tensor) -> int:
         way = int(support_labels.max()) + 1

@@ -65,6 +65,14 @@ class Method(nn.Module, ABC):
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (queries, way), with way = support_labels.max() + 1."""
 
+    def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Evaluation, batched over episodes of one shape: (E, S, ...), (E, S), (E, Q, ...) -> (E, Q, way), the same
+        scores as ``forward`` on each episode. Methods that can score several episodes at once set
+        ``episodes_per_call`` and override this; evaluation hands them that many episodes per call."""
+        return torch.stack([self(s, labels, q) for s, labels, q in zip(support, support_labels, query)])
+
+    episodes_per_call: int = 1
+
     def backbone_on_episode(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Support and query through the backbone in one pass: one set of BatchNorm batch statistics per episode."""
         features = self.backbone(torch.cat([support, query]))

@@ -88,11 +88,16 @@ class MAML(AdaptiveMethod):
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Adapt to the support set (``inner_steps`` in train mode, ``test_inner_steps`` in eval mode), then score
-        the queries. Under no_grad or inference_mode (evaluation) the inner loop still runs, on a detached copy."""
-        self.episode_way(support_labels)
-        differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        params = self.network.meta_parameters(1) if differentiable else None
-        return self.adapted_query_logits(params, support[None], support_labels[None], query[None], differentiable=differentiable)[0]
+        the queries: differentiable with respect to the meta-parameters where autograd is on; under no_grad or
+        inference_mode (evaluation) the inner loop still runs, on a detached copy."""
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            self.episode_way(support_labels)
+            params = self.network.meta_parameters(1)
+            return self.adapted_query_logits(params, support[None], support_labels[None], query[None], differentiable=True)[0]
+        return super().forward(support, support_labels, query)
+
+    def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return self.adapted_query_logits(None, support, support_labels, query, differentiable=False)
 
     def _steps(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor

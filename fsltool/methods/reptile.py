@@ -95,12 +95,13 @@ class Reptile(AdaptiveMethod):
 
     def train_copies(
         self, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, generator: torch.Generator | None, track: bool,
-        share: TaskShare | None = None,
+        share: TaskShare | None = None, same_order: bool = False,
     ) -> Params:
         """Train one copy of the meta-parameters per task on (T, n, ...) images, (T, n) labels; returns the trained
         copies (T, *shape), detached. Each task's loss reaches only its own copy, so summing them trains each copy
         on its own mean loss, and Adam (element-wise) or SGD on the stacked copies is the per-task optimiser.
-        With a ``share`` the minibatch order is drawn for the share's whole meta-batch and its rows kept."""
+        With a ``share`` the minibatch order is drawn for the share's whole meta-batch and its rows kept; with
+        ``same_order`` one order is drawn and every task uses it."""
         tasks, count = labels.shape
         share = share or TaskShare(0, tasks)
         with self.grad_context(False):
@@ -110,7 +111,10 @@ class Reptile(AdaptiveMethod):
                 optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.inner_lr, betas=(0.0, 0.999), eps=1e-8)
             else:
                 optimizer = torch.optim.SGD(params, lr=self.inner_lr)
-            order = minibatch_order(share.total, count, steps, batch, generator)[share.start : share.start + tasks]
+            if same_order:
+                order = minibatch_order(1, count, steps, batch, generator).expand(tasks, -1, -1)
+            else:
+                order = minibatch_order(share.total, count, steps, batch, generator)[share.start : share.start + tasks]
             rows = torch.arange(tasks).unsqueeze(1)
             for step in range(steps):
                 chosen = order[:, step]
@@ -120,22 +124,20 @@ class Reptile(AdaptiveMethod):
                 optimizer.step()
         return [p.detach() for p in params]
 
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Fine-tune a copy on the support set (eval mode: ``test_inner_steps`` x ``test_inner_batch``, seeded
-        minibatches; train mode: ``inner_steps`` x ``inner_batch``), then score the queries. Never differentiable
-        with respect to the meta-parameters (Reptile needs no such gradient)."""
-        self.episode_way(support_labels)
+    def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Fine-tune a copy per task on its support set (eval mode: ``test_inner_steps`` x ``test_inner_batch``,
+        every task with the minibatch order of the fixed seed, so an episode scores the same alone or beside
+        others; train mode: ``inner_steps`` x ``inner_batch``, fresh orders), then score the queries."""
         if self.training:
-            steps, batch, generator = self.inner_steps, self.inner_batch, None
+            adapted = self.train_copies(support, support_labels, self.inner_steps, self.inner_batch, None, track=False)
         else:
-            steps, batch, generator = self.test_inner_steps, self.test_inner_batch, torch.Generator().manual_seed(EVAL_SEED)
-        adapted = self.train_copies(support[None], support_labels[None], steps, batch, generator, track=False)
-        with self.grad_context(False):
-            support, query = inputs_for_autograd((support, query))
-            with torch.no_grad():
-                if self.per_query_bn:
-                    return self.network.per_query_logits(adapted, support[None], query[None])[0]
-                return self.network.query_logits(adapted, support[None], query[None], self.transductive)[0]
+            generator = torch.Generator().manual_seed(EVAL_SEED)
+            adapted = self.train_copies(support, support_labels, self.test_inner_steps, self.test_inner_batch, generator,
+                                        track=False, same_order=True)
+        with torch.no_grad():
+            if self.per_query_bn:
+                return self.network.per_query_logits(adapted, support, query)
+            return self.network.query_logits(adapted, support, query, self.transductive)
 
     def _steps(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
