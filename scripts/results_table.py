@@ -3,8 +3,9 @@
     python scripts/results_table.py results
 
 Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
-recipe.yaml give the training budget and time. Files of other protocols (e.g. MANN's --by-instance tables) are
-left out.
+recipe.yaml give the training budget and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
+where there is one, the exported body's prototype accuracy on the same stored episodes (MAML, Reptile). A
+transductive result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ PAPER = {  # published Omniglot accuracies (../shared/docs/PROTOCOLS.md)
     "relationnet": {"5w1s": 99.6, "5w5s": 99.8, "20w1s": 97.6, "20w5s": 99.1},  # Sung et al. 2018
     "matchingnet": {"5w1s": 98.1, "5w5s": 98.9, "20w1s": 93.8, "20w5s": 98.5},  # Vinyals et al. 2016, no FCE
     "snail": {"5w1s": 99.07, "5w5s": 99.78, "20w1s": 97.64, "20w5s": 99.36},  # Mishra et al. 2018
+    "maml": {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9},  # Finn et al. 2017, transductive BatchNorm
+    "fomaml": {"5w1s": 98.3, "5w5s": 99.2, "20w1s": 89.4, "20w5s": 97.9},  # Finn et al. 2017, transductive BatchNorm
+    "reptile": {"5w1s": 95.39, "5w5s": 98.90, "20w1s": 88.14, "20w5s": 96.65},  # Nichol et al. 2018, non-transductive
 }
 NAME = re.compile(r"omniglot-(?P<method>[a-z]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
 ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
@@ -40,14 +44,19 @@ def rows(root: Path) -> list[tuple[str, str, str]]:
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
         budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
         paper = PAPER.get(method, {}).get(setting, "")
-        found.append((method, setting, f"| {method} | {setting} | {paper} | {result['accuracy']:.2f} ± {result['ci95']:.2f} | "
+        measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (" (transductive)" if result.get("transductive") else "")
+        export = root / f"omniglot-{run.name}-export.json"
+        body = json.loads(export.read_text())["verification"] if export.exists() else None
+        body_accuracy = f"{body['accuracy']:.2f}" if body and body.get("shape", "").startswith(setting) else ""
+        found.append((method, setting, f"| {method} | {setting} | {paper} | {measured} | {body_accuracy} | "
                                          f"{run.name} | {budget} | {log[-1]['elapsed'] / 60:.0f} min |"))
     return sorted(found, key=lambda row: (row[0], ORDER.get(row[1], 9), row[2]))
 
 
 def main(folder: str) -> None:
-    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | run | training episodes | training time (incl. validation) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | exported body, prototypes | run | "
+          "training episodes | training time (incl. validation) |")
+    print("|---|---|---|---|---|---|---|---|")
     for _, _, line in rows(Path(folder)):
         print(line)
 

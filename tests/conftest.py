@@ -11,9 +11,11 @@ import torch
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.pack import EpisodePlan, pack
 from fsltool.data.sources.synthetic import synthetic
+from fsltool.export import ExportReport, export_run
 from fsltool.methods import Method
 from fsltool.recipe import Recipe, TrainConfig, ValidationConfig
 from fsltool.runtime import create_session
+from fsltool.train import meta_train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -70,6 +72,20 @@ def quick_recipe(
         validation=ValidationConfig(shape="5w1s5q", every=4, episodes=10),
         test_shape="5w1s5q",
     )
+
+
+def trained(recipe: Recipe) -> Path:
+    """Meta-train ``recipe`` quietly, validating once at the end; the run folder."""
+    recipe.validation.every = recipe.train.episodes
+    meta_train(recipe, quiet=True)
+    return Path(recipe.output)
+
+
+@pytest.fixture(scope="module")
+def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
+    """The test module's ``run`` fixture exported to a fresh folder, checked on 5 stored episodes: (folder, report)."""
+    out = tmp_path_factory.mktemp("export")
+    return out, export_run(run, out, verify_episodes=5)
 
 
 def random_episode(way: int, shot: int, query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

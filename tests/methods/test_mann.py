@@ -14,13 +14,12 @@ from fsltool.cli import main
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
-from fsltool.export import ExportReport, export_run
+from fsltool.export import ExportReport
 from fsltool.methods import build_method
 from fsltool.methods.mann import MANN, ControllerCell, MemoryCell, content_weights, least_used
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
-from fsltool.train import meta_train
-from tests.conftest import assert_queries_independent, assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
+from tests.conftest import assert_queries_independent, assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode, trained
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"way": 5, "hidden": 32, "slots": 12, "slot_size": 8, "heads": 2}
@@ -187,15 +186,8 @@ def run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "mann"
     recipe = quick_recipe(synthetic_file, output, method="mann", method_options={**SMALL, "sequence_training": True},
                           shape="5w5s5q", episodes=4, log_every=2, meta_batch=2)
-    recipe.validation.every = 4
-    meta_train(recipe, quiet=True)
-    return output
+    return trained(recipe)
 
-
-@pytest.fixture(scope="module")
-def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    out = tmp_path_factory.mktemp("export")
-    return out, export_run(run, out, verify_episodes=5)
 
 
 def test_sequence_training_runs_and_logs_query_accuracy(run: Path) -> None:

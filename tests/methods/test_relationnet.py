@@ -8,13 +8,12 @@ import torch
 
 from fsltool.checkpoint import load_trained
 from fsltool.errors import FsltoolError
-from fsltool.export import ExportReport, export_run
+from fsltool.export import ExportReport
 from fsltool.methods import build_method
 from fsltool.methods.relationnet import RelationNet
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
-from fsltool.train import meta_train
-from tests.conftest import assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
+from tests.conftest import assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode, trained
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,15 +30,8 @@ def run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "relationnet"
     recipe = quick_recipe(synthetic_file, output, method="relationnet", backbone="conv4-relation",
                           shape="5w1s5q", episodes=40, log_every=10)
-    recipe.validation.every = 40
-    meta_train(recipe, quiet=True)
-    return output
+    return trained(recipe)
 
-
-@pytest.fixture(scope="module")
-def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    out = tmp_path_factory.mktemp("export")
-    return out, export_run(run, out, verify_episodes=5)
 
 
 def test_short_training_lowers_the_mse_loss(run: Path) -> None:

@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.errors import FsltoolError
-from fsltool.export import ExportReport, export_run
+from fsltool.export import ExportReport
 from fsltool.methods import build_method
 from fsltool.methods.base import TaskShare, class_onehot
 from fsltool.methods.snail import SNAIL, AttentionLayer, DenseLayer
 from fsltool.models import build_backbone
 from fsltool.recipe import load_recipe
-from fsltool.train import meta_train
-from tests.conftest import assert_queries_independent, assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode
+from tests.conftest import assert_queries_independent, assert_embedding_once_matches_per_episode, assert_exported_classifier_matches, quick_recipe, random_episode, trained
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"way": 5, "sequence_length": 11, "tc_filters": 16, "attention": [[16, 8], [16, 16], [32, 16]]}
@@ -38,15 +37,8 @@ def run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = quick_recipe(synthetic_file, output, method="snail", method_options={**SMALL, "sequence_length": 6},
                           shape="3w1s5q", episodes=120, log_every=24, meta_batch=8, lr=0.003)
     recipe.backbone_options = {"hidden": 16}
-    recipe.validation.every = 120
-    meta_train(recipe, quiet=True)
-    return output
+    return trained(recipe)
 
-
-@pytest.fixture(scope="module")
-def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    out = tmp_path_factory.mktemp("export")
-    return out, export_run(run, out, verify_episodes=5)
 
 
 @pytest.mark.parametrize("layer", [DenseLayer(6, 4, 1), DenseLayer(6, 4, 4), AttentionLayer(6, 5, 3)], ids=["dense-d1", "dense-d4", "attention"])
