@@ -84,9 +84,10 @@ def accuracy_by_instance(
     method.eval()
     try:
         unique, inverse = np.unique(images, return_inverse=True)
-        embeddings = embed_all(method, data, unique)[torch.from_numpy(inverse.reshape(images.shape))]
+        embeddings = embed_all(method, data, unique)  # on the method's device
+        embeddings = embeddings[torch.from_numpy(inverse.reshape(images.shape)).to(embeddings.device)]
         predictions = torch.cat([
-            method.sequence_scores(embeddings[i : i + SEQUENCE_BATCH], labels[i : i + SEQUENCE_BATCH], shape.way).argmax(-1)
+            method.sequence_scores(embeddings[i : i + SEQUENCE_BATCH], labels[i : i + SEQUENCE_BATCH].to(embeddings.device), shape.way).argmax(-1).cpu()
             for i in range(0, len(images), SEQUENCE_BATCH)
         ])
     finally:

@@ -343,9 +343,10 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
 @click.option("--untrained", is_flag=True, help="evaluate the run's network as initialised, before meta-training (a baseline)")
 @click.option("--by-instance", is_flag=True, help="accuracy by instance number on labelled sequences, 10 images per class (mann)")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (auto: CUDA where torch sees a GPU)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
-             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, quiet: bool) -> None:
+             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, device: str, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -356,12 +357,14 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
+    from fsltool.device import resolve_device
     from fsltool.evaluate import evaluate as run_evaluation
 
     if episodes is not None and episodes < 1:
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
+    target = resolve_device(device, "--device")
     trained = load_trained(run, which)
-    method = untrained_like(trained) if untrained else trained.method
+    method = (untrained_like(trained) if untrained else trained.method).to(target)
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     with FewShotData(data_path or trained.recipe.data) as data:
         if by_instance:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels
+from fsltool.device import device_of
 from fsltool.data.store import FewShotData
 from fsltool.methods import Method
 
@@ -70,8 +71,9 @@ def inference_copy(network: nn.Module, example: torch.Tensor) -> Callable[[torch
 
 @torch.inference_mode()
 def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True) -> torch.Tensor:
-    """Embeddings of the images at ``indices`` (eval mode), computed in cache-sized batches."""
-    batches = (data.images(indices[i : i + EMBED_BATCH]) for i in range(0, len(indices), EMBED_BATCH))
+    """Embeddings of the images at ``indices`` (eval mode), computed in cache-sized batches on the method's device."""
+    device = device_of(method)
+    batches = (data.images(indices[i : i + EMBED_BATCH]).to(device) for i in range(0, len(indices), EMBED_BATCH))
     first = next(batches)
     embed = inference_copy(method.embedding_network(), first) if frozen else method.embed
     return torch.cat([embed(first), *(embed(batch) for batch in batches)])
@@ -88,14 +90,14 @@ def episode_accuracies(
     try:
         if method.embeds_independently:
             return _accuracies_from_embeddings(method, data, shape, support, query)
-        correct = []
+        correct, device = [], device_of(method)
         for start in range(0, len(support), method.episodes_per_call):
-            episodes = [data.episode(s, q, shape) for s, q in zip(support[start : start + method.episodes_per_call], query[start:])]
+            episodes = [data.episode(s, q, shape).to(device) for s, q in zip(support[start : start + method.episodes_per_call], query[start:])]
             with torch.no_grad():
                 scores = method.score_episodes(*(torch.stack([getattr(e, key) for e in episodes]) for key in ("support", "support_labels", "query")))
             labels = torch.stack([e.query_labels for e in episodes])
             correct.append((scores.argmax(-1) == labels).float().mean(-1))
-        return torch.cat(correct).numpy()
+        return torch.cat(correct).cpu().numpy()
     finally:
         method.train(was_training)
 
@@ -104,12 +106,14 @@ def episode_accuracies(
 def _accuracies_from_embeddings(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
-    support_labels, query_labels = episode_labels(shape)
+    device = device_of(method)
+    support_labels, query_labels = (labels.to(device) for labels in episode_labels(shape))
     unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
     embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
     feature_shape = embeddings.shape[1:]
-    support_emb = embeddings[torch.from_numpy(inverse[: support.size])].view(*support.shape, *feature_shape)
-    query_emb = embeddings[torch.from_numpy(inverse[support.size :])].view(*query.shape, *feature_shape)
+    inverse = torch.from_numpy(inverse).to(device)
+    support_emb = embeddings[inverse[: support.size]].view(*support.shape, *feature_shape)
+    query_emb = embeddings[inverse[support.size :]].view(*query.shape, *feature_shape)
     per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
     accuracies = []
     for i in range(0, len(support), per_call):
@@ -117,7 +121,7 @@ def _accuracies_from_embeddings(
         labels = support_labels.expand(len(s_emb), -1)
         scores = method.scores_from_embeddings(s_emb, labels, q_emb, shape.way)
         accuracies.append((scores.argmax(-1) == query_labels).float().mean(-1))
-    return torch.cat(accuracies).numpy()
+    return torch.cat(accuracies).cpu().numpy()
 
 
 def episode_indices(

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from fsltool.data.episodes import EpisodeShape
+from fsltool.device import DEVICE_NAME
 from fsltool.errors import FsltoolError
 
 
@@ -54,6 +55,7 @@ class Recipe:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (fsltool.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,6 +210,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'train.lr_schedule': {recipe.train.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     if recipe.train.optimizer not in OPTIMIZERS:
         raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if not DEVICE_NAME.fullmatch(recipe.device):
+        raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
     get_method(recipe.method)
     accepted = method_options(recipe.method)
     for key in recipe.method_options:

@@ -19,6 +19,7 @@ from fsltool.console import console, progress_bar
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
@@ -120,8 +121,9 @@ class RunFolder:
 
 
 def _resumable(recipe: dict[str, Any]) -> dict[str, Any]:
-    """A saved recipe, defaults filled in, minus the keys a resumed run may change (RESUMABLE_KEYS)."""
+    """A saved recipe, defaults filled in, minus the keys a resumed run may change (RESUMABLE_KEYS, and the device)."""
     full = recipe_from_dict(recipe).to_dict()
+    full.pop("device")
     return {**full, "train": {k: v for k, v in full["train"].items() if k not in RESUMABLE_KEYS}}
 
 
@@ -150,14 +152,15 @@ class Window:
 def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
     """Meta-train ``recipe``: in this process, or, under torchrun, as one of WORLD_SIZE data-parallel processes
     (fsltool.distributed) of which rank 0 alone writes the run folder and validates."""
-    group = join()
+    device = resolve_device(recipe.device, "recipe key 'device'")
+    group = join(device)
     try:
-        return _meta_train(recipe, group, resume=resume, force=force, quiet=quiet or not group.writer)
+        return _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
     finally:
         group.leave()
 
 
-def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
+def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
     share = group.share(recipe.train.meta_batch)
     data = FewShotData(recipe.data)
     train_shape = EpisodeShape.parse(recipe.train.shape)
@@ -165,7 +168,7 @@ def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quie
     data.stored_episodes("val", val_shape)  # fail now, not after the first block of training
     torch.manual_seed(recipe.seed)
     config = model_config(recipe, data.image_shape, data.mean, data.std, data.provenance)
-    method = build_model(config)
+    method = build_model(config).to(device)
     if group.world > 1:
         method.task_share = TaskShare(share.start, recipe.train.meta_batch)
     optimizer, scheduler = make_optimizer(recipe, method)
@@ -182,7 +185,7 @@ def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quie
         state = load_checkpoint(run.last)
         if _resumable(state["recipe"]) != _resumable(recipe.to_dict()):
             raise FsltoolError(f"{run.last}: the recipe differs from the one this run was started with (see {run.recipe}); "
-                               f"only {', '.join('train.' + key for key in RESUMABLE_KEYS)} may change on --resume")
+                               f"only {', '.join('train.' + key for key in RESUMABLE_KEYS)} and device may change on --resume")
         if state["episode"] >= recipe.train.episodes:
             raise FsltoolError(f"{run.last}: already trained {state['episode']} episodes; raise train.episodes to continue")
         method.load_state_dict(state["model"])
@@ -225,14 +228,15 @@ def _meta_train(recipe: Recipe, group: Group, *, resume: bool, force: bool, quie
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
             waiting = time.perf_counter()
-            batch = batches.next()
+            batch = [episode.to(device) for episode in batches.next()]
             window.data_wait += time.perf_counter() - waiting
             running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)
             # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
             loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
             correct = sum((output.scores.argmax(-1) == one.query_labels).sum().item() for output, one in zip(outputs, batch))
-            totals = group.sum(torch.tensor([loss_tensor.item(), correct, sum(output.scores.shape[0] for output in outputs)], dtype=torch.float64))
+            totals = group.sum(torch.tensor([loss_tensor.item(), correct, sum(output.scores.shape[0] for output in outputs)],
+                                            dtype=torch.float64, device=device))
             loss = float(totals[0])
             if math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)

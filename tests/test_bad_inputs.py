@@ -150,6 +150,7 @@ CASES: dict[str, Case] = {
     "unknown recipe key": Case(lambda t, f: recipe(t, f, train__lrr=0.1), "unknown recipe key 'train.lrr' (did you mean 'train.lr'?)"),
     "unknown top-level key": Case(lambda t, f: recipe(t, f, metod="protonet"), "unknown recipe key 'metod'"),
     "wrong type": Case(lambda t, f: recipe(t, f, train__episodes="ten"), "recipe key 'train.episodes': expected int, got 'ten'"),
+    "unknown device": Case(lambda t, f: recipe(t, f, device="gpu"), "recipe key 'device': 'gpu' is not one of auto, cpu, cuda, cuda:N"),
     "wrong type for a flag": Case(lambda t, f: recipe(t, f, train__prefetch="yes"), "recipe key 'train.prefetch': expected bool, got 'yes'"),
     "zero way": Case(lambda t, f: recipe(t, f, train__shape="0w1s"), "recipe key 'train.shape': episode shape 0w1s15q: way must be >= 2"),
     "zero shot": Case(lambda t, f: recipe(t, f, train__shape="5w0s"), "way must be >= 2, shot and query >= 1"),
@@ -171,6 +172,7 @@ CASES: dict[str, Case] = {
     # evaluate / export / info / predict: checkpoints, data files and exported models
     "truncated checkpoint": Case(lambda t, f: ["evaluate", str(truncated(f["run"] / "checkpoints" / "best.pt", t / "cut.pt"))],
                                  "cut.pt: not a readable fsltool checkpoint"),
+    "evaluate on an unknown device": Case(lambda t, f: ["evaluate", str(f["run"]), "--device", "tpu"], "--device: 'tpu' is not one of auto, cpu"),
     "foreign checkpoint": Case(lambda t, f: ["evaluate", str(foreign_checkpoint(t / "other.pt"))], "other.pt: not an fsltool checkpoint"),
     "checkpoint of another method": Case(
         lambda t, f: ["evaluate", str(edit_checkpoint(t, f, lambda s: s["model_config"].update(method="maml")))],

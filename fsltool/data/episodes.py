@@ -54,6 +54,12 @@ class Episode:
     query_labels: torch.Tensor  # (way*query,) int64
     shape: EpisodeShape
 
+    def to(self, device: torch.device) -> Episode:
+        """The episode on ``device`` (itself where it already is there)."""
+        if self.support.device == device:
+            return self
+        return Episode(*(t.to(device, non_blocking=True) for t in (self.support, self.support_labels, self.query, self.query_labels)), self.shape)
+
 
 def episode_labels(shape: EpisodeShape) -> tuple[torch.Tensor, torch.Tensor]:
     """Support and query labels of an episode laid out class by class."""
