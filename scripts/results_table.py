@@ -1,6 +1,7 @@
 """Print the README's results table (markdown) from `fsltool evaluate --json` files in a folder.
 
-    python scripts/results_table.py results
+    python scripts/results_table.py results            # the table
+    python scripts/results_table.py results --curves   # each row's validation curve (accuracy vs episodes, minutes)
 
 Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
 recipe.yaml give the training budget and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
@@ -30,7 +31,8 @@ NAME = re.compile(r"omniglot-(?P<method>[a-z]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)
 ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 
 
-def rows(root: Path) -> list[tuple[str, str, str]]:
+def rows(root: Path) -> list[tuple[str, str, str, str]]:
+    """(method, setting, table line, validation-curve line) per result file, in table order."""
     found = []
     for path in root.glob("omniglot-*.json"):
         match = NAME.match(path.stem)
@@ -48,18 +50,27 @@ def rows(root: Path) -> list[tuple[str, str, str]]:
         export = root / f"omniglot-{run.name}-export.json"
         body = json.loads(export.read_text())["verification"] if export.exists() else None
         body_accuracy = f"{body['accuracy']:.2f}" if body and body.get("shape", "").startswith(setting) else ""
+        validations = [row for row in log if row["phase"] == "val"]
+        curve = ", ".join(f"{row['episode']} ({row['elapsed'] / 60:.1f} min): {row['accuracy']:.2f}" for row in validations)
+        curve_shape = validations[0]["shape"] if validations else "no"
         found.append((method, setting, f"| {method} | {setting} | {paper} | {measured} | {body_accuracy} | "
-                                         f"{run.name} | {budget} | {log[-1]['elapsed'] / 60:.0f} min |"))
+                                         f"{run.name} | {budget} | {log[-1]['elapsed'] / 60:.0f} min |",
+                      f"- {run.name} ({curve_shape} validation, episode (minutes): accuracy): {curve}"))
     return sorted(found, key=lambda row: (row[0], ORDER.get(row[1], 9), row[2]))
 
 
-def main(folder: str) -> None:
+def main(folder: str, curves: bool) -> None:
+    if curves:
+        for *_, curve in rows(Path(folder)):
+            print(curve)
+        return
     print("| method | setting | paper | measured (600 stored test episodes, 95% CI) | exported body, prototypes | run | "
           "training episodes | training time (incl. validation) |")
     print("|---|---|---|---|---|---|---|---|")
-    for _, _, line in rows(Path(folder)):
+    for _, _, line, _ in rows(Path(folder)):
         print(line)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results")
+    arguments = [a for a in sys.argv[1:] if a != "--curves"]
+    main(arguments[0] if arguments else "results", "--curves" in sys.argv[1:])
