@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels
+from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels, stack_episodes
 from fsltool.device import device_of
 from fsltool.data.store import FewShotData
 from fsltool.methods import Method
@@ -90,13 +90,13 @@ def episode_accuracies(
     try:
         if method.embeds_independently:
             return _accuracies_from_embeddings(method, data, shape, support, query)
-        correct, device = [], device_of(method)
-        for start in range(0, len(support), method.episodes_per_call):
-            episodes = [data.episode(s, q, shape).to(device) for s, q in zip(support[start : start + method.episodes_per_call], query[start:])]
+        correct, device, step = [], device_of(method), method.episodes_per_call
+        for start in range(0, len(support), step):
+            episodes = [data.episode(s, q, shape).to(device) for s, q in zip(support[start : start + step], query[start : start + step])]
+            stacked_support, support_labels, stacked_query, query_labels = stack_episodes(episodes)
             with torch.no_grad():
-                scores = method.score_episodes(*(torch.stack([getattr(e, key) for e in episodes]) for key in ("support", "support_labels", "query")))
-            labels = torch.stack([e.query_labels for e in episodes])
-            correct.append((scores.argmax(-1) == labels).float().mean(-1))
+                scores = method.score_episodes(stacked_support, support_labels, stacked_query)
+            correct.append((scores.argmax(-1) == query_labels).float().mean(-1))
         return torch.cat(correct).cpu().numpy()
     finally:
         method.train(was_training)

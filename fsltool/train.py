@@ -228,7 +228,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
             waiting = time.perf_counter()
-            batch = [episode.to(device) for episode in batches.next()]
+            batch = [task.to(device) for task in batches.next()]
             window.data_wait += time.perf_counter() - waiting
             running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)

@@ -74,8 +74,8 @@ class Network(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # channels_last: the libraries' faster layout here (in NCHW, fsltool's per-task layout, learn2learn's step
-        # took 1.55x fsltool's grouped step against 1.43x in channels_last; README)
+        # channels_last: the libraries' faster layout here (a one-off run in NCHW, fsltool's per-task layout, made
+        # learn2learn relatively slower; README)
         self.backbone = build_backbone("conv4-strided", 1, [0.1], [0.3], flatten=False)
         self.head = nn.Linear(self.backbone.out_channels, WAY)
 

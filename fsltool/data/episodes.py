@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,11 @@ class Episode:
         if self.support.device == device:
             return self
         return Episode(*(t.to(device, non_blocking=True) for t in (self.support, self.support_labels, self.query, self.query_labels)), self.shape)
+
+
+def stack_episodes(episodes: Sequence[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(support, support labels, query, query labels), each stacked over ``episodes`` of one shape."""
+    return tuple(torch.stack([getattr(e, key) for e in episodes]) for key in ("support", "support_labels", "query", "query_labels"))  # type: ignore[return-value]
 
 
 def episode_labels(shape: EpisodeShape) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsltool.data.episodes import Episode
+from fsltool.data.episodes import Episode, stack_episodes
 from fsltool.errors import FsltoolError
 from fsltool.methods.base import ExportGraph, Method, StepOutput, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
 from fsltool.methods.protonet import prototype_scores
@@ -58,8 +58,7 @@ class TaskNetwork:
     every backbone: the head then has ``out_channels`` inputs whatever the image size.
 
     Feature maps are kept in NCHW whatever the backbone's own format: BatchNorm's backward and double backward
-    on channels-last maps took 2.5x as long (5 x 512 x 14 x 14, float32, 2 threads), and the 32-task
-    second-order MAML step ran 1.86 s against 2.24 s (scripts/benchmark_maml_libraries.py's step, one A/B run).
+    on channels-last maps take over twice as long (scripts/benchmark_batchnorm_layouts.py).
     """
 
     def __init__(self, backbone: Backbone, head: nn.Linear, method: str) -> None:
@@ -263,8 +262,8 @@ class AdaptiveMethod(Method):
         return self.score_episodes(support[None], support_labels[None], query[None])[0]
 
     def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Episodes adapted side by side in groups of at most ``images_per_pass`` images. Reptile's 50-step
-        fine-tuning of 5w1s15q Omniglot episodes took 0.2 s per episode in groups of 16, 0.1 s in groups of 64."""
+        """Episodes adapted side by side in groups of at most ``images_per_pass`` images (evaluating 600 stored
+        Reptile episodes: 234.5 -> 81.1 s, scripts/benchmark_methods.py, README)."""
         self.episode_way(support_labels)
         per_pass = max(1, self.images_per_pass // (support.shape[1] + query.shape[1]))
         with self.grad_context(False):
@@ -287,7 +286,7 @@ class AdaptiveMethod(Method):
         """(support, support labels, query, query labels) stacked over episodes of one shape, or None."""
         if len({(e.support.shape, e.query.shape) for e in episodes}) != 1:
             return None
-        return tuple(torch.stack([getattr(e, key) for e in episodes]) for key in ("support", "support_labels", "query", "query_labels"))
+        return stack_episodes(episodes)
 
     @staticmethod
     def grad_context(differentiable: bool) -> ExitStack:

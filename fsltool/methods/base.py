@@ -56,6 +56,7 @@ class Method(nn.Module, ABC):
     # Set by a data-parallel training loop: a method that draws random numbers per task in meta_step draws them for
     # the whole meta-batch and keeps its share's, so the global RNG advances as in one process (None: all tasks).
     task_share: TaskShare | None = None
+    episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -70,8 +71,6 @@ class Method(nn.Module, ABC):
         scores as ``forward`` on each episode. Methods that can score several episodes at once set
         ``episodes_per_call`` and override this; evaluation hands them that many episodes per call."""
         return torch.stack([self(s, labels, q) for s, labels, q in zip(support, support_labels, query)])
-
-    episodes_per_call: int = 1
 
     def backbone_on_episode(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Support and query through the backbone in one pass: one set of BatchNorm batch statistics per episode."""
