@@ -7,8 +7,8 @@ Adam step. The network is the same module everywhere: fsltool's conv4-strided (4
 ReLU], channels_last for the libraries, NCHW inside fsltool's per-task networks), feature maps averaged over space, a linear head. BatchNorm normalises every pass with its
 own batch, queries included (transductive): that is what the libraries do with a module in train mode, so fsltool
 runs with ``transductive_bn: true`` here; its default (queries normalised with the support statistics, computed in
-one pass over support and queries) is timed as an extra row, and so is a smaller ``task_chunk`` (tasks per grouped
-pass: less memory, more time).
+one pass over support and queries) is timed as an extra row, and so are a smaller ``task_chunk`` (tasks per grouped
+pass: less memory, more time) and other ``query_chunk`` values (tasks per grouped query pass).
 
 Every case runs in a fresh subprocess: its peak memory is ru_maxrss at the end minus ru_maxrss after importing
 torch and building the model and optimizer. fsltool's cases run with this interpreter; the libraries' with
@@ -55,17 +55,20 @@ from fsltool.platform_tuning import tune_allocator  # noqa: E402
 
 WAY, SHOT, QUERY, TASKS, INNER_STEPS, INNER_LR, OUTER_LR = 5, 1, 15, 32, 5, 0.4, 1e-3
 
-# name -> (implementation, second order, runs under the side environment, fsltool's task_chunk or 0: its default)
-CASES: dict[str, tuple[str, bool, bool, int]] = {
-    "fsltool per-task, 2nd order": ("fsltool-loop", True, False, 0),
-    "fsltool grouped, 2nd order": ("fsltool-grouped", True, False, 0),
-    "fsltool grouped by 2 tasks, 2nd order": ("fsltool-grouped", True, False, 2),
-    "fsltool grouped, 2nd order, support-statistics BN": ("fsltool-grouped-support-bn", True, False, 0),
-    "higher 0.2.1, 2nd order": ("higher", True, True, 0),
-    "learn2learn 0.2.0, 2nd order": ("learn2learn", True, True, 0),
-    "fsltool per-task, 1st order": ("fsltool-loop", False, False, 0),
-    "fsltool grouped, 1st order": ("fsltool-grouped", False, False, 0),
-    "learn2learn 0.2.0, 1st order": ("learn2learn", False, True, 0),
+# name -> (implementation, second order, runs under the side environment, fsltool's task_chunk and query_chunk,
+# 0: the method's default)
+CASES: dict[str, tuple[str, bool, bool, int, int]] = {
+    "fsltool per-task, 2nd order": ("fsltool-loop", True, False, 0, 0),
+    "fsltool grouped, 2nd order": ("fsltool-grouped", True, False, 0, 0),
+    "fsltool grouped, queries 1 task per pass, 2nd order": ("fsltool-grouped", True, False, 0, 1),
+    "fsltool grouped, queries 2 tasks per pass, 2nd order": ("fsltool-grouped", True, False, 0, 2),
+    "fsltool grouped by 2 tasks, 2nd order": ("fsltool-grouped", True, False, 2, 0),
+    "fsltool grouped, 2nd order, support-statistics BN": ("fsltool-grouped-support-bn", True, False, 0, 0),
+    "higher 0.2.1, 2nd order": ("higher", True, True, 0, 0),
+    "learn2learn 0.2.0, 2nd order": ("learn2learn", True, True, 0, 0),
+    "fsltool per-task, 1st order": ("fsltool-loop", False, False, 0, 0),
+    "fsltool grouped, 1st order": ("fsltool-grouped", False, False, 0, 0),
+    "learn2learn 0.2.0, 1st order": ("learn2learn", False, True, 0, 0),
 }
 
 
@@ -91,7 +94,7 @@ def tasks(generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, 
              torch.rand(WAY * QUERY, 1, 28, 28, generator=generator), query_labels) for _ in range(TASKS)]
 
 
-def fsltool_step(kind: str, second_order: bool, chunk: int) -> tuple[nn.Module, Callable[[list[Any]], None]]:
+def fsltool_step(kind: str, second_order: bool, task_chunk: int, query_chunk: int) -> tuple[nn.Module, Callable[[list[Any]], None]]:
     from fsltool.data.episodes import Episode, EpisodeShape
     from fsltool.methods import build_method
 
@@ -100,8 +103,10 @@ def fsltool_step(kind: str, second_order: bool, chunk: int) -> tuple[nn.Module, 
                "transductive_bn": kind != "fsltool-grouped-support-bn"}
     method = build_method("maml", build_backbone("conv4-strided", 1, [0.1], [0.3]), options)
     method.group_tasks = kind != "fsltool-loop"  # type: ignore[attr-defined]
-    if chunk:
-        method.task_chunk = chunk  # type: ignore[attr-defined]
+    if task_chunk:
+        method.task_chunk = task_chunk  # type: ignore[attr-defined]
+    if query_chunk:
+        method.query_chunk = query_chunk  # type: ignore[attr-defined]
     optimizer = torch.optim.Adam(method.parameters(), lr=OUTER_LR)
 
     def step(batch: list[Any]) -> None:
@@ -172,10 +177,10 @@ def peak_mib() -> float:
 
 def run_case(name: str, warmup: int, repeats: int) -> dict[str, Any]:
     """In this (fresh) process: build, measure the baseline, time the steps."""
-    kind, second_order, _, chunk = CASES[name]
+    kind, second_order, _, task_chunk, query_chunk = CASES[name]
     torch.manual_seed(0)
     if kind.startswith("fsltool"):
-        _, step = fsltool_step(kind, second_order, chunk)
+        _, step = fsltool_step(kind, second_order, task_chunk, query_chunk)
     elif kind == "higher":
         _, step = higher_step(second_order)
     else:
