@@ -13,6 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip_quiet() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_quiet "$TORCH_SPEC"
-"$VENV/bin/python" -c "import torch" || { echo "setup: torch did not install ($TORCH_SPEC)" >&2; exit 1; }
+# -W: before the project's dependencies, numpy is absent and torch warns about it on import (harmless)
+"$VENV/bin/python" -W ignore::UserWarning -c "import torch" || { echo "setup: torch did not install ($TORCH_SPEC)" >&2; exit 1; }
 pip_quiet -e ".[test]"
 "$VENV/bin/fsltool" --version >/dev/null || { echo "setup: fsltool did not install" >&2; exit 1; }
