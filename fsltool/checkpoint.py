@@ -60,7 +60,8 @@ def model_config(
 
 
 def build_model(config: dict[str, Any]) -> Method:
-    backbone = build_backbone(config["backbone"], config["image_shape"][0], config["mean"], config["std"], **config["backbone_options"])
+    channels, size = config["image_shape"][0], config["image_shape"][-1]
+    backbone = build_backbone(config["backbone"], channels, config["mean"], config["std"], image_size=size, **config["backbone_options"])
     return build_method(config["method"], backbone, config["method_options"])
 
 

@@ -25,6 +25,7 @@ from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods import Method
 from fsltool.methods.base import TaskShare
+from fsltool.models.weights import load_backbone_weights
 from fsltool.recipe import RESUMABLE_KEYS, Recipe, dump_recipe, recipe_from_dict
 
 
@@ -40,6 +41,11 @@ class TrainResult:
     writer: bool  # this process wrote the run folder (the only one that has validation results under torchrun)
 
 
+def trainable_parameters(method: Method) -> list[torch.nn.Parameter]:
+    """The parameters training updates: all but those a frozen backbone stage keeps fixed."""
+    return [parameter for parameter in method.parameters() if parameter.requires_grad]
+
+
 def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The outer optimizer and its schedule, stepped once per episode (meta-step).
 
@@ -49,9 +55,9 @@ def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimize
     rises to lr * (1 - done / new total)), as if it had been planned that long."""
     train = recipe.train
     if train.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(method.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(trainable_parameters(method), lr=train.lr, weight_decay=train.weight_decay)
     else:
-        optimizer = torch.optim.SGD(method.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        optimizer = torch.optim.SGD(trainable_parameters(method), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     if train.lr_schedule == "linear":
         episodes = train.episodes
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: max(0.0, 1 - done / episodes))
@@ -171,8 +177,10 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
     method = build_model(config).to(device)
     if group.world > 1:
         method.task_share = TaskShare(share.start, recipe.train.meta_batch)
+    if not resume and "weights" in recipe.backbone_options:
+        load_backbone_weights(method.backbone, recipe.backbone, recipe.backbone_options["weights"])
     optimizer, scheduler = make_optimizer(recipe, method)
-    parameters = list(method.parameters())
+    parameters = trainable_parameters(method)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     sampler = data.sampler("train", train_shape, generator)
 

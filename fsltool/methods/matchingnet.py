@@ -102,7 +102,7 @@ class MatchingNet(Method):
         if isinstance(attention_scale, bool) or not isinstance(attention_scale, (int, float)) or not 0 < attention_scale <= MAX_ATTENTION_SCALE:
             raise option_error(self.name, "attention_scale", f"must be a number in (0, {MAX_ATTENTION_SCALE:g}], got {attention_scale!r}")
         self.attention_scale = float(attention_scale)
-        self.context = FullContextEmbedding(backbone.out_channels, fce_steps) if fce else None
+        self.context = FullContextEmbedding(backbone.embedding_size, fce_steps) if fce else None
         self.embeds_independently = not fce
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,14 @@ class RelationModule(nn.Module):
     and parameters, with its costliest layer run Q + way times instead of Q x way times.
     """
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int, map_size: int = 7) -> None:
         super().__init__()
         self.channels = channels
-        self.first = conv_block(2 * channels, RELATION_FILTERS)
-        self.second = conv_block(RELATION_FILTERS, RELATION_FILTERS)
+        # The paper's two max-pools shrink 7x7 Omniglot maps to 1x1; smaller maps (a ResNet's 5x5 on 84x84, 1x1 on
+        # 28x28) skip the pools that would leave nothing, so the module fits whatever the backbone gives it.
+        first_pools, second_pools = map_size >= 2, map_size // 2 >= 2
+        self.first = conv_block(2 * channels, RELATION_FILTERS, pool=first_pools)
+        self.second = conv_block(RELATION_FILTERS, RELATION_FILTERS, pool=second_pools)
         self.head = nn.Sequential(nn.Linear(RELATION_FILTERS, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1), nn.Sigmoid())
 
     def forward(self, classes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,7 @@ class RelationNet(Method):
                 "use 'backbone: conv4-relation' (or 'backbone_options: {flatten: false}')"
             )
         require_positive_int(self.name, "relation_hidden", relation_hidden)
-        self.relation = RelationModule(backbone.out_channels, relation_hidden)
+        self.relation = RelationModule(backbone.out_channels, relation_hidden, min(backbone.map_shape[1:]))
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_maps, query_maps = self.backbone_on_episode(support, query)

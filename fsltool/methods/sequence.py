@@ -53,7 +53,7 @@ class SequenceMethod(Method):
         if way < 2:
             raise option_error(self.name, "way", f"must be at least 2 (the episodes' way), got {way}")
         self.way = way
-        self.embedding_size = backbone.out_channels  # the flattened embedding on images the backbone maps to 1x1
+        self.embedding_size = backbone.embedding_size
 
     @abstractmethod
     def query_logits(self, support: torch.Tensor, support_onehot: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

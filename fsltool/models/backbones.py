@@ -3,9 +3,13 @@ model carries its own preprocessing and another runtime only has to scale pixels
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fsltool.errors import FsltoolError
@@ -36,57 +40,282 @@ def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bo
 
 
 class Backbone(nn.Module):
-    """Normalize -> feature layers; ``flatten`` gives a vector embedding, else feature maps are kept.
+    """Normalize -> feature layers -> an embedding: the maps flattened (``flatten``, the Conv-4 papers' 1600-d
+    vector on 84x84), their global average (``pool``, ResNets), or the maps themselves (``flatten: false``).
 
-    ``channels_last`` runs the convolutions in NHWC, which oneDNN computes faster on CPU
-    (measured by scripts/benchmark.py); results are the same up to float rounding.
+    ``image_size`` is the side of the images the backbone is built for: methods that put layers on top of the
+    embedding (FCE, SNAIL, MANN, the relation module) size them from ``embedding_shape``, measured by running one
+    blank image through the network. ``channels_last`` runs the convolutions in NHWC, which oneDNN computes
+    faster on CPU (measured by scripts/benchmark.py); results are the same up to float rounding.
     """
 
-    def __init__(self, normalize: Normalize, features: nn.Sequential, *, flatten: bool = True, channels_last: bool = True) -> None:
+    def __init__(self, normalize: Normalize, features: nn.Module, *, flatten: bool = True, pool: bool = False,
+                 channels_last: bool = True, image_size: int = 28) -> None:
         super().__init__()
+        for key, value in (("flatten", flatten), ("pool", pool), ("channels_last", channels_last)):
+            if not isinstance(value, bool):
+                raise FsltoolError(f"backbone_options.{key} must be true or false, got {value!r}")
         self.normalize = normalize
         self.features = features.to(memory_format=torch.channels_last) if channels_last else features
         self.flatten = flatten
-        # Methods that build layers on top of the feature maps (relation module, FCE LSTMs) size them by this.
-        self.out_channels = next(m.out_channels for m in reversed(list(features.modules())) if isinstance(m, nn.Conv2d))
+        self.pool = pool
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.frozen: tuple[str, ...] = ()  # names of feature stages kept fixed (set by ``freeze``)
+        self.image_size = image_size
+        self.map_shape = self._probe_map_shape(normalize.mean.shape[1], image_size)
+        self.out_channels = self.map_shape[0]
+        self.embedding_shape = self.map_shape if not flatten else (self.map_shape[0],) if pool else (math.prod(self.map_shape),)
+        self.embedding_size = math.prod(self.embedding_shape)
+
+    def _probe_map_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
+        """The feature maps' (C, H, W) on one blank image, in eval mode so no BatchNorm statistic moves."""
+        was_training = self.features.training
+        self.features.eval()
+        try:
+            with torch.no_grad():
+                maps = self.features(torch.zeros(1, channels, image_size, image_size).contiguous(memory_format=self.memory_format))
+        except RuntimeError:  # a pooling layer left with nothing to pool
+            maps = torch.zeros(0)
+        self.features.train(was_training)
+        if maps.dim() != 4 or 0 in maps.shape:
+            raise FsltoolError(f"backbone: {image_size}x{image_size} images are too small for it")
+        return tuple(maps.shape[1:])  # type: ignore[return-value]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(self.normalize(images).contiguous(memory_format=self.memory_format))
-        return features.flatten(1) if self.flatten else features.contiguous()
+        if not self.flatten:
+            return features.contiguous()
+        return features.mean((-2, -1)) if self.pool else features.flatten(1)
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The named top-level stages of the feature network (what ``freeze`` may list)."""
+        return dict(self.features.named_children())
+
+    def freeze(self, stages: bool | list[str]) -> None:
+        """Keep these stages' parameters fixed (no gradient) and their BatchNorm statistics too (eval mode
+        whatever ``train()`` says), so a frozen pretrained stage computes exactly what it computed before."""
+        available = self.stages()
+        if stages is True:
+            names = list(available)
+        elif stages is False:
+            names = []
+        elif isinstance(stages, list) and all(isinstance(name, str) for name in stages):
+            unknown = [name for name in stages if name not in available]
+            if unknown:
+                raise FsltoolError(f"backbone_options.freeze: no stage {unknown[0]!r} (stages: {', '.join(available)})")
+            names = list(stages)
+        else:
+            raise FsltoolError(f"backbone_options.freeze must be true, false or a list of stage names, got {stages!r}")
+        for name in names:
+            available[name].requires_grad_(False)
+        self.frozen = tuple(names)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        stages = self.stages()
+        for name in self.frozen:
+            stages[name].eval()
+        return self
 
 
-def conv4(
-    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True, channels_last: bool = True
-) -> Backbone:
-    """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28."""
+def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
+    """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
+    1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``."""
     blocks = [conv_block(channels if i == 0 else hidden, hidden) for i in range(4)]
-    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
-def conv4_strided(
-    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = True, channels_last: bool = True
-) -> Backbone:
+def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
     """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling."""
     blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False) for i in range(4)]
-    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
-def conv4_relation(
-    channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False, channels_last: bool = True
-) -> Backbone:
+def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False,
+                   **layout: Any) -> Backbone:
     """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
     first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28)."""
     blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2) for i in range(4)]
-    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, channels_last=channels_last)
+    return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, **layout)
 
 
-BACKBONES: dict[str, Callable[..., Backbone]] = {"conv4": conv4, "conv4-strided": conv4_strided, "conv4-relation": conv4_relation}
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al. 2018): in training, zero ``block_size`` x ``block_size`` squares of each map so
+    that about ``drop_rate`` of it is dropped, and rescale what is kept; the identity in eval mode. Its random
+    draws come from torch's global generator, which checkpoints save, so a resumed run draws the same blocks."""
+
+    def __init__(self, drop_rate: float, block_size: int) -> None:
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_rate == 0:
+            return x
+        height, width = x.shape[-2:]
+        block = min(self.block_size, height, width)
+        valid = (height - block + 1) * (width - block + 1)
+        gamma = self.drop_rate * height * width / (block * block * valid)
+        seeds = torch.rand(x.shape[0], 1, height - block + 1, width - block + 1, device=x.device, dtype=x.dtype) < gamma
+        pad = block - 1
+        seeds = F.pad(seeds.to(x.dtype), (pad, pad, pad, pad))
+        dropped = F.max_pool2d(seeds, block, stride=1)[..., pad : pad + height, pad : pad + width] if pad else seeds
+        keep = 1 - dropped
+        return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 
 
-def build_backbone(name: str, channels: int, mean: Sequence[float], std: Sequence[float], **options: object) -> Backbone:
+class ResNet12Block(nn.Module):
+    """3 x conv3x3-BN (LeakyReLU 0.1 between), a 1x1 conv-BN shortcut, LeakyReLU, maxpool 2x2 (MetaOptNet, FEAT)."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.pool = nn.MaxPool2d(2)
+        self.drop = drop if drop is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
+        out = F.leaky_relu(self.bn2(self.conv2(out)), 0.1)
+        out = self.bn3(self.conv3(out))
+        return self.drop(self.pool(F.leaky_relu(out + self.shortcut(x), 0.1)))
+
+
+def resnet12(channels: int, mean: Sequence[float], std: Sequence[float], *, widths: Sequence[int] = (64, 160, 320, 640),
+             drop_rate: float = 0.0, drop_block_size: int = 5, pool: bool = True, **layout: Any) -> Backbone:
+    """The few-shot ResNet-12 (Lee et al. 2019, MetaOptNet; Ye et al. 2020, FEAT): four residual stages
+    ``stage1``..``stage4``, each halving the maps (84 -> 42 -> 21 -> 10 -> 5), then global average pooling to a 640-d vector.
+    ``drop_rate`` > 0 adds DropBlock after the last two stages (MetaOptNet: 0.1, blocks of 5)."""
+    widths = _positive_ints("widths", widths, length=4)
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+        raise FsltoolError(f"backbone_options.drop_rate must be a number in [0, 1), got {drop_rate!r}")
+    _positive_ints("drop_block_size", [drop_block_size], length=1)
+    stages = nn.Sequential()
+    for index, width in enumerate(widths):
+        drop = DropBlock(float(drop_rate), drop_block_size) if drop_rate and index >= 2 else None
+        stages.add_module(f"stage{index + 1}", ResNet12Block(channels if index == 0 else widths[index - 1], width, drop))
+    return Backbone(Normalize(mean, std), stages, pool=pool, **layout)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide residual block (Zagoruyko & Komodakis 2016): BN-ReLU-conv3x3 twice, 1x1 shortcut when
+    the width or stride changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+                         if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(activated))))
+        return out + (self.shortcut(activated) if self.shortcut is not None else x)
+
+
+def wrn28_10(channels: int, mean: Sequence[float], std: Sequence[float], *, depth: int = 28, widen: int = 10,
+             pool: bool = True, **layout: Any) -> Backbone:
+    """Wide ResNet 28-10 (as in LEO, Rusu et al. 2019, and S2M2, Mangla et al. 2020): a 16-channel stem, three
+    stages of (depth - 4) / 6 wide blocks at 16/32/64 x ``widen`` channels (strides 1, 2, 2), BN-ReLU, average
+    pooling to a 640-d vector."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise FsltoolError(f"backbone_options.depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth!r}")
+    (widen,) = _positive_ints("widen", [widen], length=1)
+    blocks_per_stage = (depth - 4) // 6
+    widths = [16 * widen, 32 * widen, 64 * widen]
+    layers = nn.Sequential()
+    layers.add_module("stem", nn.Conv2d(channels, 16, 3, padding=1, bias=False))
+    in_channels = 16
+    for index, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+        blocks = [WideBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1) for b in range(blocks_per_stage)]
+        layers.add_module(f"stage{index + 1}", nn.Sequential(*blocks))
+        in_channels = width
+    layers.add_module("final", nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)))
+    return Backbone(Normalize(mean, std), layers, pool=pool, **layout)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block, with its parameter names (conv1, bn1, conv2, bn2, downsample.0/1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = (nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+                           if stride != 1 or in_channels != out_channels else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+def resnet18(channels: int, mean: Sequence[float], std: Sequence[float], *, pool: bool = True, **layout: Any) -> Backbone:
+    """ResNet-18 (He et al. 2016) with torchvision's module names (conv1, bn1, layer1..layer4), so a torchvision
+    ``resnet18`` state_dict loads with ``backbone_options.weights`` (its ``fc`` classifier is left out)."""
+    layers = nn.Sequential()
+    layers.add_module("conv1", nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False))
+    layers.add_module("bn1", nn.BatchNorm2d(64))
+    layers.add_module("relu", nn.ReLU(inplace=True))
+    layers.add_module("maxpool", nn.MaxPool2d(3, stride=2, padding=1))
+    in_channels = 64
+    for index, width in enumerate((64, 128, 256, 512)):
+        stride = 1 if index == 0 else 2
+        layers.add_module(f"layer{index + 1}", nn.Sequential(BasicBlock(in_channels, width, stride), BasicBlock(width, width, 1)))
+        in_channels = width
+    return Backbone(Normalize(mean, std), layers, pool=pool, **layout)
+
+
+def _positive_ints(key: str, values: object, *, length: int) -> list[int]:
+    """A recipe's list of layer sizes, checked: parsed YAML may hold strings, bools or the wrong count."""
+    if (not isinstance(values, (list, tuple)) or len(values) != length
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)):
+        raise FsltoolError(f"backbone_options.{key} must be {length} positive integer(s), got {values!r}")
+    return list(values)
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "conv4": conv4, "conv4-strided": conv4_strided, "conv4-relation": conv4_relation,
+    "resnet12": resnet12, "wrn28-10": wrn28_10, "resnet18": resnet18,
+}
+# Keys of a checkpoint file that belong to a classifier on top of the backbone, not to it: left out on loading.
+HEAD_KEYS: dict[str, tuple[str, ...]] = {"resnet18": ("fc.",)}
+# backbone_options handled here, not by the factories.
+LOADING_OPTIONS = ("weights", "freeze")
+
+
+def build_backbone(name: str, channels: int, mean: Sequence[float], std: Sequence[float], *, image_size: int = 28,
+                   **options: Any) -> Backbone:
+    """The named backbone for ``image_size`` images. ``freeze`` is applied here; ``weights`` (a file) is loaded
+    only when a run starts (fsltool.models.weights), never when a trained run is rebuilt from its checkpoint."""
     try:
         factory = BACKBONES[name]
     except KeyError:
         raise FsltoolError(f"unknown backbone {name!r} (available: {', '.join(BACKBONES)})") from None
-    return factory(channels, mean, std, **options)
+    structural = {key: value for key, value in options.items() if key not in LOADING_OPTIONS}
+    accepted = _factory_options(factory)
+    for key in structural:
+        if key not in accepted:
+            raise FsltoolError(f"backbone {name!r} has no option {key!r} (accepted: {', '.join(accepted + list(LOADING_OPTIONS))})")
+    backbone = factory(channels, mean, std, image_size=image_size, **structural)
+    if "freeze" in options:
+        backbone.freeze(options["freeze"])
+    return backbone
+
+
+def _factory_options(factory: Callable[..., Backbone]) -> list[str]:
+    """The options a backbone accepts: its factory's keywords plus the Backbone layout keys."""
+    own = [key for key, p in inspect.signature(factory).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    layout = [key for key in ("flatten", "pool", "channels_last") if key not in own]
+    return own + layout

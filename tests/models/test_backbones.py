@@ -1,0 +1,223 @@
+"""Backbones: output shapes at the usual image sizes, options, pretrained weights files, freezing, and every
+method training on top of a residual backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fsltool.errors import FsltoolError
+from fsltool.methods import build_method
+from fsltool.models import build_backbone
+from fsltool.models.weights import load_backbone_weights
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+SMALL_RESNET12 = {"widths": [8, 12, 16, 20]}
+
+# (backbone, options, image size) -> embedding shape
+SHAPES = [
+    ("conv4", {}, 28, (64,)), ("conv4", {}, 32, (256,)), ("conv4", {}, 84, (1600,)),
+    ("conv4", {"pool": True}, 84, (64,)),
+    ("conv4-relation", {}, 84, (64, 21, 21)),
+    ("resnet12", {}, 28, (640,)), ("resnet12", {}, 32, (640,)), ("resnet12", {}, 84, (640,)),
+    ("resnet12", {"flatten": False}, 84, (640, 5, 5)), ("resnet12", {"flatten": False}, 32, (640, 2, 2)),
+    ("resnet18", {}, 32, (512,)), ("resnet18", {}, 84, (512,)),
+    ("wrn28-10", {"depth": 10, "widen": 2}, 32, (128,)), ("wrn28-10", {"depth": 10, "widen": 2}, 84, (128,)),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "size", "expected"), SHAPES)
+def test_embedding_shape_at_each_image_size(name: str, options: dict, size: int, expected: tuple[int, ...]) -> None:
+    backbone = build_backbone(name, 3, MEAN, STD, image_size=size, **options)
+    out = backbone(torch.rand(2, 3, size, size))
+    assert tuple(out.shape) == (2, *expected) == (2, *backbone.embedding_shape)
+    assert backbone.embedding_size == out[0].numel()
+
+
+def test_default_widths_are_the_papers() -> None:
+    """ResNet-12 at 64-160-320-640 has about 12.4 M parameters; WRN-28-10 about 36.5 M (both as published)."""
+    resnet = build_backbone("resnet12", 3, MEAN, STD, image_size=84)
+    assert 12.3e6 < sum(p.numel() for p in resnet.parameters()) < 12.5e6
+    wrn = build_backbone("wrn28-10", 3, MEAN, STD, image_size=32)
+    assert 36.4e6 < sum(p.numel() for p in wrn.parameters()) < 36.6e6
+
+
+def test_resnet12_residual_shortcut_is_used() -> None:
+    """Zeroing the shortcut's BatchNorm scale changes the output: the skip connection is part of the network."""
+    backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12).eval()
+    images = torch.rand(3, 3, 32, 32)
+    before = backbone(images)
+    with torch.no_grad():
+        backbone.features.stage4.shortcut[1].weight.zero_()
+        backbone.features.stage4.shortcut[1].bias.zero_()
+    assert not torch.allclose(before, backbone(images))
+
+
+def test_dropblock_only_in_training() -> None:
+    backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, drop_rate=0.5, **SMALL_RESNET12)
+    images = torch.rand(4, 3, 32, 32)
+    backbone.eval()
+    torch.testing.assert_close(backbone(images), backbone(images))
+    backbone.train()
+    torch.manual_seed(0)
+    first = backbone(images)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, backbone(images))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"widths": [8, 8, 8]}, "widths must be 4"), ({"drop_rate": 1.5}, "drop_rate"), ({"pool": "yes"}, "pool must be true"),
+    ({"colour": 1}, "has no option 'colour'"), ({"freeze": ["stage9"]}, "no stage 'stage9'"),
+])
+def test_bad_options_are_one_line_errors(options: dict, message: str) -> None:
+    with pytest.raises(FsltoolError, match=message):
+        build_backbone("resnet12", 3, MEAN, STD, image_size=32, **options)
+
+
+def test_too_small_images_are_refused() -> None:
+    with pytest.raises(FsltoolError, match="too small"):
+        build_backbone("conv4", 1, [0.5], [0.2], image_size=8)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_weights_load_exactly(tmp_path: Path, suffix: str) -> None:
+    source = build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12)
+    path = tmp_path / f"weights{suffix}"
+    state = {key: value.contiguous() for key, value in source.features.state_dict().items()}
+    torch.save(state, path) if suffix == ".pt" else save_file(state, str(path))
+    target = build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12)
+    load_backbone_weights(target, "resnet12", path)
+    for key, value in source.features.state_dict().items():
+        assert torch.equal(target.features.state_dict()[key], value), key
+
+
+def test_weights_of_a_whole_method_load(tmp_path: Path) -> None:
+    """A state_dict saved from an fsltool method ('backbone.features.' keys) loads into a bare backbone."""
+    method = build_method("protonet", build_backbone("conv4", 1, [0.5], [0.2], hidden=8), {})
+    torch.save(method.state_dict(), tmp_path / "method.pt")
+    target = build_backbone("conv4", 1, [0.5], [0.2], hidden=8)
+    load_backbone_weights(target, "conv4", tmp_path / "method.pt")
+    assert torch.equal(target.features[0][0].weight, method.backbone.features[0][0].weight)
+
+
+def test_torchvision_layout_loads_into_resnet18(tmp_path: Path) -> None:
+    """torchvision's resnet18 state_dict names (conv1, layer1.0.downsample..., fc) load; fc is left out."""
+    source = build_backbone("resnet18", 3, MEAN, STD, image_size=32)
+    state = dict(source.features.state_dict())
+    assert "layer2.0.downsample.0.weight" in state and "bn1.running_mean" in state
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    torch.save(state, tmp_path / "torchvision.pth")
+    target = build_backbone("resnet18", 3, MEAN, STD, image_size=32)
+    load_backbone_weights(target, "resnet18", tmp_path / "torchvision.pth")
+    assert torch.equal(target.features.conv1.weight, source.features.conv1.weight)
+
+
+def test_bad_weights_files_are_one_line_errors(tmp_path: Path) -> None:
+    target = build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12)
+    state = dict(build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12).features.state_dict())
+    missing = {k: v for k, v in state.items() if not k.startswith("stage4")}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(FsltoolError, match=r"missing.pt: weights do not fit backbone 'resnet12': missing stage4\.conv1\.weight"):
+        load_backbone_weights(target, "resnet12", tmp_path / "missing.pt")
+    wide = dict(build_backbone("resnet12", 3, MEAN, STD, image_size=32, widths=[8, 12, 16, 24]).features.state_dict())
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(FsltoolError, match=r"shape mismatch stage4\.conv1\.weight \(24, 16, 3, 3\) vs \(20, 16, 3, 3\)"):
+        load_backbone_weights(target, "resnet12", tmp_path / "wide.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FsltoolError, match="junk.pt: not a readable weights file"):
+        load_backbone_weights(target, "resnet12", tmp_path / "junk.pt")
+    with pytest.raises(FsltoolError, match="nothere.pt: backbone weights file not found"):
+        load_backbone_weights(target, "resnet12", tmp_path / "nothere.pt")
+
+
+def test_frozen_stages_stay_frozen() -> None:
+    """Frozen stages get no gradient, their BatchNorm statistics do not move in training mode, the rest learns."""
+    backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, freeze=["stage1", "stage2"], **SMALL_RESNET12)
+    method = build_method("protonet", backbone, {})
+    frozen_before = {k: v.clone() for k, v in backbone.features.stage1.state_dict().items()}
+    free_before = backbone.features.stage4.conv1.weight.clone()
+    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=0.01)
+    method.train()
+    support, query = torch.rand(10, 3, 32, 32), torch.rand(10, 3, 32, 32)
+    labels = torch.arange(5).repeat_interleave(2)
+    F.cross_entropy(method(support, labels, query), labels).backward()
+    optimizer.step()
+    for key, value in backbone.features.stage1.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key
+    assert not torch.equal(backbone.features.stage4.conv1.weight, free_before)
+    assert not backbone.features.stage2.training and backbone.features.stage3.training
+
+
+METHOD_OPTIONS = {
+    "protonet": ("resnet12", {}, {}),
+    "matchingnet": ("resnet12", {}, {"fce": True}),
+    "relationnet": ("resnet12", {"flatten": False}, {}),
+    "snail": ("resnet12", {}, {"way": 5}),
+    "mann": ("resnet12", {}, {"way": 5}),
+    "maml": ("resnet12", {}, {"way": 5, "inner_steps": 1}),
+}
+
+
+@pytest.mark.parametrize("method_name", list(METHOD_OPTIONS))
+def test_every_method_learns_on_resnet12(method_name: str) -> None:
+    """Each method on a (small) ResNet-12 at 32x32 RGB: a few steps on one episode lower its training loss."""
+    from fsltool.data.episodes import Episode, EpisodeShape
+
+    backbone_name, backbone_options, options = METHOD_OPTIONS[method_name]
+    torch.manual_seed(0)
+    backbone = build_backbone(backbone_name, 3, MEAN, STD, image_size=32, **SMALL_RESNET12, **backbone_options)
+    method = build_method(method_name, backbone, options)
+    shape = EpisodeShape(5, 1, 2)
+    generator = torch.Generator().manual_seed(3)
+    episode = Episode(torch.rand(5, 3, 32, 32, generator=generator), torch.arange(5),
+                      torch.rand(10, 3, 32, 32, generator=generator), torch.arange(5).repeat_interleave(2), shape)
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    method.train()
+    losses = []
+    for _ in range(6):
+        outputs = method.meta_step([episode])
+        loss = torch.stack([output.loss for output in outputs]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
+def test_reptile_meta_step_on_resnet12_moves_every_parameter() -> None:
+    """Reptile's meta-gradient (initial minus adapted weights) reaches every layer of a residual backbone."""
+    from fsltool.data.episodes import Episode, EpisodeShape
+
+    backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, **SMALL_RESNET12)
+    method = build_method("reptile", backbone, {"way": 5, "inner_steps": 2})
+    generator = torch.Generator().manual_seed(3)
+    episode = Episode(torch.rand(5, 3, 32, 32, generator=generator), torch.arange(5),
+                      torch.rand(5, 3, 32, 32, generator=generator), torch.arange(5), EpisodeShape(5, 1, 1))
+    method.train()
+    torch.stack([output.loss for output in method.meta_step([episode])]).mean().backward()
+    for name, parameter in backbone.features.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+
+def test_meta_training_starts_from_a_weights_file_and_keeps_frozen_stages(synthetic_file: Path, tmp_path: Path) -> None:
+    """A run with backbone_options.weights starts from the file's tensors; a frozen stage ends exactly there, the
+    others move; the rebuilt trained model no longer needs the file."""
+    from conftest import quick_recipe, trained
+
+    from fsltool.checkpoint import load_trained
+
+    torch.manual_seed(5)
+    source = build_backbone("resnet12", 1, [0.5], [0.2], image_size=28, **SMALL_RESNET12)
+    torch.save(source.features.state_dict(), tmp_path / "pretrained.pt")
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", backbone="resnet12", episodes=4, shape="5w1s2q")
+    recipe.backbone_options = {**SMALL_RESNET12, "weights": str(tmp_path / "pretrained.pt"), "freeze": ["stage1"]}
+    run = trained(recipe)
+    (tmp_path / "pretrained.pt").unlink()
+    features = load_trained(run).method.backbone.features
+    for key, value in source.features.stage1.state_dict().items():
+        assert torch.equal(features.stage1.state_dict()[key], value), key
+    assert not torch.equal(features.stage4.conv1.weight, source.features.stage4.conv1.weight)
