@@ -33,14 +33,17 @@ ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 
 def rows(root: Path) -> list[tuple[str, str, str, str]]:
     """(method, setting, table line, validation-curve line) per result file, in table order."""
-    found = []
-    for path in root.glob("omniglot-*.json"):
+    found, missing = [], []
+    for path in sorted(root.glob("omniglot-*.json")):
         match = NAME.match(path.stem)
         result = json.loads(path.read_text())
         if not match or "accuracy" not in result:
             continue
         method, setting = match["method"], match["setting"]
-        run = Path(result["run"])
+        run = root / "runs" / Path(result["run"]).name  # the committed evidence, never a local run folder
+        if not (run / "metrics.jsonl").is_file():
+            missing.append(path.name)
+            continue
         log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
@@ -56,6 +59,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         found.append((method, setting, f"| {method} | {setting} | {paper} | {measured} | {body_accuracy} | "
                                          f"{run.name} | {budget} | {log[-1]['elapsed'] / 60:.0f} min |",
                       f"- {run.name} ({curve_shape} validation, episode (minutes): accuracy): {curve}"))
+    if missing:
+        print(f"left out (no committed {root}/runs/<run>/metrics.jsonl behind them): {', '.join(missing)}", file=sys.stderr)
     return sorted(found, key=lambda row: (row[0], ORDER.get(row[1], 9), row[2]))
 
 
