@@ -23,11 +23,15 @@ class TrainConfig:
     shape: str = "60w5s5q"  # training episode shape
     episodes: int = 10000  # meta-updates (each uses meta_batch episodes)
     meta_batch: int = 1  # episodes averaged into one meta-update
-    optimizer: str = "adam"  # adam | sgd
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # as the optimizer defines it: L2 in the gradient (adam, sgd), decoupled (adamw)
     momentum: float = 0.9  # sgd only
-    lr_schedule: str = "step"  # step: lr_step / lr_gamma below | linear: lr * (1 - done / train.episodes), to 0 at the end
+    # step: lr_step / lr_gamma below | linear: lr * (1 - done / train.episodes), to 0 at the end |
+    # cosine: lr * (1 + cos(pi * done / train.episodes)) / 2
+    lr_schedule: str = "step"
+    warmup: int = 0  # episodes of linear warm-up from lr / warmup to lr, before the schedule's own factor applies
+    clip_grad_norm: float = 0.0  # clip the meta-gradient's global norm to this (0: off)
     lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step episodes (0: constant)
     lr_gamma: float = 0.5
     log_every: int = 50
@@ -61,8 +65,8 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("step", "linear")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("step", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed).
@@ -200,8 +204,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     for key, value in positive.items():
         if value <= 0:
             raise FsltoolError(f"{where}: recipe key {key!r} must be positive, got {value}")
-    if recipe.train.lr_step < 0 or recipe.train.weight_decay < 0:
-        raise FsltoolError(f"{where}: recipe keys 'train.lr_step' and 'train.weight_decay' must be >= 0")
+    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm"):
+        if getattr(recipe.train, key) < 0:
+            raise FsltoolError(f"{where}: recipe key 'train.{key}' must be >= 0, got {getattr(recipe.train, key)}")
     if recipe.train.keep_checkpoints < 0:
         raise FsltoolError(f"{where}: recipe key 'train.keep_checkpoints' must be >= 0, got {recipe.train.keep_checkpoints}")
     if recipe.train.on_nonfinite not in NONFINITE_POLICIES:

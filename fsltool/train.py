@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from fsltool.evaluate import evaluate
 from fsltool.methods import Method
 from fsltool.methods.base import TaskShare
 from fsltool.models.weights import load_backbone_weights
-from fsltool.recipe import RESUMABLE_KEYS, Recipe, dump_recipe, recipe_from_dict
+from fsltool.recipe import RESUMABLE_KEYS, Recipe, TrainConfig, dump_recipe, recipe_from_dict
 
 
 @dataclass
@@ -46,24 +47,34 @@ def trainable_parameters(method: Method) -> list[torch.nn.Parameter]:
     return [parameter for parameter in method.parameters() if parameter.requires_grad]
 
 
-def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The outer optimizer and its schedule, stepped once per episode (meta-step).
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, train: torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay),
+    "adamw": lambda params, train: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
+    "sgd": lambda params, train: torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay),
+}
+
+
+def lr_factor(train: TrainConfig) -> Callable[[int], float]:
+    """The learning rate's multiplier after ``done`` meta-steps: the warm-up ramp times the schedule.
 
     ``linear`` is Reptile's annealing (Nichol et al.): meta-step i of E (0-based) uses lr * (1 - i / E), reaching 0
-    after the last. It follows the recipe's ``train.episodes``: a run resumed with the same value continues the
-    schedule exactly; one resumed with more episodes continues on the longer line from where it stands (its lr
-    rises to lr * (1 - done / new total)), as if it had been planned that long."""
-    train = recipe.train
-    if train.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(trainable_parameters(method), lr=train.lr, weight_decay=train.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(trainable_parameters(method), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    if train.lr_schedule == "linear":
-        episodes = train.episodes
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: max(0.0, 1 - done / episodes))
-    if train.lr_step == 0:  # constant learning rate
-        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_step, gamma=train.lr_gamma)
+    after the last; ``cosine`` follows half a cosine from lr to 0 over E. Both follow the recipe's
+    ``train.episodes``: a run resumed with the same value continues the schedule exactly; one resumed with more
+    episodes continues on the longer curve from where it stands, as if it had been planned that long."""
+    episodes, warmup = train.episodes, train.warmup
+    schedules: dict[str, Callable[[int], float]] = {
+        "step": lambda done: train.lr_gamma ** (done // train.lr_step) if train.lr_step else 1.0,
+        "linear": lambda done: max(0.0, 1 - done / episodes),
+        "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * min(done, episodes) / episodes)),
+    }
+    schedule = schedules[train.lr_schedule]
+    return lambda done: (min(1.0, (done + 1) / warmup) if warmup else 1.0) * schedule(done)
+
+
+def make_optimizer(recipe: Recipe, method: Method) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The outer optimizer and its schedule (``lr_factor``), stepped once per episode (meta-step)."""
+    optimizer = OPTIMIZERS[recipe.train.optimizer](trainable_parameters(method), recipe.train)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe.train))
 
 
 class RunFolder:
@@ -250,6 +261,8 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
                 optimizer.zero_grad(set_to_none=True)
                 loss_tensor.backward()
                 group.sum_gradients(parameters)
+                if recipe.train.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(parameters, recipe.train.clip_grad_norm)
                 group.merge_running_stats(running_stats)
                 optimizer.step()
                 window.loss, window.correct, window.total, window.steps = (
