@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fsltool.data.augment import AugmentConfig, check_augment
 from fsltool.data.episodes import EpisodeShape
 from fsltool.device import DEVICE_NAME
 from fsltool.errors import FsltoolError
@@ -38,6 +39,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # episode-numbered checkpoints kept beside last.pt and best.pt (0: none)
     on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that meta-step and count it)
     prefetch: bool = True  # assemble the next meta-batch's episodes on a background thread during the step
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training episodes only (fsltool.data.augment)
 
 
 @dataclass
@@ -215,6 +217,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'train.lr_schedule': {recipe.train.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     if recipe.train.optimizer not in OPTIMIZERS:
         raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    check_augment(recipe.train.augment, where)
     if not DEVICE_NAME.fullmatch(recipe.device):
         raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
     get_method(recipe.method)

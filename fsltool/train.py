@@ -17,6 +17,7 @@ from rich.progress import TextColumn
 
 from fsltool.checkpoint import build_model, load_checkpoint, model_config, save_checkpoint
 from fsltool.console import console, progress_bar
+from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
@@ -247,7 +248,8 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
             waiting = time.perf_counter()
-            batch = [task.to(device) for task in batches.next()]
+            batch = [augment_episode(task.to(device), recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
+                     for position, task in enumerate(batches.next())]
             window.data_wait += time.perf_counter() - waiting
             running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)

@@ -1,0 +1,119 @@
+"""Training-time augmentation of assembled episodes, as batched tensor operations (one affine resampling of the
+whole episode and a few element-wise colour operations), never image by image.
+
+Every episode draws its parameters from its own generator, seeded by (run seed, meta-step, position in the
+meta-batch): the draws depend neither on what ran before (a resumed run augments exactly as an uninterrupted one)
+nor on how the meta-batch is split across data-parallel processes. Validation and test episodes never pass here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsltool.data.episodes import Episode
+from fsltool.errors import FsltoolError
+
+KINDS = ("none", "natural", "glyph")
+
+
+@dataclass
+class AugmentConfig:
+    """``train.augment``: natural = random resized crop, horizontal flip, colour jitter (RGB photos);
+    glyph = random affine (rotation, scale, shift) for greyscale characters; none = off."""
+
+    kind: str = "none"
+    crop_scale: float = 0.5  # natural: a crop covers [crop_scale, 1] of the image's area (aspect 3/4 to 4/3)
+    flip: bool = True  # natural: mirror half of the images left to right
+    color_jitter: float = 0.4  # natural: brightness, contrast and saturation factors in [1 - j, 1 + j]
+    rotation: float = 10.0  # glyph: degrees, either way
+    scale: float = 0.1  # glyph: size factor in [1 - s, 1 + s]
+    shift: float = 0.1  # glyph: translation, as a fraction of the image side, either way
+
+
+def check_augment(config: AugmentConfig, where: str) -> None:
+    """Values a recipe may not hold, named by their key."""
+    if config.kind not in KINDS:
+        raise FsltoolError(f"{where}: recipe key 'train.augment.kind': {config.kind!r} is not one of {', '.join(KINDS)}")
+    ranges = {"crop_scale": (0.01, 1.0), "color_jitter": (0.0, 0.99), "rotation": (0.0, 180.0), "scale": (0.0, 0.9), "shift": (0.0, 0.5)}
+    for key, (low, high) in ranges.items():
+        value = getattr(config, key)
+        if not math.isfinite(value) or not low <= value <= high:
+            raise FsltoolError(f"{where}: recipe key 'train.augment.{key}' must be in [{low:g}, {high:g}], got {value}")
+
+
+def episode_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The generator of one training episode's augmentation."""
+    state = np.random.SeedSequence([seed, step, position]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def _natural_theta(n: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) affine maps from output to input coordinates: a crop of random area and aspect at a random place,
+    mirrored for half of the images."""
+    area = _uniform(n, config.crop_scale, 1.0, generator)
+    # Aspects are log-uniform in [3/4, 4/3], narrowed to those whose crop of this area fits the image (a <= r <= 1/a).
+    limit = torch.minimum(torch.full_like(area, math.log(4 / 3)), -area.log())
+    aspect = torch.exp((2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1) * limit)
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
+    centre_x = (1 - width) * _uniform(n, -1.0, 1.0, generator)
+    centre_y = (1 - height) * _uniform(n, -1.0, 1.0, generator)
+    mirror = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double() if config.flip else torch.ones(n, dtype=torch.float64)
+    zero = torch.zeros(n, dtype=torch.float64)
+    return torch.stack([torch.stack([width * mirror, zero, centre_x], 1), torch.stack([zero, height, centre_y], 1)], 1)
+
+
+def _glyph_theta(n: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3): rotation by up to ``rotation`` degrees, scaling and a shift (in [-1, 1] frame units)."""
+    angle = torch.deg2rad(_uniform(n, -config.rotation, config.rotation, generator))
+    inverse_scale = 1 / _uniform(n, 1 - config.scale, 1 + config.scale, generator)
+    shift_x, shift_y = (_uniform(n, -2 * config.shift, 2 * config.shift, generator) for _ in range(2))
+    cos, sin = torch.cos(angle) * inverse_scale, torch.sin(angle) * inverse_scale
+    return torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+
+
+def _color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and (for RGB) saturation, each a random factor per image, clamped to [0, 1]."""
+    n = images.shape[0]
+
+    def factors() -> torch.Tensor:
+        return _uniform(n, 1 - strength, 1 + strength, generator).to(images.device, images.dtype).view(n, 1, 1, 1)
+
+    brightness, contrast, saturation = factors(), factors(), factors()
+    images = images * brightness
+    grey = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+    images = (images - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)
+    if images.shape[1] == 3:
+        grey = images.mean(1, keepdim=True)
+        images = (images - grey) * saturation + grey
+    return images.clamp(0, 1)
+
+
+def augment_images(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(N, C, H, W) float images in [0, 1] -> the same shape, augmented as ``config.kind`` says."""
+    if config.kind == "none":
+        return images
+    n = images.shape[0]
+    theta = (_natural_theta if config.kind == "natural" else _glyph_theta)(n, config, generator)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if config.kind == "natural" and config.color_jitter:
+        images = _color_jitter(images, config.color_jitter, generator)
+    return images
+
+
+def augment_episode(episode: Episode, config: AugmentConfig, generator: torch.Generator) -> Episode:
+    """The episode with its support and query images augmented in one batch (labels and shape unchanged)."""
+    if config.kind == "none":
+        return episode
+    images = augment_images(torch.cat([episode.support, episode.query]), config, generator)
+    support_count = episode.support.shape[0]
+    return Episode(images[:support_count], episode.support_labels, images[support_count:], episode.query_labels, episode.shape)

@@ -1,0 +1,90 @@
+"""Training augmentation: geometry and colour are right, draws are seeded per episode, and only training
+episodes are ever augmented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import quick_recipe
+
+from fsltool.checkpoint import load_checkpoint
+from fsltool.data import augment
+from fsltool.data.augment import AugmentConfig, augment_images, episode_generator
+from fsltool.errors import FsltoolError
+from fsltool.recipe import validate
+from fsltool.train import meta_train
+
+
+def parameters(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_identity_settings_leave_images_unchanged() -> None:
+    images = torch.rand(6, 3, 20, 20)
+    config = AugmentConfig(kind="natural", crop_scale=1.0, flip=False, color_jitter=0.0)
+    torch.testing.assert_close(augment_images(images, config, episode_generator(0, 1, 0)), images, atol=1e-5, rtol=0)
+    glyph = AugmentConfig(kind="glyph", rotation=0.0, scale=0.0, shift=0.0)
+    torch.testing.assert_close(augment_images(images[:, :1], glyph, episode_generator(0, 1, 0)), images[:, :1], atol=1e-5, rtol=0)
+
+
+def test_flip_mirrors_exactly_the_images_it_picks() -> None:
+    images = torch.rand(40, 3, 8, 8)
+    out = augment_images(images, AugmentConfig(kind="natural", crop_scale=1.0, color_jitter=0.0), episode_generator(0, 1, 0))
+    mirrored = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, images)]
+    unchanged = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, images)]
+    assert all(m or u for m, u in zip(mirrored, unchanged)) and 5 < sum(mirrored) < 35
+
+
+def test_natural_augmentation_varies_stays_in_range_and_repeats_with_its_seed() -> None:
+    images = torch.rand(10, 3, 32, 32)
+    config = AugmentConfig(kind="natural")
+    first = augment_images(images, config, episode_generator(3, 7, 1))
+    assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
+    assert not torch.allclose(first, images, atol=1e-3)
+    torch.testing.assert_close(first, augment_images(images, config, episode_generator(3, 7, 1)), atol=0, rtol=0)
+    assert not torch.allclose(first, augment_images(images, config, episode_generator(3, 7, 2)))
+
+
+def test_bad_augment_values_name_the_key() -> None:
+    recipe = quick_recipe(Path("d.h5"), Path("out"))
+    recipe.train.augment = AugmentConfig(kind="photos")
+    with pytest.raises(FsltoolError, match="'train.augment.kind': 'photos' is not one of none, natural, glyph"):
+        validate(recipe)
+    recipe.train.augment = AugmentConfig(kind="natural", crop_scale=0.0)
+    with pytest.raises(FsltoolError, match=r"'train.augment.crop_scale' must be in \[0.01, 1\], got 0.0"):
+        validate(recipe)
+
+
+def test_only_training_episodes_are_augmented(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every augmented batch is one training episode (10w1s5q: 60 images); validation's stored episodes never are."""
+    calls: list[int] = []
+    original = augment.augment_images
+
+    def recording(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+        calls.append(images.shape[0])
+        return original(images, config, generator)
+
+    monkeypatch.setattr(augment, "augment_images", recording)
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4, meta_batch=2)
+    recipe.train.augment = AugmentConfig(kind="glyph")
+    meta_train(recipe, quiet=True)
+    assert calls == [60] * 8
+
+
+def test_augmented_run_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> None:
+    recipes = {}
+    for name in ("straight", "resumed"):
+        recipes[name] = quick_recipe(synthetic_file, tmp_path / name, episodes=8, keep_checkpoints=2)
+        recipes[name].train.augment = AugmentConfig(kind="glyph")
+        meta_train(recipes[name], quiet=True)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
+    meta_train(recipes["resumed"], quiet=True, resume=True)
+    straight, resumed = parameters(tmp_path / "straight"), parameters(tmp_path / "resumed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    plain = quick_recipe(synthetic_file, tmp_path / "plain", episodes=8)
+    meta_train(plain, quiet=True)
+    assert any(not torch.equal(straight[key], parameters(tmp_path / "plain")[key]) for key in straight)
