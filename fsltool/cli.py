@@ -122,15 +122,19 @@ def prepare() -> None:
 @click.option("--size", default=28, show_default=True, help="image side in pixels")
 @click.option("--seed", default=0, show_default=True, help="seed of the glyphs and of the class split")
 @click.option("--jitter", default=1.5, show_default=True, help="per-instance variation (difficulty)")
+@click.option("--colour/--grey", default=False, show_default=True, help="RGB glyphs in class ink colours on varied, noisy backgrounds")
 @_episode_options
-def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, seed: int, jitter: float, **common: Any) -> None:
+def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, seed: int, jitter: float, colour: bool,
+                      **common: Any) -> None:
     """The embedded synthetic set: Omniglot-like procedural glyphs, generated here (no download).
 
-    Example: fsltool prepare synthetic data/synthetic.h5
+    Examples: fsltool prepare synthetic data/synthetic.h5;
+    fsltool prepare synthetic data/synthetic-rgb.h5 --colour --size 84 (the natural-image demo)
     """
     from fsltool.data.sources.synthetic import synthetic
 
-    _run_prepare(lambda: synthetic(classes=classes, images_per_class=images_per_class, size=size, seed=seed, jitter=jitter), out, **common)
+    _run_prepare(lambda: synthetic(classes=classes, images_per_class=images_per_class, size=size, seed=seed, jitter=jitter,
+                                   colour=colour), out, **common)
 
 
 @prepare.command("omniglot")

@@ -34,6 +34,7 @@ def test_listing_names_items_shape_and_provenance() -> None:
         "seed": 5,
         "split_ratios": [0.6, 0.2, 0.2],
         "jitter": 0.5,
+        "colour": False,
     }
     assert synthetic(classes=10001, images_per_class=1).classes[-1].name == "glyph10000"  # nothing renders
     assert synthetic(classes=3, images_per_class=120).describe((2, 5)) == "synthetic:glyph0002#005"
@@ -159,3 +160,23 @@ def one_shot_accuracy(data: np.ndarray, episodes: int, seed: int) -> float:
 def test_one_shot_is_hard_without_learning_and_trivial_without_jitter() -> None:
     assert 0.4 < one_shot_accuracy(images(synthetic(classes=40, images_per_class=5)), 400, 0) < 0.85
     assert one_shot_accuracy(images(synthetic(classes=10, images_per_class=2, jitter=0.0)), 50, 0) == 1.0
+
+
+def test_colour_images_are_rgb_glyphs_in_class_ink_on_varied_backgrounds() -> None:
+    """--colour: (3, H, W) uint8, the grey set's glyph shapes, reproducible in any order; a class's ink is closer
+    to its own instances' ink than the backgrounds are to each other, so colour is a cue
+    of the class."""
+    grey = synthetic(classes=6, images_per_class=4, size=32, seed=3)
+    colour = synthetic(classes=6, images_per_class=4, size=32, seed=3, colour=True)
+    assert colour.image_shape == (3, 32, 32) and colour.provenance["colour"] is True
+    items = [item for spec in colour.classes for item in spec.items]
+    images = [colour.load(item) for item in items]
+    again = pickle.loads(pickle.dumps(colour.load))
+    assert all(np.array_equal(a, again(item)) for a, item in zip(images[::-1], items[::-1]))
+    assert all(image.shape == (3, 32, 32) and image.dtype == np.uint8 for image in images)
+    masks = [grey.load(item)[0] > 200 for item in items]
+    inks = np.array([image[:, mask].mean(1) for image, mask in zip(images, masks)])
+    within = np.mean([np.abs(inks[c * 4] - inks[c * 4 + i]).mean() for c in range(6) for i in range(1, 4)])
+    between = np.mean([np.abs(inks[a * 4] - inks[b * 4]).mean() for a in range(6) for b in range(6) if a != b])
+    assert within < between
+    assert not np.array_equal(images[0], images[1])  # instances differ

@@ -29,6 +29,12 @@ _VERSION = 1
 
 # Stream tags, the first word of each spawn key: they keep split, character and instance draws apart.
 _CHARACTER_STREAM, _INSTANCE_STREAM = 1, 2
+_PALETTE_STREAM, _PAINT_STREAM = 3, 4  # colour images only: a class's ink colour, an instance's paint
+
+# Colour images (``colour=True``): the glyph in its class's ink, varied per instance, on a background of two
+# random colours blended left to right plus pixel noise, so neither colour nor background alone names the class.
+_INK_JITTER = 70  # per-channel change of the class's ink colour per instance, out of 255
+_NOISE = 24  # per-pixel background noise, out of 255
 
 _SUPERSAMPLE = 4  # drawn at 4x and box-reduced: antialiased strokes from Pillow's aliased rasteriser
 _BEZIER_POINTS = 12  # samples per Bezier curve: smooth at 28 px, cheap to draw
@@ -172,10 +178,26 @@ class _Glyphs:
     def name(self, class_index: int) -> str:
         return f"glyph{class_index:0{self.name_digits}d}"
 
+    colour: bool = False
+
     def load(self, item: Hashable) -> np.ndarray:
         class_index, instance_index = item  # type: ignore[misc]
         rng = _generator(self.seed, _INSTANCE_STREAM, class_index, instance_index)
-        return _render(_character(self.seed, class_index), rng, self.size, self.jitter)
+        glyph = _render(_character(self.seed, class_index), rng, self.size, self.jitter)
+        return self._paint(glyph, class_index, instance_index) if self.colour else glyph
+
+    def _paint(self, glyph: np.ndarray, class_index: int, instance_index: int) -> np.ndarray:
+        """(1, H, W) glyph coverage -> (3, H, W): ink over a noisy two-colour background, integer arithmetic only
+        (random integers, +, -, *, //), so the bytes are the same on every platform."""
+        ink = _generator(self.seed, _PALETTE_STREAM, class_index).integers(0, 256, 3)
+        rng = _generator(self.seed, _PAINT_STREAM, class_index, instance_index)
+        ink = np.clip(ink + rng.integers(-_INK_JITTER, _INK_JITTER + 1, 3), 0, 255)[:, None, None]
+        left, right = rng.integers(0, 256, (2, 3, 1, 1))
+        ramp = np.arange(self.size)[None, None, :]
+        background = (left * (self.size - 1 - ramp) + right * ramp) // max(self.size - 1, 1)
+        background = np.clip(background + rng.integers(-_NOISE, _NOISE + 1, (3, self.size, self.size)), 0, 255)
+        coverage = glyph.astype(np.int64)
+        return ((background * (255 - coverage) + ink * coverage) // 255).astype(np.uint8)
 
     def describe(self, item: Hashable) -> str:
         class_index, instance_index = item  # type: ignore[misc]
@@ -206,14 +228,16 @@ def synthetic(
     seed: int = 0,
     split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
     jitter: float = DEFAULT_JITTER,
+    colour: bool = False,
 ) -> SourceListing:
     """List ``classes`` procedural glyph classes of ``images_per_class`` images each; images render on load.
+    ``colour`` gives RGB images: each class's glyph in its own ink colour on varied, noisy backgrounds.
 
     ``jitter`` scales every per-instance variation (0 draws each class identically; 1 is Omniglot-like;
     larger is harder). Splits come from ``split_by_ratios``, shared with the folder source.
     """
     _validate(classes, images_per_class, size, seed, jitter)
-    glyphs = _Glyphs(seed, size, jitter, max(4, len(str(classes - 1))), max(2, len(str(images_per_class - 1))))
+    glyphs = _Glyphs(seed, size, jitter, max(4, len(str(classes - 1))), max(2, len(str(images_per_class - 1))), colour)
     split_of = split_by_ratios([glyphs.name(c) for c in range(classes)], split_ratios, seed)
 
     specs = [
@@ -229,5 +253,6 @@ def synthetic(
         "seed": seed,
         "split_ratios": [float(r) for r in split_ratios],
         "jitter": float(jitter),
+        "colour": colour,
     }
-    return SourceListing(specs, (1, size, size), glyphs.load, glyphs.describe, provenance)
+    return SourceListing(specs, (3 if colour else 1, size, size), glyphs.load, glyphs.describe, provenance)
