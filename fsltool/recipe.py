@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +87,14 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise FsltoolError(f"recipe key {key!r}: expected a mapping, got {value!r}")
+        for option, option_value in value.items():
+            if isinstance(option_value, float) and not math.isfinite(option_value):
+                raise FsltoolError(f"recipe key '{key}.{option}': {option_value} is not a finite number")
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FsltoolError(f"recipe key {key!r}: {value} is not a finite number")
     if expected in (int, float, str, bool) and (type(value) is not expected):
         raise FsltoolError(f"recipe key {key!r}: expected {expected.__name__}, got {value!r}")
     return value
@@ -122,15 +128,31 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise yaml.YAMLError(f"key {key!r} is given twice (lines {first_line[key]} and {line})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise FsltoolError(f"{path}: recipe 'base' chain loops back on itself")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise FsltoolError(f"{path}: cannot read recipe ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise FsltoolError(f"{path}: recipe is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         raise FsltoolError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
     if raw is None:

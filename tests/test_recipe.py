@@ -68,3 +68,27 @@ SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.end
 def test_shipped_recipes_validate(recipe: Path) -> None:
     loaded = load_recipe(recipe)
     assert loaded.output and loaded.data
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", "data: d\noutput: o\ntrain:\n  episodes: 5\n  lr: 0.1\n  episodes: 7\n")
+    with pytest.raises(FsltoolError, match=r"r.yaml: invalid YAML \(key 'episodes' is given twice \(lines 4 and 6\)\)"):
+        load_recipe(path)
+
+
+def test_a_recipe_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"data: d\noutput: \xff\n")
+    with pytest.raises(FsltoolError, match=r"r.yaml: recipe is not UTF-8 text \(byte 16 is 0xff\)"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr=.nan", "'train.lr': nan is not a finite number"),
+    ("train.weight_decay=-.inf", "'train.weight_decay': -inf is not a finite number"),
+    ("method_options={attention_scale: .inf}", "'method_options.attention_scale': inf is not a finite number"),
+])
+def test_non_finite_numbers_are_refused(tmp_path: Path, override: str, message: str) -> None:
+    path = write(tmp_path / "r.yaml", "data: d\noutput: o\nmethod: matchingnet\n")
+    with pytest.raises(FsltoolError, match=message):
+        load_recipe(path, [override])
