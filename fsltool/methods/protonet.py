@@ -1,35 +1,84 @@
 """Prototypical Networks (Snell et al. 2017): a class is the mean embedding of its support images, and a
-query is scored by its negative squared Euclidean distance to each prototype."""
+query is scored by its negative squared Euclidean distance to each prototype; or, as in Meta-Baseline (Chen et al.
+2021), by its cosine similarity to each prototype times a learned temperature."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fsltool.data.episodes import Episode
-from fsltool.methods.base import ExportGraph, Method, class_onehot, classifier_graph, embedding_graph, register_method
+from fsltool.methods.base import (
+    ExportGraph,
+    Method,
+    class_onehot,
+    classifier_graph,
+    embedding_graph,
+    option_error,
+    register_method,
+    require_bool,
+)
+from fsltool.models.backbones import Backbone
+
+DISTANCES = ("euclidean", "cosine")
+DEFAULT_SCALE = {"euclidean": 1.0, "cosine": 10.0}  # the papers': none for Snell et al., 10 for Meta-Baseline
 
 
 def prototype_scores(
     support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
 ) -> torch.Tensor:
     """(..., S, D), (..., S), (..., Q, D) -> (..., Q, way): -||q - p_c||^2 with p_c the class means."""
-    onehot = class_onehot(support_labels, way, support.dtype)  # (..., S, way)
-    prototypes = onehot.transpose(-1, -2) @ support / onehot.sum(-2).unsqueeze(-1)  # (..., way, D)
+    prototypes = class_prototypes(support, support_labels, way)
     return -(query.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(-1)
+
+
+def class_prototypes(support: torch.Tensor, support_labels: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
+    """(..., S, D), (..., S) -> (..., way, D): each class's mean support embedding."""
+    onehot = class_onehot(support_labels, way, support.dtype)  # (..., S, way)
+    return onehot.transpose(-1, -2) @ support / onehot.sum(-2).unsqueeze(-1)
+
+
+def cosine_scores(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
+    """(..., Q, way) cosine similarities of each query to each class prototype."""
+    prototypes = F.normalize(class_prototypes(support, support_labels, way), dim=-1)
+    return F.normalize(query, dim=-1) @ prototypes.transpose(-1, -2)
 
 
 @register_method("protonet")
 class ProtoNet(Method):
+    """``distance``: euclidean (the paper: scores are -squared distances) or cosine (Meta-Baseline). ``scale``
+    multiplies the scores (default 1 for euclidean, 10 for cosine); ``learn_scale`` makes it a parameter, learned
+    in log space so it stays positive."""
+
     embeds_independently = True
+
+    def __init__(self, backbone: Backbone, distance: str = "euclidean", scale: float | None = None, learn_scale: bool = False) -> None:
+        super().__init__(backbone)
+        if distance not in DISTANCES:
+            raise option_error(self.name, "distance", f"must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        require_bool(self.name, "learn_scale", learn_scale)
+        scale = DEFAULT_SCALE[distance] if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise option_error(self.name, "scale", f"must be a positive number, got {scale!r}")
+        self.distance = distance
+        log_scale = torch.tensor(math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)  # checkpoints from before the option load
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
-        return prototype_scores(support_embeddings, support_labels, query_embeddings, support_labels.max() + 1)
+        return self.scores_from_embeddings(support_embeddings, support_labels, query_embeddings, support_labels.max() + 1)
 
     def scores_from_embeddings(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
     ) -> torch.Tensor:
-        return prototype_scores(support, support_labels, query, way)
+        scores = (prototype_scores if self.distance == "euclidean" else cosine_scores)(support, support_labels, query, way)
+        return scores * self.log_scale.exp()
 
     def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
         return {"embedding": embedding_graph(self.backbone, example), "classifier": classifier_graph(self, example)}
