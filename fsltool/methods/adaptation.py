@@ -2,13 +2,23 @@
 plus a linear head written as a pure function of its parameters, run for several tasks at once, the two ways of
 normalising query images, and the export of the meta-learned body as a prototype embedding.
 
-Tasks side by side. A meta-batch of T tasks with the same episode shape runs as ONE network: the tasks' images
-are stacked along the channel axis ((T, N, C, H, W) -> (N, T*C, H, W)), every convolution is a grouped
-convolution with ``groups=T`` whose weight stacks the T tasks' weights, BatchNorm statistics are taken per
-channel (so per task: channel ``t*C + c`` is task t's channel c), and the head is a batched matrix product.
-Nothing mixes tasks, so the result is the per-task computation up to float rounding, and autograd (second order
-included: a grouped convolution's double backward is an ordinary convolution) gives each task its own gradient.
-With T = 1 it is the plain network. Parameters are held task-major: a tensor of shape (T, *parameter shape).
+The adapted network is the exported body (PooledBody: the backbone's own forward, feature maps averaged over
+space) followed by the linear head, with each task's parameters substituted. Two exact ways to evaluate it for a
+meta-batch of T tasks, chosen on every call from the backbone's structure:
+
+- Grouped (fast), when the feature layers are provably a plain chain (see chain_layers: nested nn.Sequential of
+  Conv2d, BatchNorm2d, ReLU and MaxPool2d, no hooks, no module applied twice): the T tasks run as ONE network.
+  The tasks' images are stacked along the channel axis ((T, N, C, H, W) -> (N, T*C, H, W)), every convolution is
+  a grouped convolution with ``groups=T`` whose weight stacks the T tasks' weights, BatchNorm statistics are
+  taken per channel (so per task: channel ``t*C + c`` is task t's channel c), and the head is a batched matrix
+  product. Nothing mixes tasks, so the result is the per-task computation up to float rounding, and autograd
+  (second order included: a grouped convolution's double backward is an ordinary convolution) gives each task
+  its own gradient.
+- Per task (any other backbone: residual blocks, other layers): the backbone's own forward, called once per task
+  with that task's parameters (torch.func.functional_call). Not torch.func.vmap over the tasks: with BatchNorm it
+  gave wrong second-order gradients (PLATFORM.md, "Correctness traps").
+
+With T = 1 both are the plain network. Parameters are held task-major: a tensor of shape (T, *parameter shape).
 
 BatchNorm never uses running statistics to classify:
 - every support (training) pass normalises with the statistics of the images it sees, as the papers do;
@@ -21,19 +31,24 @@ BatchNorm never uses running statistics to classify:
   and Reptile's reference code do (MAML always; Reptile with ``--transductive``): every query influences every
   other query's score, and such accuracies must be reported as transductive.
 The running statistics are still tracked, at the meta-parameters on training support batches, for the exported
-embedding alone (an exported network in eval mode normalises with them).
+embedding alone (an exported network in eval mode normalises with them). On the per-task path, batch statistics
+are those of every nn.BatchNorm layer (other layers, such as dropout, keep the module's mode).
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from fsltool.data.episodes import Episode, stack_episodes
 from fsltool.errors import FsltoolError
@@ -45,59 +60,120 @@ Params = list[torch.Tensor]  # task-major: each (T, *shape), in TaskNetwork.para
 
 
 @dataclass(frozen=True)
-class _Op:
-    kind: str  # conv | bn | relu | pool
+class ChainLayer:
     module: nn.Module
-    param: int = -1  # index of the conv weight / BN weight (BN bias follows it)
+    params: tuple[int, ...]  # its parameters' positions in the feature layers' named_parameters (conv: weight; BN: weight, bias)
+
+
+def groupable(module: nn.Module) -> bool:
+    """Whether the grouped network computes this layer exactly. Exact types only: a subclass may override forward."""
+    kind = type(module)
+    if kind is nn.Conv2d:
+        return module.bias is None and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
+    if kind is nn.BatchNorm2d:
+        return bool(module.affine) and module.momentum is not None  # momentum None (cumulative mean): per-task path
+    if kind is nn.MaxPool2d:
+        return not module.return_indices
+    return kind is nn.ReLU
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward or backward hooks change what the module computes, which the grouped network would not do."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def chain_layers(features: nn.Module) -> list[ChainLayer] | None:
+    """The layers of ``features`` in the order its forward applies them, when the module tree alone proves that
+    order: plain nn.Sequential containers (not subclasses, which may override forward) around groupable layers,
+    no hooks, no module or parameter used twice. None otherwise, and the per-task path runs the module's forward."""
+    index = {name: i for i, (name, _) in enumerate(features.named_parameters())}
+    modules = list(features.named_modules(remove_duplicate=False))
+    if len({id(module) for _, module in modules}) < len(modules):
+        return None
+    layers = []
+    for name, module in modules:
+        if has_hooks(module):
+            return None
+        if type(module) is nn.Sequential:
+            continue
+        names = [f"{name}.{local}" if name else local for local, _ in module.named_parameters(recurse=False)]
+        if not groupable(module) or any(n not in index for n in names):  # not in index: shared with another layer
+            return None
+        layers.append(ChainLayer(module, tuple(index[n] for n in names)))
+    return layers
+
+
+def normalized_by_rows(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: int, eps: float) -> torch.Tensor:
+    """Batch normalisation of every image with the statistics of the first ``rows`` (support-set statistics for
+    queries), which F.batch_norm cannot do: written in elementary ops."""
+    dims = [0, *range(2, x.dim())]
+    reference = x[:rows]
+    mean = reference.mean(dims, keepdim=True)
+    var = (reference - mean).pow(2).mean(dims, keepdim=True)  # biased, as BatchNorm normalises
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.view(mean.shape)
+    normalized = (x - mean) * scale
+    return normalized if bias is None else normalized + bias.view(mean.shape)
+
+
+BATCH_NORM = inspect.signature(F.batch_norm)
+
+
+class RowStatistics(TorchFunctionMode):
+    """While active, every F.batch_norm (the forward of every nn.BatchNorm layer) normalises its whole input with
+    the statistics of its first ``rows`` images, and leaves the running statistics alone."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: object, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is not F.batch_norm:
+            return func(*args, **(kwargs or {}))
+        call = BATCH_NORM.bind(*args, **(kwargs or {}))
+        call.apply_defaults()
+        return normalized_by_rows(call.arguments["input"], call.arguments["weight"], call.arguments["bias"], self.rows, call.arguments["eps"])
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Every BatchNorm layer of ``module`` in training mode for the duration, so it normalises with the statistics
+    of the images it sees, never the running ones; other layers keep their mode (dropout stays off in eval)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in layers]
+    try:
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
 
 
 class TaskNetwork:
-    """The backbone's layers (Conv2d, BatchNorm2d, ReLU, MaxPool2d), spatial mean pooling and the linear head, as
-    a function of a task-major parameter list. MAML's Omniglot network averages its last feature maps into a
-    vector before the head (Finn et al.'s code: ``reduce_mean`` over height and width), which is done here for
-    every backbone: the head then has ``out_channels`` inputs whatever the image size.
+    """The adapted network, PooledBody then the linear head, as a function of a task-major parameter list, for T
+    tasks at once: grouped when the backbone is a provable chain, else one functional call per task (module
+    docstring). MAML's Omniglot network averages its last feature maps into a vector before the head (Finn et
+    al.'s code: ``reduce_mean`` over height and width), which is done here for every backbone: the head then has
+    ``out_channels`` inputs whatever the image size.
 
-    Feature maps are kept in NCHW whatever the backbone's own format: BatchNorm's backward and double backward
-    on channels-last maps take over twice as long (scripts/benchmark_batchnorm_layouts.py).
+    The grouped path keeps feature maps in NCHW whatever the backbone's own format: BatchNorm's backward and
+    double backward on channels-last maps take over twice as long (scripts/benchmark_batchnorm_layouts.py).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Linear, method: str) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Linear) -> None:
         self.backbone = backbone
         self.head = head
-        self.ops: list[_Op] = []
-        count = 0
-        for name, module in backbone.features.named_modules():
-            if list(module.children()):
-                continue
-            if isinstance(module, nn.Conv2d):
-                if module.bias is not None or module.dilation != (1, 1) or module.groups != 1 or module.padding_mode != "zeros":
-                    raise FsltoolError(f"method {method!r}: backbone layer {name} is a convolution of a kind it cannot adapt")
-                self.ops.append(_Op("conv", module, count))
-                count += 1
-            elif isinstance(module, nn.BatchNorm2d):
-                if not module.affine:
-                    raise FsltoolError(f"method {method!r}: backbone layer {name} is a BatchNorm without scale and shift")
-                self.ops.append(_Op("bn", module, count))
-                count += 2
-            elif isinstance(module, nn.ReLU):
-                self.ops.append(_Op("relu", module))
-            elif isinstance(module, nn.MaxPool2d):
-                self.ops.append(_Op("pool", module))
-            else:
-                raise FsltoolError(f"method {method!r}: cannot adapt backbone layer {name} ({type(module).__name__})")
-        self.head_index = count
 
     @property
     def parameters(self) -> list[torch.Tensor]:
-        """The meta-parameters in the order the functional network indexes them (looked up on every call, so a
-        module's ``.to()`` or ``.double()`` that replaces its parameters cannot leave stale references here)."""
-        params: list[torch.Tensor] = []
-        for op in self.ops:
-            if op.kind == "conv":
-                params.append(op.module.weight)
-            elif op.kind == "bn":
-                params += [op.module.weight, op.module.bias]
-        return [*params, self.head.weight, self.head.bias]
+        """The meta-parameters: the feature layers' in named_parameters order, then the head's weight and bias
+        (looked up on every call, so a module's ``.to()`` or ``.double()`` that replaces its parameters cannot
+        leave stale references here)."""
+        return [*self.backbone.features.parameters(), self.head.weight, self.head.bias]
 
     def meta_parameters(self, tasks: int, *, detach: bool = False) -> Params:
         """The meta-parameters repeated for ``tasks`` tasks: a view that sums the tasks' gradients back into
@@ -113,56 +189,58 @@ class TaskNetwork:
 
         BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images (all
         of them when None). ``track`` folds those statistics into the BatchNorm running averages, task by task
-        in order, as T separate training passes would."""
+        in order, as T separate training passes would (only on passes normalised with all their images)."""
+        if track and stats_rows is not None:
+            raise ValueError("BatchNorm running statistics are tracked on passes normalised with all their images only")
         tasks, n = images.shape[:2]
-        rows = n if stats_rows is None else stats_rows
         x = self.backbone.normalize(images.flatten(0, 1)).unflatten(0, (tasks, n))
-        x = x.transpose(0, 1).flatten(1, 2).contiguous()  # (N, T*C, H, W), NCHW: see the class docstring
-        for op in self.ops:
-            if op.kind == "conv":
-                conv = op.module
-                assert isinstance(conv, nn.Conv2d)
-                x = F.conv2d(x, params[op.param].flatten(0, 1), stride=conv.stride, padding=conv.padding, groups=tasks)
-            elif op.kind == "bn":
-                x = self._batch_norm(x, params[op.param], params[op.param + 1], op.module, rows, track)
-            elif op.kind == "relu":
-                x = F.relu(x)
-            else:
-                pool = op.module
-                assert isinstance(pool, nn.MaxPool2d)
-                x = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
-        features = x.mean((-2, -1)).view(n, tasks, -1)  # (N, T, D)
-        weight, bias = params[self.head_index], params[self.head_index + 1]  # (T, way, D), (T, way)
-        return torch.einsum("ntd,tkd->tnk", features, weight) + bias.unsqueeze(1)
+        *body, weight, bias = params
+        layers = chain_layers(self.backbone.features)
+        if layers is None:
+            features = self._per_task_features(body, x, stats_rows, track)
+        else:
+            features = self._grouped_features(layers, body, x, stats_rows, track)
+        return torch.einsum("tnd,tkd->tnk", features, weight) + bias.unsqueeze(1)
 
     @staticmethod
-    def _batch_norm(
-        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, module: nn.Module, rows: int, track: bool
-    ) -> torch.Tensor:
-        """F.batch_norm when the statistics are those of all rows; written out in elementary ops when they come
-        from the first ``rows`` only (support-set statistics for queries), which F.batch_norm cannot do. The
-        native op keeps fewer tensors for backward: measured on the 32-task second-order MAML step
-        (scripts/benchmark_maml_libraries.py), less time and ~40% less peak memory than the elementary ops."""
-        assert isinstance(module, nn.BatchNorm2d)
-        whole = rows == x.shape[0]
-        reference = x if whole else x[:rows]
-        if track and module.track_running_stats and module.running_mean is not None and module.running_var is not None:
-            with torch.no_grad():
-                var, mean = torch.var_mean(reference, (0, 2, 3), correction=0)
-                count = reference.numel() // reference.shape[1]
-                unbiased = var * (count / max(count - 1, 1))
-                momentum = module.momentum if module.momentum is not None else 0.1
-                for task_mean, task_var in zip(mean.view(-1, module.num_features), unbiased.view(-1, module.num_features)):
-                    module.running_mean.lerp_(task_mean.to(module.running_mean.dtype), momentum)
-                    module.running_var.lerp_(task_var.to(module.running_var.dtype), momentum)
-                    if module.num_batches_tracked is not None:
-                        module.num_batches_tracked += 1
-        if whole:
-            return F.batch_norm(x, None, None, weight.flatten(), bias.flatten(), training=True, eps=module.eps)
-        mean = reference.mean((0, 2, 3))
-        var = (reference - mean[:, None, None]).pow(2).mean((0, 2, 3))  # biased, as BatchNorm normalises
-        scale = torch.rsqrt(var + module.eps) * weight.flatten()
-        return (x - mean[:, None, None]) * scale[:, None, None] + bias.flatten()[:, None, None]
+    def _grouped_features(layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, track: bool) -> torch.Tensor:
+        """(T, N, C, H, W) -> (T, N, D) pooled features, the T tasks as one grouped network (module docstring)."""
+        tasks, n = x.shape[:2]
+        x = x.transpose(0, 1).flatten(1, 2).contiguous()  # (N, T*C, H, W), NCHW: see the class docstring
+        for layer in layers:
+            module = layer.module
+            if isinstance(module, nn.Conv2d):
+                x = F.conv2d(x, params[layer.params[0]].flatten(0, 1), stride=module.stride, padding=module.padding, groups=tasks)
+            elif isinstance(module, nn.BatchNorm2d):
+                weight, bias = (params[i].flatten() for i in layer.params)
+                if track:
+                    track_grouped_statistics(x, module)
+                if rows is None:  # the native op keeps fewer tensors for backward: on the 32-task second-order MAML step,
+                    # less time and ~40% less peak memory than the elementary ops (scripts/benchmark_maml_libraries.py)
+                    x = F.batch_norm(x, None, None, weight, bias, training=True, eps=module.eps)
+                else:
+                    x = normalized_by_rows(x, weight, bias, rows, module.eps)
+            elif isinstance(module, nn.ReLU):
+                x = F.relu(x)
+            else:
+                assert isinstance(module, nn.MaxPool2d)
+                x = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
+        return x.mean((-2, -1)).view(n, tasks, -1).transpose(0, 1)
+
+    def _per_task_features(self, params: Params, x: torch.Tensor, rows: int | None, track: bool) -> torch.Tensor:
+        """(T, N, C, H, W) -> (T, N, D) pooled features: the feature layers' own forward once per task, with that
+        task's parameters, BatchNorm on batch statistics (of the first ``rows`` images with a RowStatistics mode).
+        A pass that does not ``track`` runs on copies of the buffers, so it leaves the running statistics alone."""
+        features = self.backbone.features
+        names = [name for name, _ in features.named_parameters()]
+        pooled = []
+        with batch_statistics(features), (RowStatistics(rows) if rows is not None else nullcontext()):
+            for task in range(x.shape[0]):
+                state = {name: p[task] for name, p in zip(names, params)}
+                if not track:
+                    state.update((name, b.clone()) for name, b in features.named_buffers())
+                pooled.append(functional_call(features, state, (x[task],)).mean((-2, -1)))
+        return torch.stack(pooled)
 
     def query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way): query BatchNorm statistics from the support set
@@ -174,7 +252,7 @@ class TaskNetwork:
     def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, tasks_per_pass: int = 128) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way), each query normalised with the BatchNorm statistics
         of the support set plus itself (Reptile's reference code without ``--transductive``): still
-        non-transductive, since no query sees another. Each (task, query) pair is a grouped task of S+1 images,
+        non-transductive, since no query sees another. Each (task, query) pair is a task of S+1 images,
         ``tasks_per_pass`` pairs per pass (each pass holds that many copies of the parameters)."""
         tasks, count = query.shape[:2]
         task_of = torch.arange(tasks).repeat_interleave(count)  # pair -> its task
@@ -185,6 +263,22 @@ class TaskNetwork:
             images = torch.cat([support[pairs], queries[start : start + tasks_per_pass].unsqueeze(1)], 1)
             logits.append(self.logits([p[pairs] for p in params], images)[:, -1])
         return torch.cat(logits).view(tasks, count, -1)
+
+
+def track_grouped_statistics(x: torch.Tensor, module: nn.BatchNorm2d) -> None:
+    """Fold the batch statistics of grouped maps (N, T*C, H, W) into ``module``'s running averages, task by task
+    in order, as T separate training passes would."""
+    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+        return
+    with torch.no_grad():
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        count = x.numel() // x.shape[1]
+        unbiased = var * (count / max(count - 1, 1))
+        for task_mean, task_var in zip(mean.view(-1, module.num_features), unbiased.view(-1, module.num_features)):
+            module.running_mean.lerp_(task_mean.to(module.running_mean.dtype), module.momentum)
+            module.running_var.lerp_(task_var.to(module.running_var.dtype), module.momentum)
+            if module.num_batches_tracked is not None:
+                module.num_batches_tracked += 1
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -233,7 +327,7 @@ class AdaptiveMethod(Method):
     """
 
     embeds_independently = False
-    episodes_per_call = 64  # evaluation hands over this many episodes; they adapt side by side, as grouped networks
+    episodes_per_call = 64  # evaluation hands over this many episodes; they adapt side by side (TaskNetwork)
     images_per_pass = 4096  # ... of at most this many images each (support + queries), which bounds the activations
 
     def __init__(self, backbone: Backbone, way: int, transductive_bn: bool) -> None:
@@ -247,7 +341,7 @@ class AdaptiveMethod(Method):
         self.head = nn.Linear(backbone.out_channels, way)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.network = TaskNetwork(backbone, self.head, self.name)
+        self.network = TaskNetwork(backbone, self.head)
 
     def check_way(self, way: int) -> None:
         if way != self.way:
@@ -301,8 +395,8 @@ class AdaptiveMethod(Method):
         return self.meta_step([episode])[0]
 
     def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
-        """A meta-batch as one grouped network when the episodes share a shape (and ``group_tasks``), else
-        episode by episode; the training loop averages the losses and backpropagates."""
+        """A meta-batch's tasks together (TaskNetwork calls for all of them) when the episodes share a shape (and
+        ``group_tasks``), else episode by episode; the training loop averages the losses and backpropagates."""
         for episode in episodes:
             self.check_way(episode.shape.way)
         stacked = self.stack(episodes) if self.group_tasks else None

@@ -5,7 +5,8 @@ on the meta-parameters taken as the identity (``first_order``: FOMAML).
 
 The network is the recipe's backbone (conv4-strided is MAML's Omniglot network) plus a linear head of ``way``
 outputs on the spatially averaged feature maps; see fsltool.methods.adaptation for the head's zero
-initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch runs as one grouped network.
+initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch's tasks run together (one grouped
+network for a chain backbone such as conv4-strided, per-task passes of the module's own forward otherwise).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class MAML(AdaptiveMethod):
     as the paper's code, transductive).
     """
 
-    group_tasks = True  # run a meta-batch as one grouped network (same results as a per-task loop, faster)
-    task_chunk = 8  # tasks per grouped inner loop in meta-training; bounds the memory of the kept inner-loop graphs
-    query_chunk = 4  # tasks per grouped query pass (scripts/benchmark_maml_libraries.py measured the pair)
+    group_tasks = True  # run a meta-batch's tasks together (same results as episode by episode; grouped: faster)
+    task_chunk = 8  # tasks per inner loop in meta-training; bounds the memory of the kept inner-loop graphs
+    query_chunk = 4  # tasks per query pass (scripts/benchmark_maml_libraries.py measured the pair)
 
     def __init__(
         self,

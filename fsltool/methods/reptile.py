@@ -12,7 +12,8 @@ The inner loop follows the reference code (supervised-reptile): ``inner_steps`` 
 images drawn without replacement from the task's images (support and query together, the paper's training
 "shots"), reshuffled when used up; Adam with beta1 = 0 (the reference's ``AdamOptimizer(beta1=0)``) or plain SGD.
 One deviation: the reference keeps one Adam state across all tasks (its moment estimates are never reset); here
-each task starts a fresh optimizer, so tasks stay independent and a meta-batch can run as one grouped network.
+each task starts a fresh optimizer, so tasks stay independent and a meta-batch's tasks can run together (one
+grouped network for a chain backbone; see fsltool.methods.adaptation).
 
 Evaluation fine-tunes on the support set alone (``test_inner_steps`` minibatches of ``test_inner_batch``, drawn
 with a fixed seed so an episode's score is reproducible), then classifies the queries: BatchNorm statistics from
@@ -63,7 +64,7 @@ class Reptile(AdaptiveMethod):
     paper's non-transductive numbers; the training log's scores keep the support-set statistics).
     """
 
-    group_tasks = True  # run a meta-batch's inner loops as one grouped network (same results, faster)
+    group_tasks = True  # run a meta-batch's inner loops together (same results as task by task; grouped: faster)
 
     def __init__(
         self,

@@ -1,5 +1,6 @@
-"""Evaluation of the methods that adapt per episode (MAML, Reptile) scores several episodes side by side as one
-grouped network: the scores must be those of each episode adapted alone."""
+"""Evaluation of the methods that adapt per episode (MAML, Reptile) scores several episodes side by side (one
+grouped network for a chain backbone, per-task passes for a residual one): the scores must be those of each
+episode adapted alone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from fsltool.methods import build_method
 from fsltool.methods.adaptation import AdaptiveMethod
 from fsltool.models import build_backbone
+from fsltool.models.backbones import Backbone
+from tests.methods.test_adaptation_functional import residual_backbone
 
 CASES = [
     ("maml", {"test_inner_steps": 2}),
@@ -28,10 +31,15 @@ def episodes(count: int, way: int, shot: int, query: int) -> tuple[torch.Tensor,
     return support, labels, torch.rand(count, way * query, 1, 28, 28, generator=generator)
 
 
-@pytest.mark.parametrize(("name", "options"), CASES)
-def test_episodes_scored_together_equal_each_scored_alone(name: str, options: dict[str, object]) -> None:
+def backbone(kind: str) -> Backbone:
     torch.manual_seed(0)
-    method = build_method(name, build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=8), {"way": 3, **options})
+    return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=8) if kind == "chain" else residual_backbone(width=8)
+
+
+@pytest.mark.parametrize("kind", ["chain", "residual"])
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_episodes_scored_together_equal_each_scored_alone(name: str, options: dict[str, object], kind: str) -> None:
+    method = build_method(name, backbone(kind), {"way": 3, **options})
     assert isinstance(method, AdaptiveMethod)
     with torch.no_grad():
         method.head.weight.normal_(0, 0.3)  # a head that already separates classes, so the scores differ by episode

@@ -17,6 +17,7 @@ from fsltool.methods.protonet import prototype_scores
 from fsltool.methods import reptile as reptile_module
 from fsltool.methods.reptile import Reptile, minibatch_order
 from fsltool.models import build_backbone
+from fsltool.models.backbones import Backbone
 from fsltool.recipe import load_recipe
 from fsltool.train import meta_train
 from tests.conftest import quick_recipe, random_episode
@@ -32,8 +33,11 @@ def fresh(hidden: int = 64, **options: object) -> Reptile:
     return method
 
 
-def tiny_reptile(**options: object) -> Reptile:
-    method = fresh(hidden=4, **{"way": 3, "inner_steps": 3, "inner_batch": 4, "inner_lr": 0.01, **options}).double()
+def tiny_reptile(backbone: Backbone | None = None, **options: object) -> Reptile:
+    """conv4-strided with 4 filters or the given ``backbone``, float64, a random head."""
+    settings: dict[str, object] = {"way": 3, "inner_steps": 3, "inner_batch": 4, "inner_lr": 0.01, **options}
+    method = (fresh(hidden=4, **settings) if backbone is None else build_method("reptile", backbone, settings)).double()
+    assert isinstance(method, Reptile)
     with torch.no_grad():
         method.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     return method
