@@ -128,8 +128,7 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
                       **common: Any) -> None:
     """The embedded synthetic set: Omniglot-like procedural glyphs, generated here (no download).
 
-    Examples: fsltool prepare synthetic data/synthetic.h5;
-    fsltool prepare synthetic data/synthetic-rgb.h5 --colour --size 84 (the natural-image demo)
+    Example: fsltool prepare synthetic data/synthetic.h5 (the RGB demo set: add --colour --size 84)
     """
     from fsltool.data.sources.synthetic import synthetic
 

@@ -38,7 +38,7 @@ def test_base_merge_and_overrides(tmp_path: Path) -> None:
         ("data: d\noutput: o\n", ["train.warmup=-1"], r"'train.warmup' must be >= 0, got -1"),
         ("data: d\noutput: o\nmethod: protonett\n", [], r"unknown method 'protonett'"),
         ("data: d\noutput: o\nbackbone: conv5\n", [], r"unknown backbone 'conv5' \(did you mean 'conv4'\?\)"),
-        ("data: d\noutput: o\nmethod_options:\n  distance: cosine\n", [], r"method 'protonet' has no option 'distance'"),
+        ("data: d\noutput: o\nmethod_options:\n  metric: cosine\n", [], r"method 'protonet' has no option 'metric'"),
         ("output: o\n", [], r"recipe key 'data' is required"),
         ("data: d\noutput: o\ntrain: 3\n", [], r"recipe key 'train': expected a mapping"),
         ("data: [unclosed\n", [], r"invalid YAML"),
