@@ -74,6 +74,21 @@ def quick_recipe(
     )
 
 
+def assert_resume_from_episode_4_is_exact(recipe: Recipe, straight_run: Path) -> None:
+    """Train ``recipe`` (8 episodes, keep_checkpoints >= 1), rewind its last.pt to the episode-4 checkpoint, resume:
+    it must end with exactly the parameters of the uninterrupted ``straight_run``."""
+    from fsltool.checkpoint import load_checkpoint
+
+    meta_train(recipe, quiet=True)
+    checkpoints = Path(recipe.output) / "checkpoints"
+    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
+    meta_train(recipe, quiet=True, resume=True)
+    straight = load_checkpoint(straight_run / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(checkpoints / "last.pt")["model"]
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
 def trained(recipe: Recipe) -> Path:
     """Meta-train ``recipe`` quietly, validating once at the end; the run folder."""
     recipe.validation.every = recipe.train.episodes

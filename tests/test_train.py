@@ -14,7 +14,7 @@ from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods.base import StepOutput
 from fsltool.train import meta_train
-from tests.conftest import quick_recipe
+from tests.conftest import assert_resume_from_episode_4_is_exact, quick_recipe
 
 
 def test_meta_training_raises_test_accuracy_over_the_untrained_network(synthetic_file: Path, tmp_path: Path) -> None:
@@ -165,14 +165,8 @@ def test_linear_schedule_falls_to_zero_and_resumes_exactly(synthetic_file: Path,
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in rows if row["phase"] == "train"] == pytest.approx([0.01 * (1 - e / 8) for e in range(1, 9)], abs=1e-12)
     recipe = quick_recipe(synthetic_file, tmp_path / "resumed", episodes=8, lr=0.01, lr_schedule="linear", keep_checkpoints=2)
-    meta_train(recipe, quiet=True)
-    checkpoints = tmp_path / "resumed" / "checkpoints"
-    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
-    meta_train(recipe, quiet=True, resume=True)
-    straight, resumed = parameters(tmp_path / "straight"), parameters(tmp_path / "resumed")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert load_checkpoint(checkpoints / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0
+    assert_resume_from_episode_4_is_exact(recipe, tmp_path / "straight")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 0.0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -185,14 +179,7 @@ def test_cosine_schedule_with_warmup_and_clipping_resumes_exactly(synthetic_file
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     expected = [0.01 * min(1, (e + 1) / 3) * (1 + math.cos(math.pi * e / 8)) / 2 for e in range(1, 9)]
     assert [row["lr"] for row in rows if row["phase"] == "train"] == pytest.approx(expected, abs=1e-12)
-    recipe = quick_recipe(synthetic_file, tmp_path / "resumed", keep_checkpoints=2, **settings)
-    meta_train(recipe, quiet=True)
-    checkpoints = tmp_path / "resumed" / "checkpoints"
-    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())
-    meta_train(recipe, quiet=True, resume=True)
-    straight, resumed = parameters(tmp_path / "straight"), parameters(tmp_path / "resumed")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    assert_resume_from_episode_4_is_exact(quick_recipe(synthetic_file, tmp_path / "resumed", keep_checkpoints=2, **settings), tmp_path / "straight")
 
 
 def test_clipping_bounds_the_update(synthetic_file: Path, tmp_path: Path) -> None:
