@@ -52,22 +52,37 @@ def main() -> None:
 # ---------------------------------------------------------------- prepare
 
 
-def _episode_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every prepare source shares: the stored evaluation episodes and how the file is written."""
-    options = [
-        click.option("--shapes", default="5w1s,5w5s,20w1s,20w5s", show_default=True, help=SHAPES_HELP),
-        click.option("--query", default=15, show_default=True, help="query images per class in stored episodes"),
-        click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
-        click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
-        click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
-        click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
-        click.option("--force", is_flag=True, help="replace OUT if it exists"),
-        quiet_option,
-        json_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _episode_options_with(shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options every prepare source shares: the stored evaluation episodes (``shapes`` by default) and how the file
+    is written."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option("--shapes", default=shapes, show_default=True, help=SHAPES_HELP),
+            click.option("--query", default=15, show_default=True, help="query images per class in stored episodes"),
+            click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
+            click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
+            click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
+            click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
+            click.option("--force", is_flag=True, help="replace OUT if it exists"),
+            quiet_option,
+            json_option,
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_episode_options = _episode_options_with("5w1s,5w5s,20w1s,20w5s")
+# The benchmarks' standard protocol, 5-way 1- and 5-shot: their 16-class validation splits cannot store 20-way.
+_benchmark_episode_options = _episode_options_with("5w1s,5w5s")
+_benchmark_size_option = click.option("--size", default=84, show_default=True,
+                                      help="resize to SIZE x SIZE (84 is the benchmark's standard)")
+_ignore_other_classes_option = click.option(
+    "--ignore-other-classes", is_flag=True,
+    help="leave out class folders the split does not list (e.g. the rest of ImageNet) instead of stopping")
 
 
 def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, query: int, episodes: int,
@@ -189,6 +204,87 @@ def prepare_csv(images: str, splits: str, out: str, channels: str, size: int, **
     from fsltool.data.sources.csv_splits import csv_splits
 
     _run_prepare(lambda: csv_splits(images=images, splits=splits, channels=int(channels), size=size), out, **common)
+
+
+@prepare.command("miniimagenet")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--split", default="ravi", show_default=True, help="built-in class split (ravi: Ravi & Larochelle 2017, 64/16/20)")
+@_benchmark_size_option
+@_ignore_other_classes_option
+@_benchmark_episode_options
+def prepare_miniimagenet(root: str, out: str, split: str, size: int, ignore_other_classes: bool, **common: Any) -> None:
+    """miniImageNet from ROOT/images beside the Ravi CSVs (ROOT/train.csv, val.csv, test.csv), or from a
+    class-per-folder tree of its 600-image classes (ROOT/<synset>/*.jpg); the built-in split, 84x84.
+
+    Example: fsltool prepare miniimagenet mini-imagenet/ data/mini.h5
+    """
+    from fsltool.data.sources.benchmarks import miniimagenet
+
+    _run_prepare(lambda: miniimagenet(root=root, split=split, size=size, ignore_other_classes=ignore_other_classes),
+                 out, **common)
+
+
+@prepare.command("tieredimagenet")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@_benchmark_size_option
+@_ignore_other_classes_option
+@_benchmark_episode_options
+def prepare_tieredimagenet(root: str, out: str, size: int, ignore_other_classes: bool, **common: Any) -> None:
+    """tieredImageNet from a class-per-folder tree of synsets (ROOT/<synset>/*.jpg), Ren et al. 2018 split
+    (351/97/160 classes of 20/6/8 superclasses), 84x84.
+
+    Example: fsltool prepare tieredimagenet imagenet/train data/tiered.h5 --ignore-other-classes
+    """
+    from fsltool.data.sources.benchmarks import tieredimagenet
+
+    _run_prepare(lambda: tieredimagenet(root=root, size=size, ignore_other_classes=ignore_other_classes), out, **common)
+
+
+@prepare.command("cub")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@_benchmark_size_option
+@_benchmark_episode_options
+def prepare_cub(root: str, out: str, size: int, **common: Any) -> None:
+    """CUB-200-2011 from ROOT/CUB_200_2011/images/<NNN.Class_name>/*.jpg, Chen et al. 2019 split (100/50/50), 84x84.
+
+    Example: fsltool prepare cub downloads/ data/cub.h5
+    """
+    from fsltool.data.sources.benchmarks import cub
+
+    _run_prepare(lambda: cub(root=root, size=size), out, **common)
+
+
+@prepare.command("cifar-fs")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@_benchmark_episode_options
+def prepare_cifar_fs(root: str, out: str, **common: Any) -> None:
+    """CIFAR-FS from the CIFAR-100 python files (ROOT/cifar-100-python/), Bertinetto et al. 2019 split
+    (64/16/20 classes, all 600 images each), 32x32.
+
+    Example: fsltool prepare cifar-fs downloads/ data/cifar-fs.h5
+    """
+    from fsltool.data.sources.cifar100 import cifar_fs
+
+    _run_prepare(lambda: cifar_fs(root=root), out, **common)
+
+
+@prepare.command("fc100")
+@click.argument("root", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@_benchmark_episode_options
+def prepare_fc100(root: str, out: str, **common: Any) -> None:
+    """FC100 from the CIFAR-100 python files (ROOT/cifar-100-python/), Oreshkin et al. 2018 split by superclass
+    (12/4/4 superclasses = 60/20/20 classes, all 600 images each), 32x32.
+
+    Example: fsltool prepare fc100 downloads/ data/fc100.h5
+    """
+    from fsltool.data.sources.cifar100 import fc100
+
+    _run_prepare(lambda: fc100(root=root), out, **common)
 
 
 # ---------------------------------------------------------------- meta-train and recipes
