@@ -239,6 +239,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
             },
         )
 
+    augmenting = recipe.train.augment.kind != "none"
     method.train()
     began = time.perf_counter()
     window = Window(start, began)
@@ -248,8 +249,10 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
             waiting = time.perf_counter()
-            batch = [augment_episode(task.to(device), recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
-                     for position, task in enumerate(batches.next())]
+            batch = [task.to(device) for task in batches.next()]
+            if augmenting:  # no per-episode generator is built when augmentation is off
+                batch = [augment_episode(task, recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
+                         for position, task in enumerate(batch)]
             window.data_wait += time.perf_counter() - waiting
             running_stats = RunningStats.of(method)
             outputs = method.meta_step(batch)
