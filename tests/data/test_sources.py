@@ -16,7 +16,7 @@ from fsltool.data.sources import omniglot as omniglot_module
 from fsltool.data.sources.base import split_by_ratios
 from fsltool.data.sources.csv_splits import csv_splits, read_split_csvs
 from fsltool.data.sources.folder import folder
-from fsltool.data.sources.omniglot import omniglot, vinyals_split
+from fsltool.data.sources.omniglot import VAL_ALPHABETS, lake_split, omniglot, vinyals_split
 from fsltool.errors import BadImageError, FsltoolError
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -308,6 +308,49 @@ def test_omniglot_fake_zip(tmp_path: Path) -> None:
     assert pickle.loads(pickle.dumps(small.load))(small.classes[0].items[0]).shape == (1, 28, 28)
 
 
+def test_lake_split_rule() -> None:
+    assert lake_split("images_evaluation", "Kannada") == "test"
+    assert lake_split("images_evaluation", "Gurmukhi") == "test"  # all of it, where Vinyals tests 4 characters
+    assert lake_split("images_background", "Hebrew") == "val"
+    assert lake_split("images_background", "Latin") == "train"
+
+
+def test_omniglot_fake_zip_lake_split(tmp_path: Path) -> None:
+    root = str(make_omniglot_zips(tmp_path))
+    listing = omniglot(root=root, rotations=False, split="lake")
+
+    splits = {spec.name: spec.split for spec in listing.classes}
+    assert splits == {  # by zip: Gurmukhi/character42 is in the background zip here, so it trains
+        "Gurmukhi/character41/rot000": "train",
+        "Gurmukhi/character42/rot000": "train",
+        "Hebrew/character01/rot000": "val",
+        "Kannada/character01/rot000": "test",
+    }
+    assert listing.provenance["split"] == "lake"
+    assert omniglot(root=root).provenance["split"] == "vinyals"
+    with pytest.raises(FsltoolError, match=r"omniglot --split 'koch': must be one of vinyals, lake"):
+        omniglot(root=root, split="koch")
+
+
+def test_prepare_omniglot_lake_records_the_split(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fsltool.cli import main
+    from fsltool.data.store import FewShotData
+
+    root, out = make_omniglot_zips(tmp_path / "zips"), tmp_path / "lake.h5"
+    args = ["prepare", "omniglot", str(root), str(out), "--shapes", "2w1s", "--query", "1", "--episodes", "2",
+            "--episode-splits", "test", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--split", "lake"])
+    assert result.exit_code == 0, result.output
+    with FewShotData(out) as data:
+        assert data.provenance["split"] == "lake"
+        assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
+
+    bad = CliRunner().invoke(main, [*args, "--split", "koch"])
+    assert bad.exit_code == 2 and "Invalid value for '--split': 'koch' is not one of 'vinyals', 'lake'" in bad.output
+
+
 def test_omniglot_extracted_folders_match_zips(tmp_path: Path) -> None:
     zips = make_omniglot_zips(tmp_path / "zips")
     folders = tmp_path / "folders"
@@ -383,3 +426,37 @@ def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyP
     image = listing.load(listing.classes[0].items[0])
     assert image.shape == (1, 28, 28) and image.dtype == np.uint8
     assert image.mean() < 64  # inverted: mostly dark background, bright strokes
+
+
+def test_real_omniglot_lake_split_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lake et al.'s split on the real zips: all 964 background characters (30 alphabets) train or validate, all
+    659 evaluation characters (20 alphabets) test, every character with its 20 drawers."""
+    data = SHARED / "omniglot"
+    if not (data / "images_background.zip").is_file():
+        pytest.skip(f"{data} is not here")
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("listing must not decode images")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(omniglot_module, "decode_image", no_decoding)
+        listing = omniglot(root=str(data), rotations=False, split="lake")
+
+    by_split: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    parts: dict[str, set[str]] = {"images_background": set(), "images_evaluation": set()}
+    for spec in listing.classes:
+        by_split[spec.split].add(spec.name)
+        members = [member for _, member, _ in spec.items]
+        assert sorted(member[-6:-4] for member in members) == [f"{d:02d}" for d in range(1, 21)], spec.name
+        (part,) = {member.split("/")[0] for member in members}
+        parts[part].add(spec.name)
+    alphabets = {split: {name.split("/")[0] for name in names} for split, names in by_split.items()}
+    assert {split: len(names) for split, names in by_split.items()} == {"train": 792, "val": 172, "test": 659}
+    assert {split: len(names) for split, names in alphabets.items()} == {"train": 25, "val": 5, "test": 20}
+    assert alphabets["val"] == VAL_ALPHABETS
+    assert by_split["train"] | by_split["val"] == parts["images_background"] and len(parts["images_background"]) == 964
+    assert by_split["test"] == parts["images_evaluation"]
+    assert listing.provenance["split"] == "lake" and listing.provenance["rotations"] is False
+
+    rotated = omniglot(root=str(data), split="lake")
+    assert Counter(spec.split for spec in rotated.classes) == {"train": 4 * 792, "val": 4 * 172, "test": 4 * 659}

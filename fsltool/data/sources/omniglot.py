@@ -1,4 +1,18 @@
-"""Omniglot from the official zips (or their extracted folders), split by the Vinyals et al. (2016) rule."""
+"""Omniglot from the official zips (or their extracted folders), split by one of two published protocols.
+
+``vinyals``: Vinyals et al. (2016), the lists published with the Prototypical Networks code, written as a rule:
+1028 train / 172 val / 423 test characters drawn from both zips.
+
+``lake``: Lake et al. (2015, 2019), the Omniglot challenge's own split (the data's background/evaluation zips):
+learn from the 30 background alphabets (images_background, 964 characters), test on the 20 evaluation alphabets
+(images_evaluation, 659 characters). The protocol names no validation set and allows only the background set for
+model selection (brendenlake/omniglot README: only the background set may be used for "feature learning,
+meta-learning, or hyperparameter inference"), so whole background alphabets are held out to validate, as public
+Lake-protocol code does (tensorfreitas/Siamese-Networks-for-One-Shot-Learning: 6 of the 30, drawn anew each run).
+Here they are fixed: the five background alphabets of the Vinyals validation split (Hebrew, Mkhedruli_(Georgian),
+Armenian, Early_Aramaic, Bengali; 172 characters), leaving 25 (792 characters) to train, so every run validates on
+the same classes, and both protocols on the same ones.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +40,7 @@ from fsltool.errors import BadImageError, FsltoolError
 PARTS = ("images_background", "images_evaluation")
 ORIGINAL_SIZE = 105
 ROTATIONS = (0, 90, 180, 270)
+SPLIT_PROTOCOLS = ("vinyals", "lake")
 
 # The Vinyals split as published with the Prototypical Networks code (splits/vinyals/*.txt), written as a rule.
 TEST_ALPHABETS = frozenset(
@@ -44,6 +59,7 @@ TEST_ALPHABETS = frozenset(
         "ULOG",
     }
 )
+# All five are background alphabets: the validation alphabets of the Lake split as well (module docstring).
 VAL_ALPHABETS = frozenset({"Hebrew", "Mkhedruli_(Georgian)", "Armenian", "Early_Aramaic", "Bengali"})
 TEST_GURMUKHI_CHARACTERS = range(42, 46)
 
@@ -63,17 +79,29 @@ def vinyals_split(alphabet: str, character: int) -> str:
     return SPLITS[0]
 
 
-def omniglot(*, root: str, rotations: bool = True, size: int | None = 28) -> SourceListing:
-    """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size``.
+def lake_split(part: str, alphabet: str) -> str:
+    """The split of an Omniglot alphabet from ``part`` (images_background or images_evaluation) in the Lake split:
+    evaluation alphabets test, the Vinyals validation alphabets validate, the other background alphabets train."""
+    if part == PARTS[1]:
+        return SPLITS[2]
+    return SPLITS[1] if alphabet in VAL_ALPHABETS else SPLITS[0]
+
+
+def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split: str = "vinyals") -> SourceListing:
+    """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size``,
+    split by the ``split`` protocol (``vinyals`` or ``lake``, module docstring).
 
     Each of the two parts is read from ``<root>/<part>.zip`` when present, else from the folder ``<root>/<part>/``.
     Listing reads only the zip directories and folder names; no image is decoded.
     """
     root = str(root)
+    if split not in SPLIT_PROTOCOLS:
+        raise FsltoolError(f"omniglot --split {split!r}: must be one of {', '.join(SPLIT_PROTOCOLS)}")
     require_folder(root, "omniglot root")
     check_image_options(1, size)
     reader = _OmniglotReader(size)
     characters: dict[tuple[str, str], list[Item]] = {}
+    part_of: dict[tuple[str, str], str] = {}
     forms: dict[str, str] = {}
     for part in PARTS:
         zip_path, folder = os.path.join(root, f"{part}.zip"), os.path.join(root, part)
@@ -90,16 +118,20 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28) -> Sou
             if key in characters:
                 raise FsltoolError(f"omniglot root {root}: character {'/'.join(key)} is in both {PARTS[0]} and {part}")
         characters.update(part_characters)
+        part_of.update(dict.fromkeys(part_characters, part))
     if not characters:
         raise FsltoolError(f"omniglot root {root}: empty source, no character images found")
 
     classes = []
     for (alphabet, character), items in sorted(characters.items()):
-        split = vinyals_split(alphabet, int(character.removeprefix("character")))
+        if split == "lake":
+            class_split = lake_split(part_of[alphabet, character], alphabet)
+        else:
+            class_split = vinyals_split(alphabet, int(character.removeprefix("character")))
         items.sort()
         for degrees in ROTATIONS if rotations else ROTATIONS[:1]:
             name = f"{alphabet}/{character}/rot{degrees:03d}"
-            classes.append(ClassSpec(name, split, tuple((c, m, degrees) for c, m, _ in items)))
+            classes.append(ClassSpec(name, class_split, tuple((c, m, degrees) for c, m, _ in items)))
     side = ORIGINAL_SIZE if size is None else size
     provenance: dict[str, Any] = {
         "source": "omniglot",
@@ -107,7 +139,7 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28) -> Sou
         "rotations": rotations,
         "size": size,
         "form": forms,
-        "split": "vinyals",
+        "split": split,
         "invert": True,  # stored ink-high: a user's dark-on-white image must be inverted the same way
     }
     return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
