@@ -6,7 +6,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ from fsltool.methods import Method
 
 EMBED_BATCH = 128  # Conv-4 on 2 CPU cores runs fastest at about 100-200 images per call (cache-sized)
 SCORE_BATCH_ELEMENTS = 2**24  # cap on episodes x queries x way x feature size per scoring call (memory)
+SUPPORT_ORDER_SEED = 0  # with the episode's index, seeds the support order an order-sensitive method is shown
+CLASS_SORTED, SHUFFLED = "class-sorted", "shuffled (seeded per episode)"  # EvalResult.support_order
 
 
 @dataclass
@@ -29,6 +31,7 @@ class EvalResult:
     accuracies: np.ndarray  # per episode, fraction correct
     episodes_from: str  # "stored" or "sampled (seed N)"
     transductive: bool = False  # True when queries of an episode influence each other's scores (BatchNorm)
+    support_order: str = CLASS_SORTED  # the order the support set was shown in: CLASS_SORTED or SHUFFLED
 
     @property
     def accuracy(self) -> float:
@@ -51,6 +54,7 @@ class EvalResult:
             "split": self.split,
             "episodes_from": self.episodes_from,
             "transductive": self.transductive,
+            "support_order": self.support_order,
         }
 
 
@@ -79,23 +83,41 @@ def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen:
     return torch.cat([embed(first), *(embed(batch) for batch in batches)])
 
 
+def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
+    """(len(episodes), length) support orders: episode i's is a permutation drawn from SeedSequence([
+    SUPPORT_ORDER_SEED, i]), so every run and every evaluation of an episode set (or of its first n episodes) shows
+    an order-sensitive method the same sequences, whatever the method or the rest of the set."""
+    return np.array([np.random.default_rng(np.random.SeedSequence([SUPPORT_ORDER_SEED, int(i)])).permutation(length)
+                     for i in episodes], dtype=np.int64).reshape(len(episodes), length)
+
+
 def episode_accuracies(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
     """Per-episode accuracy. Episode-independent embeddings are computed once per distinct image; other methods
     score ``method.episodes_per_call`` episodes per call under no_grad, which a method that adapts at test time
-    (MAML) may re-enable."""
+    (MAML) may re-enable.
+
+    Stored and sampled episodes are laid out class by class. An ``order_sensitive`` method (MANN, SNAIL: trained on
+    shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
+    in the seeded order of ``support_orders``, episode i of ``support`` taking order i."""
+    support_labels = np.tile(episode_labels(shape)[0].numpy(), (len(support), 1))
+    if method.order_sensitive:
+        order = support_orders(np.arange(len(support)), support.shape[1])
+        support, support_labels = np.take_along_axis(support, order, 1), np.take_along_axis(support_labels, order, 1)
+    labels = torch.from_numpy(support_labels)
     was_training = method.training
     method.eval()
     try:
         if method.embeds_independently:
-            return _accuracies_from_embeddings(method, data, shape, support, query)
+            return _accuracies_from_embeddings(method, data, shape, support, labels, query)
         correct, device, step = [], device_of(method), method.episodes_per_call
         for start in range(0, len(support), step):
-            episodes = [data.episode(s, q, shape).to(device) for s, q in zip(support[start : start + step], query[start : start + step])]
-            stacked_support, support_labels, stacked_query, query_labels = stack_episodes(episodes)
+            episodes = [replace(data.episode(s, q, shape), support_labels=s_labels).to(device)
+                        for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
+            stacked_support, stacked_labels, stacked_query, query_labels = stack_episodes(episodes)
             with torch.no_grad():
-                scores = method.score_episodes(stacked_support, support_labels, stacked_query)
+                scores = method.score_episodes(stacked_support, stacked_labels, stacked_query)
             correct.append((scores.argmax(-1) == query_labels).float().mean(-1))
         return torch.cat(correct).cpu().numpy()
     finally:
@@ -104,10 +126,11 @@ def episode_accuracies(
 
 @torch.inference_mode()
 def _accuracies_from_embeddings(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, support_labels: torch.Tensor,
+    query: np.ndarray,
 ) -> np.ndarray:
     device = device_of(method)
-    support_labels, query_labels = (labels.to(device) for labels in episode_labels(shape))
+    support_labels, query_labels = support_labels.to(device), episode_labels(shape)[1].to(device)
     unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
     embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
     feature_shape = embeddings.shape[1:]
@@ -118,8 +141,7 @@ def _accuracies_from_embeddings(
     accuracies = []
     for i in range(0, len(support), per_call):
         s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
-        labels = support_labels.expand(len(s_emb), -1)
-        scores = method.scores_from_embeddings(s_emb, labels, q_emb, shape.way)
+        scores = method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way)
         accuracies.append((scores.argmax(-1) == query_labels).float().mean(-1))
     return torch.cat(accuracies).cpu().numpy()
 
@@ -151,4 +173,5 @@ def evaluate(
     ``sample_seed`` when given (any shape the split can supply)."""
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
     accuracies = episode_accuracies(method, data, shape, support, query)
-    return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)))
+    return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)),
+                      SHUFFLED if method.order_sensitive else CLASS_SORTED)

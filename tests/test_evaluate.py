@@ -6,12 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import EvalResult, episode_accuracies, evaluate
+from fsltool.evaluate import CLASS_SORTED, SHUFFLED, EvalResult, episode_accuracies, evaluate, support_orders
+from fsltool.methods import Method
 
 
 def test_confidence_interval_is_1_96_std_over_sqrt_n() -> None:
@@ -64,3 +66,92 @@ def test_frozen_inference_copy_matches_eager_embeddings(trained_run: Path, synth
         eager = embed_all(method, data, indices, frozen=False)
     assert frozen.shape == eager.shape == (len(indices), 64)
     torch.testing.assert_close(frozen, eager, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- support order
+
+
+class RecordingSequenceStub(Method):
+    """An order-sensitive method that records the support (pixels as embeddings) and labels evaluation shows it."""
+
+    name = "recording-stub"
+    order_sensitive = True
+    embeds_independently = True
+
+    def __init__(self) -> None:
+        super().__init__(nn.Flatten())  # type: ignore[arg-type]
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        self.seen.append((support.flatten(1), support_labels.clone()))
+        return torch.zeros(len(query), int(support_labels.max()) + 1)
+
+    def scores_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int
+    ) -> torch.Tensor:
+        self.seen.extend(zip(support.clone(), support_labels.clone()))
+        return torch.zeros(*query.shape[:2], way)
+
+
+def test_support_orders_are_seeded_per_episode() -> None:
+    orders = support_orders(np.arange(40), 25)
+    np.testing.assert_array_equal(orders, support_orders(np.arange(40), 25))
+    np.testing.assert_array_equal(orders[:7], support_orders(np.arange(7), 25))  # no dependence on the set's size
+    assert (np.sort(orders, 1) == np.arange(25)).all() and len({tuple(order) for order in orders}) == 40
+    np.testing.assert_array_equal(orders[3], np.random.default_rng(np.random.SeedSequence([0, 3])).permutation(25))
+    assert support_orders(np.arange(2), 10).tolist() == [[4, 6, 2, 7, 3, 5, 9, 0, 8, 1], [9, 1, 3, 8, 7, 6, 0, 4, 2, 5]]
+
+
+def test_sequence_methods_see_the_seeded_shuffled_support(synthetic_file: Path) -> None:
+    """Both evaluation paths show an order-sensitive method the same non-sorted orders, run after run, with every
+    support image still carrying its own class's label."""
+    shape = EpisodeShape(5, 5, 5)
+    runs = []
+    with FewShotData(synthetic_file) as data:
+        support, _ = data.stored_episodes("test", shape)
+        for embeds_independently in (True, True, False):
+            stub = RecordingSequenceStub()
+            stub.embeds_independently = embeds_independently
+            result = evaluate(stub, data, "test", shape)
+            assert result.support_order == SHUFFLED and result.to_json()["support_order"] == "shuffled (seeded per episode)"
+            runs.append(stub.seen)
+        stored_pixels = [data.images(episode).flatten(1) for episode in support]
+    class_order = torch.arange(5).repeat_interleave(5)
+    for run in runs[1:]:
+        for (pixels, labels), (first_pixels, first_labels) in zip(run, runs[0], strict=True):
+            assert torch.equal(labels, first_labels) and torch.equal(pixels, first_pixels)
+    assert len(runs[0]) == len(support) == 30
+    assert sum(not torch.equal(labels, class_order) for _, labels in runs[0]) == 30
+    for (pixels, labels), stored in zip(runs[0], stored_pixels):
+        assert torch.equal(labels.sort().values, class_order)
+        for position, label in enumerate(labels.tolist()):  # the image at each position is one of its class's shots
+            assert any(torch.equal(pixels[position], stored[j]) for j in range(5 * label, 5 * label + 5))
+
+
+def test_protonet_scores_do_not_depend_on_the_support_order(
+    trained_run: Path, synthetic_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ProtoNet is evaluated class-sorted; shown the shuffled order (images and labels permuted together) it gives
+    the same scores, on both evaluation paths."""
+    method = load_trained(trained_run).method
+    assert not method.order_sensitive
+    shape = EpisodeShape(5, 5, 5)
+    recorded: list[torch.Tensor] = []
+    original = method.scores_from_embeddings
+
+    def recording(*args: object) -> torch.Tensor:
+        recorded.append(original(*args))  # type: ignore[arg-type]
+        return recorded[-1]
+
+    monkeypatch.setattr(method, "scores_from_embeddings", recording)
+    with FewShotData(synthetic_file) as data:
+        in_class_order = evaluate(method, data, "test", shape)
+        calls = len(recorded)
+        method.order_sensitive = True  # type: ignore[misc]
+        shuffled = evaluate(method, data, "test", shape)
+        method.embeds_independently = False  # the episode-by-episode path
+        shuffled_slow = episode_accuracies(method, data, shape, *data.stored_episodes("test", shape))
+    assert in_class_order.support_order == CLASS_SORTED and shuffled.support_order == SHUFFLED
+    torch.testing.assert_close(torch.cat(recorded[calls : 2 * calls]), torch.cat(recorded[:calls]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(shuffled.accuracies, in_class_order.accuracies)
+    np.testing.assert_array_equal(shuffled_slow, in_class_order.accuracies)

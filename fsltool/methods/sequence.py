@@ -4,6 +4,8 @@ steps by a network with a fixed number of label slots, the method option ``way``
 Each image is embedded alone by the recipe's backbone, so evaluation embeds every image once and scores whole
 batches of episodes at a time. The support set is the labelled part of the sequence and every query is the next
 step after it, scored from the support alone: queries never see each other (no transduction at test time).
+Training shuffles the support order of every episode, and evaluation shows each stored episode's support in a
+seeded shuffled order (``order_sensitive``), never the class-by-class layout episodes are stored in.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class SequenceMethod(Method):
     """A sequence model over (embedding, label) steps with ``way`` label slots: episodes of up to ``way`` classes."""
 
     embeds_independently = True
+    order_sensitive = True
 
     def __init__(self, backbone: Backbone, way: int) -> None:
         super().__init__(backbone)
