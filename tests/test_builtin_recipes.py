@@ -66,5 +66,14 @@ def test_the_wheel_ships_every_recipe_folder() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {p.parent.relative_to(REPO / "recipes").as_posix() for p in (REPO / "recipes").glob("*/*.yaml")}
     assert {f"fsltool.recipes.{folder}" for folder in folders} <= set(config["package-data"])
+    assert {f"fsltool.recipes.{folder}" for folder in folders} <= set(config["packages"])
+    assert all(config["package-dir"].get(f"fsltool.recipes.{folder}") == f"recipes/{folder}" for folder in folders)
     packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fsltool").rglob("__init__.py")}
     assert packages <= set(config["packages"])
+
+
+@pytest.mark.parametrize("recipe", list_recipes(), ids=lambda r: r.name)
+def test_every_builtin_recipe_loads_and_validates(recipe) -> None:
+    """Static checks only (keys, types, shapes, method and backbone options): no data file is needed."""
+    loaded = load_recipe(recipe.path)
+    assert loaded.output.startswith("runs/") and loaded.data.startswith("data/")
