@@ -7,6 +7,7 @@ from fsltool.methods import maml  # noqa: F401  (registers "maml")
 from fsltool.methods import reptile  # noqa: F401  (registers "reptile")
 from fsltool.methods import mann  # noqa: F401  (registers "mann")
 from fsltool.methods import snail  # noqa: F401  (registers "snail")
+from fsltool.methods import baseline  # noqa: F401  (registers "baseline" and "baseline++")
 from fsltool.methods.base import METHODS, Method, build_method, get_method, method_options
 
 __all__ = ["METHODS", "Method", "build_method", "get_method", "method_options"]

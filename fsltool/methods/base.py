@@ -57,6 +57,7 @@ class Method(nn.Module, ABC):
     # the whole meta-batch and keeps its share's, so the global RNG advances as in one process (None: all tasks).
     task_share: TaskShare | None = None
     episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
+    meta_trainable: ClassVar[bool] = True  # False: the backbone comes from supervised pretraining; train refuses the method
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
