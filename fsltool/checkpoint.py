@@ -15,6 +15,8 @@ from fsltool.atomic import atomic_write
 from fsltool.errors import FsltoolError
 from fsltool.methods import Method, build_method
 from fsltool.models import build_backbone
+from fsltool.models.backbones import Backbone
+from fsltool.models.weights import load_feature_state
 from fsltool.recipe import Recipe, recipe_from_dict
 
 CHECKPOINT_FORMAT = "fsltool-checkpoint-1"
@@ -108,3 +110,30 @@ def untrained_like(trained: TrainedModel) -> Method:
     meta-training bought."""
     torch.manual_seed(trained.recipe.seed)
     return build_model(trained.config).eval()
+
+
+# Backbone options that say how a run starts or trains, not what network it is: they may differ from an init run's.
+_NON_STRUCTURAL = ("weights", "freeze")
+
+
+def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:
+    """Start ``backbone`` from the backbone of the run ``recipe.init`` names (its best checkpoint): the same
+    backbone, options and image shape, or a one-line error naming both. Only the feature network is taken:
+    the normalisation is the data file's, and heads are the new method's own. Returns the checkpoint read."""
+    path = checkpoint_path(recipe.init, "best")
+    state = load_checkpoint(path)
+    theirs = state["model_config"]
+    mine = {"backbone": recipe.backbone, "backbone_options": recipe.backbone_options, "image_shape": list(image_shape)}
+
+    def structure(config: dict[str, Any]) -> tuple[str, dict[str, Any], list[int]]:
+        options = {k: v for k, v in config["backbone_options"].items() if k not in _NON_STRUCTURAL}
+        return config["backbone"], options, list(config["image_shape"])
+    if structure(theirs) != structure(mine):
+        name, options, shape = structure(theirs)
+        my_name, my_options, my_shape = structure(mine)
+        raise FsltoolError(f"init: {recipe.init} has backbone {name!r} {options} on {shape} images; this recipe has "
+                           f"{my_name!r} {my_options} on {my_shape} images")
+    prefix = "backbone.features."
+    features = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
+    load_feature_state(backbone, recipe.backbone, features, str(path))
+    return path

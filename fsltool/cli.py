@@ -156,15 +156,25 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--rotations/--no-rotations", default=True, show_default=True, help="add 90/180/270-degree rotations as classes")
 @click.option("--size", default=28, show_default=True, help="resize to SIZE x SIZE (0 keeps 105x105)")
+@click.option("--split", type=click.Choice(["vinyals", "lake"]), default="vinyals", show_default=True,
+              help="vinyals: Vinyals et al. 2016 (1028/172/423 characters from both zips); lake: Lake et al. 2015 "
+                   "(train and validate on the 30 background alphabets, test on the 20 evaluation alphabets, 659 "
+                   "characters; validation = the 5 background alphabets of the Vinyals validation split, 172 characters)")
 @_episode_options
-def prepare_omniglot(root: str, out: str, rotations: bool, size: int, **common: Any) -> None:
-    """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, Vinyals split.
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, **common: Any) -> None:
+    """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals
+    or the Lake protocol.
 
-    Example: fsltool prepare omniglot ../shared/data/omniglot data/omniglot.h5
+    The Lake protocol names no validation set and allows only the background alphabets for model selection
+    (brendenlake/omniglot README), so whole background alphabets are held out for validation, as public
+    Lake-protocol code does (e.g. tensorfreitas/Siamese-Networks-for-One-Shot-Learning, 6 of 30 at random): here
+    the fixed five of the Vinyals validation split, so both protocols validate on the same 172 characters.
+
+    Example: fsltool prepare omniglot ../shared/data/omniglot data/omniglot-lake.h5 --split lake
     """
     from fsltool.data.sources.omniglot import omniglot
 
-    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None), out, **common)
+    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split), out, **common)
 
 
 @prepare.command("folder")
@@ -307,11 +317,11 @@ def _load_recipe(recipe: str, overrides: tuple[str, ...]) -> Any:
     return load_recipe(recipe_path(recipe), overrides)
 
 
-def _check_recipe(recipe: str, loaded: Any) -> None:
+def _check_recipe(recipe: str, loaded: Any, stage: str = "meta-train") -> None:
     from fsltool.console import console
     from fsltool.recipe import check_data
 
-    check_data(loaded)
+    check_data(loaded, stage)
     console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})", highlight=False)
 
 
@@ -343,6 +353,39 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
                     "skipped_nonfinite": result.skipped_nonfinite})
     else:
         click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}%)")
+
+
+@main.command("pretrain")
+@click.argument("recipe", shell_complete=_complete_recipe)
+@click.argument("overrides", nargs=-1)
+@click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
+@click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
+@click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
+@quiet_option
+@json_option
+def pretrain_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool) -> None:
+    """Pretrain a backbone as a classifier over every training class (the RECIPE's pretrain section), choosing the
+    best epoch by few-shot accuracy on the stored validation episodes. The run evaluates and exports like any
+    other, and a meta-training recipe starts from it with init: RUN.
+
+    Example: fsltool pretrain omniglot/pretrain-conv4 pretrain.epochs=5 output=runs/pre
+    """
+    loaded = _load_recipe(recipe, overrides)
+    if check:
+        _check_recipe(recipe, loaded, "pretrain")
+        return
+    from fsltool.pretrain import pretrain
+
+    result = pretrain(loaded, resume=resume, force=force, quiet=quiet or as_json)
+    if not result.writer:
+        return
+    if as_json:
+        _echo_json({"run": str(result.run_dir), "epochs": result.epochs, "steps": result.steps, "seconds": round(result.seconds, 1),
+                    "best_validation": {"accuracy": result.best_accuracy, "ci95": result.best_ci95, "epoch": result.best_epoch},
+                    "skipped_nonfinite": result.skipped_nonfinite})
+    else:
+        click.echo(f"run folder: {result.run_dir}  ({result.seconds:.0f} s, best val {result.best_accuracy:.2f} ± {result.best_ci95:.2f}% "
+                   f"at epoch {result.best_epoch})")
 
 
 @main.group()

@@ -66,14 +66,14 @@ class Group:
         """Only one process writes checkpoints, logs and progress bars."""
         return self.rank == 0
 
-    def share(self, meta_batch: int) -> range:
-        """The positions in a global meta-batch this process computes (contiguous, equal for every process)."""
-        if meta_batch % self.world:
+    def share(self, parts: int, key: str = "train.meta_batch", noun: str = "episodes") -> range:
+        """The positions among ``parts`` (a meta-batch's episodes, a pretraining batch's micro-batches) this process
+        computes: contiguous, equally many for every process; ``key`` is the recipe key that sets ``parts``."""
+        if parts % self.world:
             raise FsltoolError(
-                f"recipe key 'train.meta_batch': {meta_batch} episodes do not divide among {self.world} processes "
-                f"(WORLD_SIZE); use a multiple of {self.world}"
+                f"recipe key {key!r}: {parts} {noun} do not divide among {self.world} processes (WORLD_SIZE); use a multiple of {self.world}"
             )
-        size = meta_batch // self.world
+        size = parts // self.world
         return range(self.rank * size, (self.rank + 1) * size)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:

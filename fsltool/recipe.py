@@ -21,32 +21,62 @@ from fsltool.errors import FsltoolError
 
 
 @dataclass
-class TrainConfig:
-    shape: str = "60w5s5q"  # training episode shape
-    episodes: int = 10000  # meta-updates (each uses meta_batch episodes)
-    meta_batch: int = 1  # episodes averaged into one meta-update
+class OptimConfig:
+    """The optimisation keys meta-training (``train``) and pretraining (``pretrain``) share. The schedule counts
+    meta-steps in ``train`` and epochs in ``pretrain``: ``lr_step`` and ``warmup`` are in those units."""
+
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0  # as the optimizer defines it: L2 in the gradient (adam, sgd), decoupled (adamw)
     momentum: float = 0.9  # sgd only
-    # step: lr_step / lr_gamma below | linear: lr * (1 - done / train.episodes), to 0 at the end |
-    # cosine: lr * (1 + cos(pi * done / train.episodes)) / 2
+    nesterov: bool = False  # sgd only
+    # step: lr_step / lr_gamma below | linear: lr * (1 - done / total), to 0 at the end |
+    # cosine: lr * (1 + cos(pi * done / total)) / 2
     lr_schedule: str = "step"
-    warmup: int = 0  # episodes of linear warm-up from lr / warmup to lr, before the schedule's own factor applies
-    clip_grad_norm: float = 0.0  # clip the meta-gradient's global norm to this (0: off)
-    lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step episodes (0: constant)
+    warmup: int = 0  # linear warm-up from lr / warmup to lr over this many units, before the schedule's own factor applies
+    clip_grad_norm: float = 0.0  # clip the gradient's global norm to this (0: off)
+    lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step units (0: constant)
     lr_gamma: float = 0.5
-    log_every: int = 50
-    keep_checkpoints: int = 3  # episode-numbered checkpoints kept beside last.pt and best.pt (0: none)
-    on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that meta-step and count it)
-    prefetch: bool = True  # assemble the next meta-batch's episodes on a background thread during the step
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training episodes only (fsltool.data.augment)
+    log_every: int = 50  # optimizer steps between log rows
+    keep_checkpoints: int = 3  # numbered checkpoints kept beside last.pt and best.pt (0: none)
+    on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that step and count it)
+    prefetch: bool = True  # assemble the next batch on a background thread during the step
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only (fsltool.data.augment)
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    shape: str = "60w5s5q"  # training episode shape
+    episodes: int = 10000  # meta-updates (each uses meta_batch episodes)
+    meta_batch: int = 1  # episodes averaged into one meta-update
+    splits: list[str] = field(default_factory=lambda: ["train"])  # classes episodes are drawn from (e.g. [train, val])
+
+
+@dataclass
+class PretrainConfig(OptimConfig):
+    """``fsltool pretrain``: supervised classification over every class of ``splits`` in mini-batches of images,
+    then the backbone is scored as a few-shot classifier (the recipe's ``method``) on stored validation episodes
+    every ``validation.every`` epochs; the best checkpoint is chosen by that accuracy."""
+
+    epochs: int = 0  # passes over the training images (required by fsltool pretrain)
+    batch_size: int = 128
+    micro_batches: int = 1  # the batch is forwarded in this many parts, each with its own BatchNorm statistics
+    head: str = "linear"  # linear | cosine (cosine similarity to class weights times a learned scale)
+    head_scale: float = 10.0  # cosine head: the scale's initial value
+    rotation_weight: float = 0.0  # > 0: add the loss of predicting 0/90/180/270-degree rotations (Gidaris et al. 2019)
+    splits: list[str] = field(default_factory=lambda: ["train"])  # classes to pretrain on
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    lr_step: int = 0
+    lr_gamma: float = 0.1
+    log_every: int = 20
 
 
 @dataclass
 class ValidationConfig:
     shape: str = "5w1s15q"  # a shape stored in the data file for the val split
-    every: int = 500  # episodes between validations (and checkpoints)
+    every: int = 500  # meta-steps (pretraining: epochs) between validations and checkpoints
     episodes: int = 200  # the first N stored validation episodes
 
 
@@ -59,6 +89,8 @@ class Recipe:
     backbone: str = "conv4"
     backbone_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # fsltool pretrain only
+    init: str = ""  # a run folder (e.g. a pretraining run) whose best checkpoint's backbone training starts from
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
     seed: int = 0
@@ -71,9 +103,11 @@ class Recipe:
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("step", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
+PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
-# loss is not finite, which is why one resumes with it changed).
-RESUMABLE_KEYS = ("episodes", "keep_checkpoints", "on_nonfinite", "prefetch")
+# loss is not finite, which is why one resumes with it changed). The length key (episodes, epochs) is the first.
+RESUMABLE_KEYS = {"train": ("episodes", "keep_checkpoints", "on_nonfinite", "prefetch"),
+                  "pretrain": ("epochs", "keep_checkpoints", "on_nonfinite", "prefetch")}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -84,6 +118,10 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _check_type(key: str, value: Any, expected: Any) -> Any:
     """Return ``value`` converted to ``expected`` where lossless (int -> float), else raise naming the key."""
     origin = typing.get_origin(expected)
+    if origin is list:
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+            raise FsltoolError(f"recipe key {key!r}: expected a non-empty list of names, got {value!r}")
+        return value
     if origin is dict:
         if not isinstance(value, dict):
             raise FsltoolError(f"recipe key {key!r}: expected a mapping, got {value!r}")
@@ -219,27 +257,26 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             raise FsltoolError(f"{where}: recipe key {key!r}: {error}") from None
     positive = {
         "train.episodes": recipe.train.episodes,
-        "train.log_every": recipe.train.log_every,
         "train.meta_batch": recipe.train.meta_batch,
         "validation.every": recipe.validation.every,
         "validation.episodes": recipe.validation.episodes,
-        "train.lr": recipe.train.lr,
+        "pretrain.batch_size": recipe.pretrain.batch_size,
+        "pretrain.micro_batches": recipe.pretrain.micro_batches,
+        "pretrain.head_scale": recipe.pretrain.head_scale,
     }
     for key, value in positive.items():
         if value <= 0:
             raise FsltoolError(f"{where}: recipe key {key!r} must be positive, got {value}")
-    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm"):
-        if getattr(recipe.train, key) < 0:
-            raise FsltoolError(f"{where}: recipe key 'train.{key}' must be >= 0, got {getattr(recipe.train, key)}")
-    if recipe.train.keep_checkpoints < 0:
-        raise FsltoolError(f"{where}: recipe key 'train.keep_checkpoints' must be >= 0, got {recipe.train.keep_checkpoints}")
-    if recipe.train.on_nonfinite not in NONFINITE_POLICIES:
-        raise FsltoolError(f"{where}: recipe key 'train.on_nonfinite': {recipe.train.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
-    if recipe.train.lr_schedule not in LR_SCHEDULES:
-        raise FsltoolError(f"{where}: recipe key 'train.lr_schedule': {recipe.train.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-    if recipe.train.optimizer not in OPTIMIZERS:
-        raise FsltoolError(f"{where}: recipe key 'train.optimizer': {recipe.train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    check_augment(recipe.train.augment, where)
+    for key in ("epochs", "rotation_weight"):
+        if getattr(recipe.pretrain, key) < 0:
+            raise FsltoolError(f"{where}: recipe key 'pretrain.{key}' must be >= 0, got {getattr(recipe.pretrain, key)}")
+    if recipe.pretrain.batch_size % recipe.pretrain.micro_batches:
+        raise FsltoolError(f"{where}: recipe key 'pretrain.micro_batches': {recipe.pretrain.micro_batches} does not divide "
+                           f"pretrain.batch_size {recipe.pretrain.batch_size}")
+    if recipe.pretrain.head not in PRETRAIN_HEADS:
+        raise FsltoolError(f"{where}: recipe key 'pretrain.head': {recipe.pretrain.head!r} is not one of {', '.join(PRETRAIN_HEADS)}")
+    for section in ("train", "pretrain"):
+        _validate_optimisation(section, getattr(recipe, section), where)
     if not DEVICE_NAME.fullmatch(recipe.device):
         raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
     get_method(recipe.method)
@@ -255,15 +292,36 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: unknown backbone {recipe.backbone!r}{hint}")
 
 
-def check_data(recipe: Recipe) -> None:
-    """The checks that need the data file: it opens, and holds what the recipe's episode shapes need (enough
-    training classes and images, stored validation and test episodes of those shapes)."""
+def _validate_optimisation(section: str, config: OptimConfig, where: str) -> None:
+    """The optimisation keys of ``train`` or ``pretrain``, named with their section."""
+    for key in ("lr", "log_every"):
+        if getattr(config, key) <= 0:
+            raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be positive, got {getattr(config, key)}")
+    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints"):
+        if getattr(config, key) < 0:
+            raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be >= 0, got {getattr(config, key)}")
+    choices = {"on_nonfinite": NONFINITE_POLICIES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise FsltoolError(f"{where}: recipe key '{section}.{key}': {getattr(config, key)!r} is not one of {', '.join(allowed)}")
+    if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
+        raise FsltoolError(f"{where}: recipe key '{section}.nesterov' needs optimizer sgd with momentum > 0")
+    check_augment(config.augment, where, section)
+
+
+def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
+    """The checks that need the data file: it opens, and holds what the recipe's ``stage`` needs (meta-train: enough
+    classes and images for the training episodes; pretrain: the splits to pretrain on), and the stored validation
+    and test episodes of the recipe's shapes."""
     import torch
 
     from fsltool.data.store import FewShotData
 
     with FewShotData(recipe.data) as data:
-        data.sampler("train", EpisodeShape.parse(recipe.train.shape), torch.Generator())
+        if stage == "pretrain":
+            data.classes_of(recipe.pretrain.splits)
+        else:
+            data.sampler(recipe.train.splits, EpisodeShape.parse(recipe.train.shape), torch.Generator())
         data.stored_episodes("val", EpisodeShape.parse(recipe.validation.shape))
         data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))
 

@@ -45,12 +45,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def torchrun(recipe: dict[str, Any], folder: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
+def torchrun(recipe: dict[str, Any], folder: Path, *args: str, processes: int = 2, command: str = "meta-train") -> subprocess.CompletedProcess[str]:
     path = folder / f"recipe-{free_port()}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "fsltool", "meta-train", str(path), "-q", *args]
-    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "fsltool", command, str(path), "-q", *args]
+    return subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
 def assert_same_state(expected_run: Path, got_run: Path) -> None:

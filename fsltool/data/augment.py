@@ -35,15 +35,15 @@ class AugmentConfig:
     shift: float = 0.1  # glyph: translation, as a fraction of the image side, either way
 
 
-def check_augment(config: AugmentConfig, where: str) -> None:
-    """Values a recipe may not hold, named by their key."""
+def check_augment(config: AugmentConfig, where: str, section: str = "train") -> None:
+    """Values a recipe may not hold, named by their key (in the recipe's ``train`` or ``pretrain`` section)."""
     if config.kind not in KINDS:
-        raise FsltoolError(f"{where}: recipe key 'train.augment.kind': {config.kind!r} is not one of {', '.join(KINDS)}")
+        raise FsltoolError(f"{where}: recipe key '{section}.augment.kind': {config.kind!r} is not one of {', '.join(KINDS)}")
     ranges = {"crop_scale": (0.01, 1.0), "color_jitter": (0.0, 0.99), "rotation": (0.0, 180.0), "scale": (0.0, 0.9), "shift": (0.0, 0.5)}
     for key, (low, high) in ranges.items():
         value = getattr(config, key)
         if not math.isfinite(value) or not low <= value <= high:
-            raise FsltoolError(f"{where}: recipe key 'train.augment.{key}' must be in [{low:g}, {high:g}], got {value}")
+            raise FsltoolError(f"{where}: recipe key '{section}.augment.{key}' must be in [{low:g}, {high:g}], got {value}")
 
 
 def episode_generator(seed: int, step: int, position: int) -> torch.Generator:

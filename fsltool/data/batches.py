@@ -1,10 +1,13 @@
-"""The training loop's supply of episodes: meta-batches drawn in order from one seeded sampler, optionally
-assembled on a background thread while the previous meta-step runs."""
+"""The training loops' supply: meta-batches of episodes drawn in order from one seeded sampler (meta-training), and
+shuffled mini-batches of images (pretraining); either optionally assembled on a background thread while the
+previous step runs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from fsltool.data.episodes import Episode, EpisodeSampler
@@ -55,6 +58,56 @@ class MetaBatches:
 
     def sampler_state(self) -> torch.Tensor:
         return self._pending[0] if self._pending is not None else self._sampler.generator.get_state()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class ImageBatches:
+    """Pretraining's supply: every image of ``classes`` once per epoch, in a random order drawn from (seed, epoch)
+    alone, cut into batches of ``batch_size`` (the last, incomplete one dropped, so every step has the same
+    BatchNorm batch size), each cut into ``micro_batches`` parts of which this process assembles those in
+    ``share``. Labels number the classes in the order given. A batch is ``[(images, labels), ...]``, one pair per
+    part of the share; with ``prefetch`` the next is assembled on a background thread during the step.
+    Nothing here holds state beyond the epoch and step, so a run resumed at an epoch boundary draws the same."""
+
+    def __init__(self, data: FewShotData, classes: np.ndarray, batch_size: int, micro_batches: int, share: range,
+                 seed: int, *, prefetch: bool) -> None:
+        self._data, self._share, self._seed = data, share, seed
+        self._part = batch_size // micro_batches
+        self._batch_size = batch_size
+        starts, counts = data.class_start[classes], data.class_count[classes]
+        self.indices = torch.from_numpy(np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]))
+        self.labels = torch.from_numpy(np.repeat(np.arange(len(classes)), counts))
+        self.classes = len(classes)
+        self.steps_per_epoch = len(self.indices) // batch_size
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fsltool-prefetch") if prefetch else None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The image order of ``epoch`` (1-based), from (seed, epoch) alone."""
+        seed = np.random.SeedSequence([self._seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+        return torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(int(seed)))
+
+    def _assemble(self, picks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        parts = []
+        for part in self._share:
+            chosen = picks[part * self._part : (part + 1) * self._part]
+            parts.append((self._data.images(self.indices[chosen]), self.labels[chosen]))
+        return parts
+
+    def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The batches of ``epoch``, in order."""
+        order = self.order(epoch)
+        picks = [order[step * self._batch_size : (step + 1) * self._batch_size] for step in range(self.steps_per_epoch)]
+        if self._executor is None:
+            yield from (self._assemble(chosen) for chosen in picks)
+            return
+        pending = self._executor.submit(self._assemble, picks[0]) if picks else None
+        for step in range(len(picks)):
+            batch = pending.result()  # type: ignore[union-attr]
+            pending = self._executor.submit(self._assemble, picks[step + 1]) if step + 1 < len(picks) else None
+            yield batch
 
     def close(self) -> None:
         if self._executor is not None:

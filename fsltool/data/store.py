@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,19 @@ class FewShotData:
             raise FsltoolError(f"{self.path}: unknown split {split!r} (has: {', '.join(sorted(self.splits))})")
         return self.splits[split]
 
-    def sampler(self, split: str, shape: EpisodeShape, generator: torch.Generator) -> EpisodeSampler:
-        """An on-the-fly sampler over a split, after checking every class can supply the shape."""
-        classes = self.split_classes(split)
-        check_split_fits(split, shape, self.class_names, self.class_count, classes)
+    def classes_of(self, splits: str | Sequence[str]) -> np.ndarray:
+        """The classes of one split, or of several together (e.g. train + val, to retrain on both)."""
+        names = [splits] if isinstance(splits, str) else list(splits)
+        if len(set(names)) != len(names):
+            raise FsltoolError(f"{self.path}: split list {names} names a split twice")
+        return np.concatenate([self.split_classes(name) for name in names])
+
+    def sampler(self, splits: str | Sequence[str], shape: EpisodeShape, generator: torch.Generator) -> EpisodeSampler:
+        """An on-the-fly sampler over a split's classes (or several splits'), after checking every class can supply
+        the shape."""
+        classes = self.classes_of(splits)
+        name = splits if isinstance(splits, str) else "+".join(splits)
+        check_split_fits(name, shape, self.class_names, self.class_count, classes)
         return EpisodeSampler(self.class_start, self.class_count, classes, shape, generator)
 
     def stored_shapes(self, split: str) -> list[EpisodeShape]:

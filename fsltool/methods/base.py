@@ -53,6 +53,9 @@ class Method(nn.Module, ABC):
 
     name: ClassVar[str]
     embeds_independently: bool = False  # a class attribute, or per instance when options decide it (MatchingNet's fce)
+    # Reads the support set as a sequence (MANN, SNAIL) and is trained on shuffled orders: evaluation then shows it
+    # a seeded shuffled order (fsltool.evaluate.support_orders), not the stored class-by-class layout.
+    order_sensitive: ClassVar[bool] = False
     # Set by a data-parallel training loop: a method that draws random numbers per task in meta_step draws them for
     # the whole meta-batch and keeps its share's, so the global RNG advances as in one process (None: all tasks).
     task_share: TaskShare | None = None

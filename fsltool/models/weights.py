@@ -55,6 +55,13 @@ def load_backbone_weights(backbone: Backbone, backbone_name: str, path: str | Pa
     head in the file (torchvision's ``fc``) is left out."""
     state = {key: value for key, value in _strip_prefixes(read_state_dict(path)).items()
              if not key.startswith(HEAD_KEYS.get(backbone_name, ()))}
+    load_feature_state(backbone, backbone_name, state, str(path))
+
+
+def load_feature_state(backbone: Backbone, backbone_name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """``state`` (the feature network's names) into ``backbone.features``, exactly, or a one-line error naming
+    ``source`` and the first few keys that do not fit."""
+    path = source
     expected = backbone.features.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

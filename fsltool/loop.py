@@ -1,0 +1,87 @@
+"""The parts every training loop shares (meta-training and pretraining): one optimizer update under the run's
+non-finite policy, and validation on stored episodes with best / last / numbered checkpoints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fsltool.data.episodes import EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.distributed import Group, RunningStats
+from fsltool.errors import FsltoolError
+from fsltool.evaluate import evaluate
+from fsltool.methods import Method
+from fsltool.recipe import OptimConfig
+from fsltool.runs import RunFolder
+
+
+@dataclass
+class Updater:
+    """Applies one step's loss: backward, gradients summed over the processes, clipping, the optimizer step and
+    the BatchNorm statistics merge; or, for a non-finite loss, stops (the default) or skips the step and counts it."""
+
+    optimizer: torch.optim.Optimizer
+    parameters: list[nn.Parameter]
+    config: OptimConfig
+    group: Group
+    last_checkpoint: Path
+    skipped: int = 0
+
+    def apply(self, loss_tensor: torch.Tensor, loss: float, running_stats: RunningStats, where: str) -> bool:
+        """``loss`` is the global loss (summed over processes); True when the step was taken."""
+        if math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_tensor.backward()
+            self.group.sum_gradients(self.parameters)
+            if self.config.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
+            self.group.merge_running_stats(running_stats)
+            self.optimizer.step()
+            return True
+        if self.config.on_nonfinite == "skip":
+            running_stats.restore()  # the forward pass may have folded non-finite statistics in
+            self.skipped += 1
+            return False
+        raise FsltoolError(f"{where}: loss is {loss}; stopped (last good checkpoint: {self.last_checkpoint}; "
+                           "on_nonfinite=skip drops such steps instead)")
+
+
+@dataclass
+class Validator:
+    """Scores the method on the first stored validation episodes and writes the checkpoints: best.pt when the
+    accuracy beats the best so far, last.pt always, and a numbered one when the recipe keeps them."""
+
+    method: Method
+    data: FewShotData
+    shape: EpisodeShape
+    episodes: int
+    run: RunFolder
+    keep: int
+    unit: str  # what the numbered checkpoints count: episode | epoch
+    best: dict[str, Any] = field(default_factory=dict)  # accuracy, ci95 and the unit's count of the best so far
+
+    def __post_init__(self) -> None:
+        self.best = self.best or {"accuracy": -math.inf, "ci95": math.nan, self.unit: 0}
+
+    def __call__(self, count: int, clock: Callable[[], float], extra: dict[str, Any], checkpoint: Callable[[Path, float], None]) -> str:
+        """Validate at ``count`` (episodes or epochs), log the row (with ``extra`` keys and the run's ``clock()``
+        seconds, this validation included) and checkpoint; returns the accuracy as the progress bar shows it."""
+        result = evaluate(self.method, self.data, "val", self.shape, episodes=self.episodes)
+        elapsed = clock()
+        self.run.log({self.unit: count, **extra, "phase": "val", "accuracy": result.accuracy, "ci95": result.ci95,
+                      "shape": str(self.shape), "episodes": len(result.accuracies), "elapsed": elapsed})
+        if result.accuracy > self.best["accuracy"]:
+            self.best = {"accuracy": result.accuracy, "ci95": result.ci95, self.unit: count}
+            checkpoint(self.run.best, elapsed)
+        checkpoint(self.run.last, elapsed)
+        if self.keep:
+            checkpoint(self.run.numbered_checkpoint(self.unit, count), elapsed)
+            self.run.prune(self.keep)
+        return f"{result.accuracy:.2f}±{result.ci95:.2f}"

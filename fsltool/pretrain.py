@@ -1,0 +1,222 @@
+"""Supervised pretraining: the backbone learns to classify every class of the training split in ordinary
+mini-batches (Chen et al. 2019 "A Closer Look at Few-shot Classification"; Tian et al. 2020 "Rethinking Few-Shot
+Image Classification"; Chen et al. 2021 "Meta-Baseline"), optionally with rotation prediction as an auxiliary
+loss (Gidaris et al. 2019 "Boosting Few-Shot Visual Learning with Self-Supervision").
+
+The run folder is a meta-training run's: the checkpoint's model is the recipe's few-shot method (ProtoNet unless
+the recipe says otherwise) around the pretrained backbone, so `fsltool evaluate`, `export` and a meta-training
+recipe's ``init:`` take a pretraining run as they take any other. Every ``validation.every`` epochs the method is
+scored on the stored validation episodes, and the best checkpoint is the best few-shot accuracy, not the lowest
+classification loss."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import TextColumn
+from torch import nn
+
+from fsltool.checkpoint import load_checkpoint, save_checkpoint
+from fsltool.console import console, progress_bar
+from fsltool.data.augment import augment_images, episode_generator
+from fsltool.data.batches import ImageBatches
+from fsltool.data.episodes import EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.device import resolve_device
+from fsltool.distributed import Group, RunningStats, join
+from fsltool.errors import FsltoolError
+from fsltool.loop import Updater, Validator
+from fsltool.methods import Method
+from fsltool.models.heads import build_head
+from fsltool.optim import make_optimizer, trainable_parameters
+from fsltool.recipe import PretrainConfig, Recipe
+from fsltool.runs import RunFolder, Window, check_resumable
+from fsltool.train import build_for_training
+
+ROTATIONS = 4  # 0, 90, 180, 270 degrees
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    epochs: int
+    steps: int
+    best_accuracy: float
+    best_ci95: float
+    best_epoch: int
+    seconds: float
+    skipped_nonfinite: int
+    writer: bool
+
+
+class Classifier(nn.Module):
+    """The method's backbone with a classification head over the pretraining classes (and a 4-way rotation head
+    when rotation prediction is on). Feature maps are averaged over space before the heads."""
+
+    def __init__(self, method: Method, classes: int, config: PretrainConfig) -> None:
+        super().__init__()
+        self.method = method
+        features = method.backbone.out_channels if len(method.backbone.embedding_shape) == 3 else method.backbone.embedding_size
+        self.head = build_head(config.head, features, classes, config.head_scale)
+        self.rotation_head = nn.Linear(features, ROTATIONS) if config.rotation_weight else None
+        self.rotation_weight = config.rotation_weight
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.method.backbone(images)
+        return features.mean((-2, -1)) if features.dim() == 4 else features
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss over the images and the number classified right. With rotation prediction the batch is run
+        in all four rotations at once; the class loss is the upright images'."""
+        if self.rotation_head is None:
+            scores = self.head(self.embed(images))
+            return F.cross_entropy(scores, labels), (scores.argmax(-1) == labels).sum()
+        rotated = torch.cat([torch.rot90(images, k, (-2, -1)) for k in range(ROTATIONS)])
+        embeddings = self.embed(rotated)
+        scores = self.head(embeddings[: len(images)])
+        angles = torch.arange(ROTATIONS, device=images.device).repeat_interleave(len(images))
+        loss = F.cross_entropy(scores, labels) + self.rotation_weight * F.cross_entropy(self.rotation_head(embeddings), angles)
+        return loss, (scores.argmax(-1) == labels).sum()
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The heads' parameters (the method's go to the checkpoint's ``model``, as for any run)."""
+        return {name: module.state_dict() for name, module in self.named_children() if name != "method"}
+
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, module_state in state.items():
+            getattr(self, name).load_state_dict(module_state)
+
+
+def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> PretrainResult:
+    """Pretrain ``recipe``'s backbone: in this process, or under torchrun as one of WORLD_SIZE data-parallel
+    processes, each computing its share of every batch's ``pretrain.micro_batches`` (rank 0 writes and validates)."""
+    if recipe.pretrain.epochs < 1:
+        raise FsltoolError("recipe key 'pretrain.epochs' must be at least 1 for fsltool pretrain (the recipe's pretrain section)")
+    device = resolve_device(recipe.device, "recipe key 'device'")
+    group = join(device)
+    try:
+        return _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+    finally:
+        group.leave()
+
+
+def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> PretrainResult:
+    settings = recipe.pretrain
+    share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
+    data = FewShotData(recipe.data)
+    val_shape = EpisodeShape.parse(recipe.validation.shape)
+    data.stored_episodes("val", val_shape)  # fail now, not after the first epoch
+    batches = ImageBatches(data, data.classes_of(settings.splits), settings.batch_size, settings.micro_batches, share,
+                           recipe.seed, prefetch=settings.prefetch)
+    if batches.steps_per_epoch < 1:
+        raise FsltoolError(f"recipe key 'pretrain.batch_size': {settings.batch_size} is more than the "
+                           f"{len(batches.indices)} images of {'+'.join(settings.splits)}")
+    method, config = build_for_training(recipe, data, device, resume=resume)
+    model = Classifier(method, batches.classes, settings).to(device)
+    parameters = trainable_parameters(model)
+    per_epoch = batches.steps_per_epoch
+    # The schedule runs per optimizer step; its epoch-counted keys are converted, so warm-up ramps within an epoch.
+    in_steps = dataclasses.replace(settings, lr_step=settings.lr_step * per_epoch, warmup=settings.warmup * per_epoch)
+    optimizer, scheduler = make_optimizer(in_steps, parameters, settings.epochs * per_epoch)
+
+    run = RunFolder(recipe.output)
+    if group.writer:
+        run.create(resume=resume, force=force)
+    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, "epoch")
+    updater = Updater(optimizer, parameters, settings, group, run.last)
+    start, elapsed_before = 0, 0.0
+    if resume:
+        state = load_checkpoint(run.last)
+        check_resumable(state["recipe"], recipe, "pretrain", run.last, run.recipe)
+        if state["epoch"] >= settings.epochs:
+            raise FsltoolError(f"{run.last}: already pretrained {state['epoch']} epochs; raise pretrain.epochs to continue")
+        method.load_state_dict(state["model"])
+        model.load_state(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, validator.best, elapsed_before, updater.skipped = state["epoch"], state["best"], state["elapsed"], state["skipped_nonfinite"]
+        if group.writer:
+            run.truncate_metrics("epoch", start)
+    if group.writer:
+        run.save_recipe(recipe)
+
+    def checkpoint_at(epoch: int) -> Callable[[Path, float], None]:
+        def write(path: Path, elapsed: float) -> None:
+            save_checkpoint(path, {
+                "recipe": recipe.to_dict(), "model_config": config, "model": method.state_dict(), "heads": model.state(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "epoch": epoch, "step": epoch * per_epoch, "best": dict(validator.best), "elapsed": elapsed,
+                "skipped_nonfinite": updater.skipped, "stage": "pretrain",
+            })
+        return write
+
+    def step(parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> tuple[float, float] | None:
+        """One optimizer step over this process's micro-batches: (global mean loss, images right), None if skipped."""
+        running_stats = RunningStats.of(model)
+        losses, correct = [], torch.zeros((), device=device)
+        for position, (images, labels) in zip(share, parts):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if settings.augment.kind != "none":
+                images = augment_images(images, settings.augment, episode_generator(recipe.seed, number, position))
+            loss, right = model.loss(images, labels)
+            losses.append(loss)
+            correct = correct + right
+        loss_tensor = torch.stack(losses).sum() / settings.micro_batches  # summed over processes: the batch mean
+        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double()]))
+        loss = float(totals[0])
+        taken = updater.apply(loss_tensor, loss, running_stats, f"step {number}")
+        return (loss, float(totals[1])) if taken else None
+
+    model.train()
+    began = time.perf_counter()
+    window = Window(start * per_epoch, began)
+    columns = (TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+               TextColumn("{task.fields[speed]} img/s"), TextColumn("val {task.fields[val]}"))
+    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches):
+        task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=start * per_epoch,
+                                 epoch="-", loss="-", acc="-", speed="-", val="-")
+        for epoch in range(start + 1, settings.epochs + 1):
+            progress.update(task, epoch=f"{epoch}/{settings.epochs}")
+            waiting = time.perf_counter()
+            for index, parts in enumerate(batches.epoch(epoch)):
+                number = (epoch - 1) * per_epoch + index + 1
+                window.data_wait += time.perf_counter() - waiting
+                result = step(parts, number)
+                if result is not None:
+                    window.add(*result, settings.batch_size)
+                scheduler.step()
+                progress.update(task, completed=number)
+                now = time.perf_counter()
+                if number % settings.log_every == 0 or index + 1 == per_epoch:
+                    row = window.row("step", number, now, scheduler.get_last_lr()[0], elapsed_before + now - began, updater.skipped)
+                    row = {"epoch": number / per_epoch, **row, "images_per_s": row["steps_per_s"] * settings.batch_size}
+                    if group.writer:
+                        run.log(row)
+                    progress.update(task, loss="-" if row["loss"] is None else f"{row['loss']:.3f}",
+                                    acc="-" if row["accuracy"] is None else f"{row['accuracy']:.1f}", speed=f"{row['images_per_s']:.0f}")
+                    window = Window(number, now)
+                waiting = time.perf_counter()
+            if group.writer and (epoch % recipe.validation.every == 0 or epoch == settings.epochs):
+                shown = validator(epoch, lambda: elapsed_before + time.perf_counter() - began, {"step": epoch * per_epoch},
+                                  checkpoint_at(epoch))
+                progress.update(task, val=shown)
+                model.train()
+                window.began = time.perf_counter()
+    seconds = elapsed_before + time.perf_counter() - began
+    best = validator.best
+    if group.writer and updater.skipped:
+        console.print(f"skipped {updater.skipped} steps whose loss was not finite (pretrain.on_nonfinite=skip)")
+    if not quiet:
+        console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({val_shape}, {recipe.method}) "
+                      f"at epoch {best['epoch']}")
+    data.close()
+    return PretrainResult(run.path, settings.epochs, settings.epochs * per_epoch, best["accuracy"], best["ci95"], best["epoch"],
+                          seconds, updater.skipped, group.writer)

@@ -1,0 +1,114 @@
+"""A training run's folder (resolved recipe, metrics log, checkpoints), its log windows, and the check that a
+resumed run is the run that was started. Shared by meta-training (counted in episodes, i.e. meta-steps) and
+pretraining (counted in optimizer steps, checkpointed by epoch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsltool.errors import FsltoolError
+from fsltool.recipe import RESUMABLE_KEYS, Recipe, dump_recipe, recipe_from_dict
+
+
+class RunFolder:
+    """The files of one run: resolved recipe, metrics log (JSON lines), checkpoints."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.recipe = self.path / "recipe.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+
+    def create(self, *, resume: bool, force: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise FsltoolError(f"{self.path}: output exists and is not a folder")
+        if resume:
+            if not self.last.is_file():
+                raise FsltoolError(f"{self.path}: nothing to resume (no {self.last})")
+            for leftover in self.checkpoints.glob(".*.partial"):  # a write cut short by a kill
+                leftover.unlink(missing_ok=True)
+            return
+        if self.last.exists() and not force:
+            raise FsltoolError(f"{self.path}: run folder already holds a trained run (use --resume to continue it, or --force to start over)")
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            for stale in (self.last, self.best, self.metrics, *self.numbered()):
+                stale.unlink(missing_ok=True)
+        except OSError as error:
+            raise FsltoolError(f"{self.path}: cannot write the run folder ({error.strerror or error})") from None
+
+    def numbered(self) -> list[Path]:
+        """The numbered checkpoints (episode-N.pt, epoch-N.pt), oldest first."""
+        return sorted((*self.checkpoints.glob("episode-*.pt"), *self.checkpoints.glob("epoch-*.pt")),
+                      key=lambda path: int(path.stem.split("-")[1]))
+
+    def numbered_checkpoint(self, unit: str, count: int) -> Path:
+        return self.checkpoints / f"{unit}-{count:08d}.pt"
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` numbered checkpoints (last.pt and best.pt are never touched)."""
+        numbered = self.numbered()
+        for old in numbered[: max(len(numbered) - keep, 0)]:
+            old.unlink(missing_ok=True)
+
+    def save_recipe(self, recipe: Recipe) -> None:
+        """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
+        self.recipe.write_text(dump_recipe(recipe))
+
+    def truncate_metrics(self, unit: str, count: int) -> None:
+        """On resume, drop log rows written after the checkpoint (rows whose ``unit`` exceeds ``count``), so the log
+        reads as one uninterrupted run."""
+        if not self.metrics.is_file():
+            return
+        rows = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)[unit] <= count]
+        self.metrics.write_text("".join(row + "\n" for row in rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpoint: Path, recipe_file: Path) -> None:
+    """Refuse to resume with a recipe that differs from the saved one in anything but ``section``'s resumable keys
+    and the device."""
+    if _resumable(saved, section) != _resumable(recipe.to_dict(), section):
+        allowed = ", ".join(f"{section}.{key}" for key in RESUMABLE_KEYS[section])
+        raise FsltoolError(f"{checkpoint}: the recipe differs from the one this run was started with (see {recipe_file}); "
+                           f"only {allowed} and device may change on --resume")
+
+
+def _resumable(recipe: dict[str, Any], section: str) -> dict[str, Any]:
+    """A saved recipe, defaults filled in, minus the keys a resumed run may change."""
+    full = recipe_from_dict(recipe).to_dict()
+    full.pop("device")
+    return {**full, section: {k: v for k, v in full[section].items() if k not in RESUMABLE_KEYS[section]}}
+
+
+@dataclass
+class Window:
+    """Training statistics between two log rows; ``start`` counts optimizer steps (meta-training: episodes)."""
+
+    start: int
+    began: float
+    loss: float = 0.0
+    correct: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+    data_wait: float = 0.0  # seconds the loop waited for its data (what prefetching hides)
+
+    def add(self, loss: float, correct: float, total: float) -> None:
+        self.loss, self.correct, self.total, self.steps = self.loss + loss, self.correct + correct, self.total + total, self.steps + 1
+
+    def row(self, unit: str, count: int, now: float, lr: float, elapsed: float, skipped: int) -> dict[str, Any]:
+        """A metrics row; loss and accuracy are null when every step of the window was skipped; data_wait_s is
+        per step, ``{unit}s_per_s`` the speed."""
+        return {unit: count, "phase": "train",
+                "loss": self.loss / self.steps if self.steps else None,
+                "accuracy": 100 * self.correct / self.total if self.total else None,
+                "lr": lr, f"{unit}s_per_s": (count - self.start) / (now - self.began), "elapsed": elapsed,
+                "data_wait_s": self.data_wait / (count - self.start), "skipped_nonfinite": skipped}

@@ -1,0 +1,143 @@
+"""Supervised pretraining (fsltool pretrain) and starting a meta-training run from it (init:): learning, exact
+resume, data parallelism, exact weight transfer, and the run working with evaluate and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsltool.checkpoint import load_checkpoint, load_trained, untrained_like
+from fsltool.data.episodes import EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.errors import FsltoolError
+from fsltool.evaluate import evaluate
+from fsltool.pretrain import pretrain
+from fsltool.recipe import PretrainConfig, Recipe, recipe_from_dict, validate
+from fsltool.train import meta_train
+from tests.conftest import quick_recipe, run_cli
+from tests.test_distributed import torchrun
+
+
+def pretrain_recipe(data: Path, output: Path, **settings: object) -> Recipe:
+    recipe = quick_recipe(data, output)
+    recipe.pretrain = PretrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 0.1, "log_every": 5, **settings})  # type: ignore[arg-type]
+    recipe.validation.every = 1
+    validate(recipe)
+    return recipe
+
+
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "train"]
+
+
+def test_pretraining_lowers_the_loss_and_beats_the_untrained_network_on_stored_episodes(synthetic_file: Path, tmp_path: Path) -> None:
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=6, lr_schedule="cosine")
+    result = pretrain(recipe, quiet=True)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.5 * curve[0]
+    trained = load_trained(tmp_path / "run")
+    with FewShotData(synthetic_file) as data:
+        after = evaluate(trained.method, data, "test", EpisodeShape(5, 1, 5))
+        before = evaluate(untrained_like(trained), data, "test", EpisodeShape(5, 1, 5))
+    assert after.accuracy > before.accuracy + 10
+    assert result.best_epoch == load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"]
+    # The best checkpoint is chosen by few-shot validation accuracy, logged once per epoch.
+    val = [row for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "val"]
+    assert [row["epoch"] for row in val] == list(range(1, 7))
+    assert result.best_accuracy == max(row["accuracy"] for row in val)
+
+
+@pytest.mark.parametrize("settings", [{"augment": {"kind": "glyph"}, "rotation_weight": 0.5, "head": "cosine"},
+                                      {"optimizer": "adamw", "lr": 0.01, "lr_schedule": "cosine", "warmup": 1, "clip_grad_norm": 1.0}])
+def test_resume_at_an_epoch_boundary_is_exact(settings: dict[str, object], synthetic_file: Path, tmp_path: Path) -> None:
+    raw = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=3).to_dict()
+    raw["pretrain"].update(settings)
+    pretrain(recipe_from_dict(raw), quiet=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    straight, straight_losses = load_checkpoint(checkpoints / "last.pt"), losses(tmp_path / "run")
+    (checkpoints / "last.pt").write_bytes((checkpoints / "epoch-00000001.pt").read_bytes())  # as if stopped after epoch 1
+    pretrain(recipe_from_dict(raw), quiet=True, resume=True)
+    resumed = load_checkpoint(checkpoints / "last.pt")
+    for expected, got in [(straight["model"], resumed["model"]), *((straight["heads"][k], resumed["heads"][k]) for k in straight["heads"])]:
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key
+    assert losses(tmp_path / "run") == straight_losses
+
+
+def test_two_processes_pretrain_like_one(synthetic_file: Path, tmp_path: Path) -> None:
+    raw = pretrain_recipe(synthetic_file, tmp_path / "one", epochs=1, micro_batches=2).to_dict()
+    pretrain(recipe_from_dict(raw), quiet=True)
+    result = torchrun({**raw, "output": str(tmp_path / "two")}, tmp_path, command="pretrain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    for key, value in one["model"].items():  # parameters and BatchNorm running averages
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+def test_init_starts_meta_training_from_exactly_the_pretrained_backbone(synthetic_file: Path, tmp_path: Path) -> None:
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    pretrained = load_checkpoint(tmp_path / "pre" / "checkpoints" / "best.pt")["model"]
+    recipe = quick_recipe(synthetic_file, tmp_path / "fine", episodes=1, lr=1e-12)  # one step too small to move anything
+    recipe.init = str(tmp_path / "pre")
+    meta_train(recipe, quiet=True)
+    fine = load_checkpoint(tmp_path / "fine" / "checkpoints" / "last.pt")["model"]
+    features = [key for key in pretrained if key.startswith("backbone.features.") and "running" not in key and "tracked" not in key]
+    assert features
+    for key in features:
+        torch.testing.assert_close(fine[key], pretrained[key], rtol=0, atol=1e-9, msg=key)
+    scratch = quick_recipe(synthetic_file, tmp_path / "scratch", episodes=1, lr=1e-12)
+    meta_train(scratch, quiet=True)
+    unloaded = load_checkpoint(tmp_path / "scratch" / "checkpoints" / "last.pt")["model"]
+    assert any(not torch.allclose(unloaded[key], pretrained[key]) for key in features)
+
+
+def test_init_refuses_another_backbone_naming_both(synthetic_file: Path, tmp_path: Path) -> None:
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    recipe = quick_recipe(synthetic_file, tmp_path / "fine", episodes=1)
+    recipe.init, recipe.backbone_options = str(tmp_path / "pre"), {"hidden": 32}
+    with pytest.raises(FsltoolError, match=r"init: .*pre has backbone 'conv4' \{\} .* this recipe has 'conv4' \{'hidden': 32\}"):
+        meta_train(recipe, quiet=True)
+    assert not (tmp_path / "fine" / "checkpoints" / "last.pt").exists()
+    recipe.init = str(tmp_path / "nothing-here")
+    with pytest.raises(FsltoolError, match="nothing-here: no such run folder"):
+        meta_train(recipe, quiet=True)
+
+
+def test_a_pretraining_run_evaluates_and_exports_as_a_prototype_classifier(synthetic_file: Path, tmp_path: Path) -> None:
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    code, out, _ = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q")
+    assert code == 0 and "accuracy" in out
+    code, out, err = run_cli("export", str(tmp_path / "pre"), "--out", str(tmp_path / "export"), "--verify-episodes", "5", "-q")
+    assert code == 0, err
+    assert (tmp_path / "export" / "classifier.onnx").is_file() and "prediction agreement 100.00%" in out
+
+
+def test_pretraining_input_errors_are_one_line(synthetic_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(FsltoolError, match="'pretrain.epochs' must be at least 1"):
+        pretrain(quick_recipe(synthetic_file, tmp_path / "a"), quiet=True)
+    with pytest.raises(FsltoolError, match="'pretrain.batch_size': 100000 is more than the .* images of train"):
+        pretrain(pretrain_recipe(synthetic_file, tmp_path / "b", batch_size=100000), quiet=True)
+    with pytest.raises(FsltoolError, match="'pretrain.micro_batches': 3 does not divide pretrain.batch_size 32"):
+        pretrain_recipe(synthetic_file, tmp_path / "c", micro_batches=3)
+    with pytest.raises(FsltoolError, match="'pretrain.head': 'mlp' is not one of linear, cosine"):
+        pretrain_recipe(synthetic_file, tmp_path / "d", head="mlp")
+    with pytest.raises(FsltoolError, match="unknown split 'extra'"):
+        pretrain(pretrain_recipe(synthetic_file, tmp_path / "e", splits=["train", "extra"]), quiet=True)
+    code, _, err = run_cli("pretrain", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_on_train_and_val_draws_from_both_splits(synthetic_file: Path) -> None:
+    with FewShotData(synthetic_file) as data:
+        sampler = data.sampler(["train", "val"], EpisodeShape(5, 1, 1), torch.Generator().manual_seed(0))
+        drawn = torch.cat([torch.cat(sampler.sample()) for _ in range(200)])
+        owner = {int(i): name for name in ("train", "val") for c in data.splits[name]
+                 for i in range(data.class_start[c], data.class_start[c] + data.class_count[c])}
+        assert {owner[int(i)] for i in drawn} == {"train", "val"}
+        with pytest.raises(FsltoolError, match="names a split twice"):
+            data.sampler(["train", "train"], EpisodeShape(5, 1, 1), torch.Generator())
