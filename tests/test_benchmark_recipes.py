@@ -26,19 +26,6 @@ CHEAP_OPTIONS = {"inner_steps": 1, "test_inner_steps": 1}
 STEPPED: set[str] = set()
 
 
-def _dropblock_trains() -> bool:
-    """False while fsltool's DropBlock fails in training on maps larger than its block (its max-pooled mask is
-    sliced to fewer rows than the map has): a known bug in fsltool/models/backbones.py, reported, not this
-    file's to fix. The recipes with drop_rate > 0 then check everything but the training step."""
-    from fsltool.models.backbones import DropBlock
-
-    try:
-        DropBlock(0.1, 5).train()(torch.ones(1, 1, 10, 10))
-    except RuntimeError:
-        return False
-    return True
-
-
 def test_every_benchmark_folder_has_recipes() -> None:
     folders = {p.parent.name for p in RECIPES}
     assert folders == set(IMAGE_SIZE)
@@ -73,9 +60,6 @@ def test_recipe_builds_and_takes_one_training_step(path: Path) -> None:
     assert embedding.shape[0] == 2 and torch.isfinite(embedding).all()
     if recipe.backbone == "resnet12":
         assert embedding.shape[1:] == (640,)
-
-    if recipe.backbone_options.get("drop_rate", 0) > 0 and not _dropblock_trains():
-        pytest.xfail("DropBlock fails in training on maps larger than its block (fsltool/models/backbones.py)")
 
     # One training step on a tiny episode of the training way (shot and query kept small).
     train = EpisodeShape.parse(recipe.train.shape)

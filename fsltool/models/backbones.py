@@ -160,7 +160,7 @@ class DropBlock(nn.Module):
         seeds = torch.rand(x.shape[0], 1, height - block + 1, width - block + 1, device=x.device, dtype=x.dtype) < gamma
         pad = block - 1
         seeds = F.pad(seeds.to(x.dtype), (pad, pad, pad, pad))
-        dropped = F.max_pool2d(seeds, block, stride=1)[..., pad : pad + height, pad : pad + width] if pad else seeds
+        dropped = F.max_pool2d(seeds, block, stride=1) if pad else seeds  # (height, width): each seed's whole block
         keep = 1 - dropped
         return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 

@@ -57,6 +57,23 @@ def test_resnet12_residual_shortcut_is_used() -> None:
     assert not torch.allclose(before, backbone(images))
 
 
+def test_dropblock_drops_whole_blocks_at_the_rate_asked() -> None:
+    from fsltool.models.backbones import DropBlock
+
+    torch.manual_seed(0)
+    maps = torch.ones(200, 1, 10, 10)
+    out = DropBlock(0.2, 3).train()(maps)
+    assert out.shape == maps.shape
+    dropped = out == 0
+    assert 0.15 < dropped.float().mean() < 0.25  # about drop_rate of every map
+    # The mask is a union of whole 3x3 squares inside the map: opening it (erode, then dilate) changes nothing.
+    corners = -F.max_pool2d(-dropped.float(), 3, stride=1)  # 1 where a whole square starting there is dropped
+    assert torch.equal(F.max_pool2d(F.pad(corners, (2, 2, 2, 2)), 3, stride=1).bool(), dropped)
+    kept = out[~dropped]
+    assert torch.allclose(kept, kept[0].expand_as(kept))  # what is kept is rescaled by one factor
+    torch.testing.assert_close(DropBlock(0.2, 3).eval()(maps), maps)
+
+
 def test_dropblock_only_in_training() -> None:
     backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, drop_rate=0.5, **SMALL_RESNET12)
     images = torch.rand(4, 3, 32, 32)
