@@ -137,3 +137,15 @@ def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[in
     features = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
     load_feature_state(backbone, recipe.backbone, features, str(path))
     return path
+
+
+def with_classifier(method: Method, name: str) -> Method:
+    """``method``'s trained backbone under another few-shot classifier (default options), for methods that
+    classify from the backbone alone: e.g. a pretraining run scored by baseline++ rather than prototypes. A method
+    with trained layers of its own (a relation module, FCE, a learned scale) is refused: they would be untrained."""
+    other = build_method(name, method.backbone, {})
+    own = [key for key, _ in other.named_parameters() if not key.startswith("backbone.")]
+    if own:
+        raise FsltoolError(f"--method {name}: it has trained layers of its own ({own[0]}, ...) that this run never trained; "
+                           "use a method that classifies from the backbone alone (e.g. protonet, baseline, baseline++)")
+    return other.eval()

@@ -485,17 +485,20 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--json", "json_out", default=None, help="also write the result as JSON to FILE ('-' for stdout)")
 @click.option("--untrained", is_flag=True, help="evaluate the run's network as initialised, before meta-training (a baseline)")
 @click.option("--by-instance", is_flag=True, help="accuracy by instance number on labelled sequences, 10 images per class (mann)")
+@click.option("--method", "classifier", default=None,
+              help="score with another classifier over the run's backbone, e.g. baseline or baseline++ on a pretraining run")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (auto: CUDA where torch sees a GPU)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
-             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, device: str, quiet: bool) -> None:
+             data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
+             device: str, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
     """
     from rich.table import Table
 
-    from fsltool.checkpoint import load_trained, untrained_like
+    from fsltool.checkpoint import load_trained, untrained_like, with_classifier
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
@@ -506,7 +509,9 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
     target = resolve_device(device, "--device")
     trained = load_trained(run, which)
-    method = (untrained_like(trained) if untrained else trained.method).to(target)
+    method = untrained_like(trained) if untrained else trained.method
+    method = (with_classifier(method, classifier) if classifier else method).to(target)
+    method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     with FewShotData(data_path or trained.recipe.data) as data:
         if by_instance:
@@ -517,12 +522,13 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
                                                "data": data.path}, json_out)
             return
         result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
-    payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path}
+    payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
+               "method": method_name}
     if json_out == "-":
         _write_json("-", payload)
         return
     if not quiet:
-        table = Table(title=f"{trained.config['method']} on {data.path}")
+        table = Table(title=f"{method_name} on {data.path}")
         for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
             table.add_column(column)
         table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
@@ -650,6 +656,24 @@ def plot_curves(run: str, out: str | None, quiet: bool) -> None:
     from fsltool.plots import plot_learning_curves
 
     written = plot_learning_curves(run, out)
+    if not quiet:
+        console.print(f"wrote {written}", highlight=False)
+
+
+@plot.command("time")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="time-to-accuracy.png", show_default=True, help="PNG file")
+@quiet_option
+def plot_time(runs: tuple[str, ...], out: str, quiet: bool) -> None:
+    """Validation accuracy against wall-clock minutes of several RUNS on one axis. A run started from another
+    (init:) is drawn after it, so a pretrain-then-fine-tune campaign compares with training from scratch.
+
+    Example: fsltool plot time runs/omniglot/protonet-5w1s runs/omniglot/protonet-5w1s-pretrained --out time.png
+    """
+    from fsltool.console import console
+    from fsltool.plots import plot_time_to_accuracy
+
+    written = plot_time_to_accuracy(list(runs), out)
     if not quiet:
         console.print(f"wrote {written}", highlight=False)
 

@@ -46,34 +46,103 @@ def _save(figure: plt.Figure, out: Path) -> Path:
     return out
 
 
+def _progress(row: dict[str, Any]) -> tuple[str, float]:
+    """A row's place in its run: meta-training counts episodes (meta-steps), pretraining optimizer steps."""
+    return ("episode", row["episode"]) if "episode" in row else ("step", row["step"])
+
+
 def plot_learning_curves(run: str | Path, out: str | Path | None = None) -> Path:
-    """Loss, training and validation accuracy (± 95% CI) against episodes, and validation accuracy against
-    wall time: the three questions asked of a run (is it learning, is it overfitting, was it worth the time)."""
+    """Loss, training and validation accuracy (± 95% CI) against episodes (pretraining: steps), and validation
+    accuracy against wall time: the three questions asked of a run (is it learning, is it overfitting, was it worth
+    the time)."""
     run = Path(run)
     train, val = read_metrics(run)
+    unit = _progress((train or val)[0])[0]
     figure, (loss_ax, acc_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 4))
     figure.suptitle(f"{run}", fontsize=10)
     if train:
-        episodes = [r["episode"] for r in train]
-        loss_ax.plot(episodes, [r["loss"] for r in train], color="#555")
-        acc_ax.plot(episodes, [r["accuracy"] for r in train], label="training episodes", color="#999")
-    loss_ax.set(xlabel="episode", ylabel="training loss", title="loss")
+        steps = [_progress(r)[1] for r in train]
+        loss_ax.plot(steps, [r["loss"] for r in train], color="#555")
+        acc_ax.plot(steps, [r["accuracy"] for r in train], label=f"training {'episodes' if unit == 'episode' else 'batches'}", color="#999")
+    loss_ax.set(xlabel=unit, ylabel="training loss", title="loss")
     if val:
-        episodes, accuracy = [r["episode"] for r in val], np.array([r["accuracy"] for r in val])
+        steps, accuracy = [_progress(r)[1] for r in val], np.array([r["accuracy"] for r in val])
         ci95 = np.array([r.get("ci95", 0.0) for r in val])
-        acc_ax.plot(episodes, accuracy, marker="o", label=f"validation ({val[-1].get('shape', '')})", color="#0969da")
-        acc_ax.fill_between(episodes, accuracy - ci95, accuracy + ci95, alpha=0.2, color="#0969da")
+        acc_ax.plot(steps, accuracy, marker="o", label=f"validation ({val[-1].get('shape', '')})", color="#0969da")
+        acc_ax.fill_between(steps, accuracy - ci95, accuracy + ci95, alpha=0.2, color="#0969da")
         minutes = [r["elapsed"] / 60 for r in val]
         time_ax.plot(minutes, accuracy, marker="o", color="#0969da")
         time_ax.fill_between(minutes, accuracy - ci95, accuracy + ci95, alpha=0.2, color="#0969da")
         best = int(accuracy.argmax())
-        acc_ax.annotate(f"best {accuracy[best]:.2f}", (episodes[best], accuracy[best]), textcoords="offset points", xytext=(0, -16), ha="center")
-    acc_ax.set(xlabel="episode", ylabel="accuracy (%)", title="accuracy")
+        acc_ax.annotate(f"best {accuracy[best]:.2f}", (steps[best], accuracy[best]), textcoords="offset points", xytext=(0, -16), ha="center")
+    acc_ax.set(xlabel=unit, ylabel="accuracy (%)", title="accuracy")
     acc_ax.legend(loc="lower right")
     time_ax.set(xlabel="wall time (min, incl. validation)", ylabel="validation accuracy (%)", title="accuracy against time")
     for ax in (loss_ax, acc_ax, time_ax):
         ax.grid(alpha=0.3)
     return _save(figure, Path(out) if out else run / "curves.png")
+
+
+@dataclass
+class TimeCurve:
+    """A run's validation accuracy against wall-clock minutes since its campaign began: a run started from
+    another (``init:``) begins when that whole run ended, and carries that run's curve as ``before``."""
+
+    label: str
+    minutes: np.ndarray
+    accuracy: np.ndarray
+    ci95: np.ndarray
+    shape: str
+    before: TimeCurve | None = None
+
+
+def _init_run(run: Path) -> Path | None:
+    """The run a run started from (its recipe's ``init``): where the recipe says, or, for runs whose folders were
+    moved together (committed evidence), the folder of that name beside this one."""
+    import yaml
+
+    recipe = run / "recipe.yaml"
+    init = (yaml.safe_load(recipe.read_text()) or {}).get("init") if recipe.is_file() else None
+    if not init:
+        return None
+    for candidate in (Path(init), run.parent / Path(init).name):
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    raise FsltoolError(f"{run}: started from init run {init}, whose metrics.jsonl is in neither {init} nor {run.parent}")
+
+
+def time_curve(run: str | Path) -> TimeCurve:
+    run = Path(run)
+    _, val = read_metrics(run)
+    if not val:
+        raise FsltoolError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
+    init = _init_run(run)
+    before = time_curve(init) if init is not None else None
+    offset = before.minutes[-1] if before is not None else 0.0  # the whole earlier run had to finish first
+    return TimeCurve(str(run), offset + np.array([r["elapsed"] / 60 for r in val]), np.array([r["accuracy"] for r in val]),
+                     np.array([r.get("ci95", 0.0) for r in val]), str(val[-1].get("shape", "")), before)
+
+
+def plot_time_to_accuracy(runs: list[str | Path], out: str | Path) -> Path:
+    """Validation accuracy (± 95% CI) against wall-clock minutes for several runs on one axis: which approach
+    reaches an accuracy first. A run started from another is drawn after it, the earlier run dashed."""
+    curves = [time_curve(run) for run in runs]
+    shapes = {curve.shape for curve in curves}
+    if len(shapes) > 1:
+        raise FsltoolError(f"runs validate on different episode shapes ({', '.join(sorted(shapes))}): their accuracies do not compare")
+    figure, ax = plt.subplots(figsize=(8, 5))
+    for curve in curves:
+        line = ax.plot(curve.minutes, curve.accuracy, marker="o", markersize=3, label=curve.label)[0]
+        ax.fill_between(curve.minutes, curve.accuracy - curve.ci95, curve.accuracy + curve.ci95, alpha=0.15, color=line.get_color())
+        earlier = curve.before
+        while earlier is not None:
+            ax.plot(earlier.minutes, earlier.accuracy, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{earlier.label} (before)")
+            earlier = earlier.before
+    ax.set(xlabel="wall-clock minutes (training and validation)", ylabel=f"validation accuracy (%), {shapes.pop()}",
+           title="time to accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(figure, Path(out))
 
 
 @dataclass

@@ -141,3 +141,31 @@ def test_training_on_train_and_val_draws_from_both_splits(synthetic_file: Path) 
         assert {owner[int(i)] for i in drawn} == {"train", "val"}
         with pytest.raises(FsltoolError, match="names a split twice"):
             data.sampler(["train", "train"], EpisodeShape(5, 1, 1), torch.Generator())
+
+
+def test_evaluate_scores_a_run_under_another_classifier_of_its_backbone(synthetic_file: Path, tmp_path: Path) -> None:
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    code, out, err = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q", "--method", "baseline++", "--episodes", "10",
+                             "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["method"] == "baseline++"
+    code, _, err = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q", "--method", "snail")
+    assert code == 2 and "trained layers of its own" in err and len(err.strip().splitlines()) == 1
+
+
+def test_time_to_accuracy_puts_a_fine_tuning_run_after_its_pretraining(synthetic_file: Path, tmp_path: Path) -> None:
+    from fsltool.plots import time_curve
+
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=2), quiet=True)
+    recipe = quick_recipe(synthetic_file, tmp_path / "fine", episodes=4)
+    recipe.init = str(tmp_path / "pre")
+    meta_train(recipe, quiet=True)
+    pre, fine = time_curve(tmp_path / "pre"), time_curve(tmp_path / "fine")
+    assert len(pre.minutes) == 2 and fine.before is not None
+    own = [row["elapsed"] / 60 for row in map(json.loads, (tmp_path / "fine" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "val"]
+    assert fine.minutes.tolist() == pytest.approx([pre.minutes[-1] + m for m in own])
+    code, _, err = run_cli("plot", "time", str(tmp_path / "pre"), str(tmp_path / "fine"), "--out", str(tmp_path / "time.png"))
+    assert code == 0, err
+    assert (tmp_path / "time.png").stat().st_size > 10_000
+    code, _, err = run_cli("plot", "curves", str(tmp_path / "pre"), "--out", str(tmp_path / "curves.png"))
+    assert code == 0, err
