@@ -112,8 +112,9 @@ def untrained_like(trained: TrainedModel) -> Method:
     return build_model(trained.config).eval()
 
 
-# Backbone options that say how a run starts or trains, not what network it is: they may differ from an init run's.
-_NON_STRUCTURAL = ("weights", "freeze")
+# Backbone options that do not change the feature network's parameters (how a run starts or trains, and how its
+# maps become an embedding): they may differ from an init run's, e.g. Relation Networks' unflattened maps.
+_NON_STRUCTURAL = ("weights", "freeze", "flatten", "pool", "channels_last")
 
 
 def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:

@@ -28,8 +28,10 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     from fsltool.checkpoint import checkpoint_path, load_checkpoint
 
     state = load_checkpoint(checkpoint_path(path))
+    progress = ({"stage": "pretrain", "epochs_trained": state["epoch"], "steps_trained": state["step"]} if state.get("stage") == "pretrain"
+                else {"stage": "meta-train", "episodes_trained": state["episode"]})
     return {"kind": "checkpoint", "path": str(path), "method": state["model_config"]["method"],
-            "backbone": state["model_config"]["backbone"], "episodes_trained": state["episode"],
+            "backbone": state["model_config"]["backbone"], **progress,
             "best_validation": state["best"], "training_seconds": round(state["elapsed"], 1),
             "fsltool_version": state["fsltool_version"], "recipe": state["recipe"]}
 

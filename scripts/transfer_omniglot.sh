@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The Omniglot transfer-learning campaign: pretrain Conv-4 once (omniglot/pretrain-conv4), meta-fine-tune
+# ProtoNet from it for 1-shot and 5-shot (omniglot/protonet-5w{1,5}s-pretrained; like Snell et al. and
+# scripts/reproduce_omniglot.sh, each model is tested at 5 and 20 ways), evaluate everything on the 600 stored
+# test episodes, and score the pretrained backbone alone as ProtoNet, Baseline and Baseline++ (Chen et al. 2019).
+# Results: results/omniglot-transfer-*.json. Safe to rerun: a finished stage is kept, a cut one is resumed.
+#
+#   OMP_NUM_THREADS=1 bash scripts/transfer_omniglot.sh
+#   OVERRIDES="train.episodes=1500" bash scripts/transfer_omniglot.sh      # key=value for the fine-tuning runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FSLTOOL=${FSLTOOL:-.venv/bin/fsltool}
+OMNIGLOT=${OMNIGLOT:-../shared/data/omniglot}
+read -r -a OVERRIDES <<< "${OVERRIDES:-}"
+mkdir -p data results
+[ -f data/omniglot.h5 ] || "$FSLTOOL" prepare omniglot "$OMNIGLOT" data/omniglot.h5
+
+stage() {  # COMMAND RECIPE OUTPUT [key=value...]: start the run, resume a cut one, or keep a finished one
+  local command=$1 recipe=$2 out=$3 log
+  shift 3
+  if [ ! -f "$out/checkpoints/last.pt" ]; then
+    "$FSLTOOL" "$command" "$recipe" "$@" -q
+  elif ! log=$("$FSLTOOL" "$command" "$recipe" "$@" --resume -q 2>&1); then
+    grep -q "already" <<< "$log" || { echo "$log" >&2; exit 1; }
+  fi
+}
+
+stage pretrain omniglot/pretrain-conv4 runs/omniglot/pretrain-conv4
+for method in protonet baseline baseline++; do
+  for shape in 5w1s 5w5s 20w1s 20w5s; do
+    "$FSLTOOL" evaluate runs/omniglot/pretrain-conv4 --method "$method" --shape "$shape" -q \
+      --json "results/omniglot-transfer-pretrained-$method-$shape.json"
+  done
+done
+for shot in 1 5; do
+  stage meta-train "omniglot/protonet-5w${shot}s-pretrained" "runs/omniglot/protonet-5w${shot}s-pretrained" "${OVERRIDES[@]}"
+  for way in 5 20; do
+    "$FSLTOOL" evaluate "runs/omniglot/protonet-5w${shot}s-pretrained" --shape "${way}w${shot}s" -q \
+      --json "results/omniglot-transfer-protonet-5w${shot}s-pretrained-${way}w${shot}s.json"
+  done
+done
