@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Omniglot transfer-learning campaign: pretrain Conv-4 once (omniglot/pretrain-conv4), meta-fine-tune
-# ProtoNet from it for 1-shot and 5-shot (omniglot/protonet-5w{1,5}s-pretrained; like Snell et al. and
+# ProtoNet from it for 1-shot and 5-shot (omniglot/protonet-pretrained-5w{1,5}s; like Snell et al. and
 # scripts/reproduce_omniglot.sh, each model is tested at 5 and 20 ways), evaluate everything on the 600 stored
 # test episodes, and score the pretrained backbone alone as ProtoNet, Baseline and Baseline++ (Chen et al. 2019).
 # Results: results/omniglot-transfer-*.json. Safe to rerun: a finished stage is kept, a cut one is resumed.
@@ -33,9 +33,9 @@ for method in protonet baseline baseline++; do
   done
 done
 for shot in 1 5; do
-  stage meta-train "omniglot/protonet-5w${shot}s-pretrained" "runs/omniglot/protonet-5w${shot}s-pretrained" "${OVERRIDES[@]}"
+  stage meta-train "omniglot/protonet-pretrained-5w${shot}s" "runs/omniglot/protonet-pretrained-5w${shot}s" "${OVERRIDES[@]}"
   for way in 5 20; do
-    "$FSLTOOL" evaluate "runs/omniglot/protonet-5w${shot}s-pretrained" --shape "${way}w${shot}s" -q \
-      --json "results/omniglot-transfer-protonet-5w${shot}s-pretrained-${way}w${shot}s.json"
+    "$FSLTOOL" evaluate "runs/omniglot/protonet-pretrained-5w${shot}s" --shape "${way}w${shot}s" -q \
+      --json "results/omniglot-transfer-protonet-pretrained-5w${shot}s-at-${way}w${shot}s.json"
   done
 done
