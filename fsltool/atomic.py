@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,3 +49,39 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temporary file and atomically put it at ``path``."""
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         write(file)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; when the block succeeds it takes ``path``'s place, else it
+    is deleted and ``path`` is left as it was. Several files then change together: a reader sees the old set or the
+    new one, never a mix. An existing ``path`` is swapped out by two renames (a crash between them leaves it as a
+    hidden ``.NAME.*.old`` folder beside it) and then deleted."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise FsltoolError(f"{parent}: output folder does not exist")
+    try:
+        temporary = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".partial"))
+    except OSError as error:
+        raise FsltoolError(f"{parent}: cannot write here ({error.strerror or error})") from None
+    os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+    try:
+        yield temporary
+        if not path.exists():
+            os.rename(temporary, path)
+            return
+        previous = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".old"))
+        try:
+            os.replace(path, previous)  # onto the empty folder just made: a fresh name no other writer takes
+        except BaseException:
+            previous.rmdir()
+            raise
+        try:
+            os.rename(temporary, path)
+        except BaseException:
+            os.rename(previous, path)
+            raise
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

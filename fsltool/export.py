@@ -92,7 +92,9 @@ def _check_other_sizes(model: onnx.ModelProto, graph: ExportGraph, check: Export
         raise FsltoolError(f"{path.name}: the exported graph gives wrong results at other sizes; not written")
 
 
-def _export_onnx(graph: ExportGraph, check: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+def export_onnx(graph: ExportGraph, check: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+    """ONNX with ``metadata`` in the model, run under ONNX Runtime at ``check``'s other sizes before ``path`` is
+    written (atomically): a graph that fails there is never written. Also used by fsltool.enroll."""
     dims: dict[str, torch.export.Dim] = {}
     dynamic_shapes = {
         name: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes.items()}
@@ -117,7 +119,8 @@ def _export_onnx(graph: ExportGraph, check: ExportGraph, path: Path, metadata: d
     atomic_write(path, lambda file: file.write(model.SerializeToString()))
 
 
-def _export_torchscript(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+def export_torchscript(graph: ExportGraph, path: Path, metadata: dict[str, Any]) -> None:
+    """A traced TorchScript module with ``metadata`` as its extra file ``fsltool.json``, written atomically."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph.module, graph.example_inputs)
@@ -157,8 +160,8 @@ def export_run(
     for name, graph in graphs.items():
         metadata = {**contract, "graph": name, "inputs": graph.input_names, "outputs": graph.output_names}
         onnx_path, ts_path = out / f"{name}.onnx", out / f"{name}.ts"
-        _export_onnx(graph, checks[name], onnx_path, metadata)
-        _export_torchscript(graph, ts_path, metadata)
+        export_onnx(graph, checks[name], onnx_path, metadata)
+        export_torchscript(graph, ts_path, metadata)
         report.files += [onnx_path, ts_path]
     sidecar = out / "model.json"
     graph_io = {name: {"inputs": g.input_names, "outputs": g.output_names, "dynamic_axes": g.dynamic_axes} for name, g in graphs.items()}

@@ -1,10 +1,11 @@
 """Classify new images from a handful of labelled examples, with an exported ONNX model (ONNX Runtime
-only: this module never imports torch) or with a trained run (PyTorch, imported only then)."""
+only: this module never imports torch) or with a trained run (PyTorch, imported only then); or against classes
+enrolled once (``fsltool enroll``), with ONNX Runtime alone and no support folder."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,39 @@ from fsltool.data.images import IMAGE_SUFFIXES, read_image_file
 from fsltool.errors import FsltoolError
 
 
+ENROLLED_FILE = "enrolled.json"  # marks an enrolled folder (fsltool.enroll writes it beside classifier.onnx)
+
+
+@dataclass
+class Ranked:
+    label: str
+    score: float
+    probability: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "score": self.score, "probability": self.probability}
+
+
 @dataclass
 class Prediction:
     query: str
     label: str
     score: float  # the method's raw score of the predicted class (higher is more likely)
     probability: float  # softmax of the scores over the support classes
+    top: list[Ranked] = field(default_factory=list)  # the K best classes, best first, when K > 1 was asked for
 
     def to_json(self) -> dict[str, Any]:
-        return {"query": self.query, "label": self.label, "score": self.score, "probability": self.probability}
+        ranked = {"top": [r.to_json() for r in self.top]} if self.top else {}
+        return {"query": self.query, "label": self.label, "score": self.score, "probability": self.probability, **ranked}
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def read_support(folder: str | Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """A support folder holds one sub-folder per class with a few images each: (class names, paths, labels)."""
+def read_support(folder: str | Path, min_classes: int = 2) -> tuple[list[str], list[Path], np.ndarray]:
+    """A support folder holds one sub-folder per class with a few images each: (class names, paths, labels).
+    Enrolment takes a single class (``min_classes=1``): it adds to classes enrolled before."""
     root = Path(folder)
     if not root.is_dir():
         raise FsltoolError(f"{root}: support folder not found")
@@ -42,8 +59,8 @@ def read_support(folder: str | Path) -> tuple[list[str], list[Path], np.ndarray]
         labels += [len(names)] * len(images)
         names.append(class_dir.name)
         paths += images
-    if len(names) < 2:
-        raise FsltoolError(f"{root}: a support folder needs at least 2 class sub-folders, found {len(names)}")
+    if len(names) < min_classes:
+        raise FsltoolError(f"{root}: a support folder needs at least {min_classes} class sub-folder{'s' * (min_classes > 1)}, found {len(names)}")
     return names, paths, np.array(labels, dtype=np.int64)
 
 
@@ -79,13 +96,51 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def _predictions(names: list[str], queries: list[Path], scores: np.ndarray) -> list[Prediction]:
+def _predictions(names: list[str], queries: list[Path], scores: np.ndarray, top: int = 1) -> list[Prediction]:
+    """The best class of each query and, with ``top`` > 1, its ``top`` best (at most every class), best first."""
+    if top < 1:
+        raise FsltoolError(f"--top must be at least 1, got {top}")
     probabilities = _softmax(scores.astype(np.float64))
-    best = scores.argmax(axis=1)
-    return [Prediction(str(q), names[b], float(scores[i, b]), float(probabilities[i, b])) for i, (q, b) in enumerate(zip(queries, best))]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, : min(top, len(names))]
+    predictions = []
+    for query, row, ranks, probability in zip(queries, scores, order, probabilities):
+        ranked = [Ranked(names[c], float(row[c]), float(probability[c])) for c in ranks]
+        best = ranked[0]
+        predictions.append(Prediction(str(query), best.label, best.score, best.probability, ranked if top > 1 else []))
+    return predictions
 
 
-def predict_onnx(export_dir: str | Path, support: str, queries: list[str], device: str = "auto") -> tuple[list[Prediction], str]:
+def is_enrolled(folder: str | Path) -> bool:
+    """An enrolled folder classifies queries alone; an export folder needs a support folder."""
+    return (Path(folder) / ENROLLED_FILE).is_file()
+
+
+def predict_enrolled(enrolled_dir: str | Path, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
+    """Classify ``queries`` against the classes enrolled in ``enrolled_dir`` (ONNX Runtime only, no torch): the
+    predictions and the provider that ran. The class names and the preprocessing contract are read from the
+    graph's own metadata, so they always belong to the graph that scores.
+
+    Example (a notebook): ``predictions, _ = predict_enrolled("enrolled/", ["query.png"], top=3)``
+    """
+    from fsltool.runtime import OnnxModel
+
+    path = Path(enrolled_dir) / "classifier.onnx"
+    query_paths = read_queries(queries)
+    try:
+        model = OnnxModel(str(path), device)
+    except Exception as error:  # ORT raises its own exception types for missing or foreign files
+        raise FsltoolError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+    metadata = model.session.get_modelmeta().custom_metadata_map
+    try:
+        names = json.loads(metadata["classes"])
+        contract = {key: json.loads(metadata[key]) for key in ("input_channels", "input_height", "input_width", "invert")}
+    except (KeyError, ValueError) as error:
+        raise FsltoolError(f"{path}: not an enrolled classifier (metadata {error} missing or unreadable)") from None
+    scores = model.run({"images": load_batch(query_paths, contract)})[0]
+    return _predictions(names, query_paths, scores, top), model.provider
+
+
+def predict_onnx(export_dir: str | Path, support: str, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
     """With an export folder (model.json + classifier.onnx): returns the predictions and the provider that ran."""
     from fsltool.runtime import OnnxModel
 
@@ -101,10 +156,10 @@ def predict_onnx(export_dir: str | Path, support: str, queries: list[str], devic
     except Exception as error:  # ORT raises its own exception types for missing or foreign files
         raise FsltoolError(f"{folder / 'classifier.onnx'}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
     scores = model.run({"support": load_batch(support_paths, contract), "support_labels": labels, "query": load_batch(query_paths, contract)})[0]
-    return _predictions(names, query_paths, scores), model.provider
+    return _predictions(names, query_paths, scores, top), model.provider
 
 
-def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best") -> list[Prediction]:
+def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best", top: int = 1) -> list[Prediction]:
     """With a run folder or checkpoint (PyTorch)."""
     import torch
 
@@ -118,4 +173,4 @@ def predict_torch(run: str | Path, support: str, queries: list[str], which: str 
     with torch.inference_mode():
         scores = trained.method(torch.from_numpy(load_batch(support_paths, contract)), torch.from_numpy(labels),
                                 torch.from_numpy(load_batch(query_paths, contract))).numpy()
-    return _predictions(names, query_paths, scores)
+    return _predictions(names, query_paths, scores, top)

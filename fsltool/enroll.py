@@ -1,0 +1,303 @@
+"""Enrolled classifiers: keep what a method keeps of a support set (ProtoNet's class prototypes, Matching Networks'
+support embeddings, Relation Networks' class feature maps), once, and write one graph ``images -> scores`` with that
+state as constants, so an application classifies a stream of images without re-embedding its support set on every
+call (``fsltool predict ENROLLED_DIR QUERIES``, ONNX Runtime alone).
+
+The state is kept per class in ``classes.safetensors`` (one tensor per class), so classes are added (``add``) or
+removed (``remove``) without recomputing the others; every change rewrites the folder as a whole
+(fsltool.atomic.atomic_directory). The graph scores queries with the method's own ``scores_from_embeddings``
+against the kept state; the tests check it against the method's forward on the same support set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
+from torch import nn
+
+from fsltool.atomic import atomic_directory, atomic_write
+from fsltool.checkpoint import TrainedModel, load_trained
+from fsltool.errors import FsltoolError
+from fsltool.export import export_onnx, export_torchscript, preprocessing_contract
+from fsltool.methods.base import ExportGraph, Method
+from fsltool.methods.protonet import class_prototypes
+from fsltool.methods.relationnet import class_maps
+from fsltool.predict import ENROLLED_FILE, load_batch, read_support
+
+FORMAT = "fsltool-enrolled-1"
+STATE_FILE = "classes.safetensors"
+GRAPH_FILES = ("classifier.onnx", "classifier.ts")
+EMBED_CHUNK = 128  # images per backbone pass: fixed, so a class's state never depends on what is enrolled with it
+
+
+def _single_class(embeddings: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(embeddings), dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class ClassState:
+    """What a method keeps of one class's support embeddings (K, *F) -> (items, *F): the items its
+    ``scores_from_embeddings`` then reads as a support set with one label per class."""
+
+    kept: str
+    of_class: Callable[[torch.Tensor], torch.Tensor]
+
+
+# The methods that score queries against a fixed support set from per-image embeddings, and the rule each applies to
+# a class (the same helper its forward uses). A new method of that kind is enrolled by adding it here.
+CLASS_STATES: dict[str, ClassState] = {
+    "protonet": ClassState("class prototype (mean support embedding)", lambda e: class_prototypes(e, _single_class(e), 1)),
+    "matchingnet": ClassState("support embeddings", lambda e: e),
+    "relationnet": ClassState("class feature map (sum of the support maps)", lambda e: class_maps(e, _single_class(e), 1)),
+}
+
+# Why the other built-in methods keep nothing that outlives one support set.
+NOT_ENROLLABLE: dict[str, str] = {
+    "maml": "it adapts its parameters to each support set by gradient steps at test time",
+    "reptile": "it adapts its parameters to each support set by gradient steps at test time",
+    "snail": "it reads the support set as a sequence together with each query",
+    "mann": "it reads the support set as a sequence together with each query",
+    "baseline": "it fits a new classifier head on each support set",
+    "baseline++": "it fits a new classifier head on each support set",
+}
+
+
+@dataclass
+class Enrolment:
+    """The per-class state of an enrolled folder: class name -> kept items (items, *F), and images enrolled per class."""
+
+    states: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted, like a support folder's sub-folders: enrolling in several steps gives the classes (and the
+        score columns) of enrolling them all at once."""
+        return sorted(self.states)
+
+
+@dataclass
+class EnrolReport:
+    out_dir: Path
+    classes: list[str]
+    added: list[str]
+    removed: list[str]
+    files: list[Path]
+    kept: str  # what is stored per class
+
+
+class EnrolledClassifier(nn.Module):
+    """images -> scores (N, classes): the method's embedding network, then its own scoring against the kept
+    items as a fixed support set (buffers, so they become constants of the exported graphs)."""
+
+    def __init__(self, method: Method, items: torch.Tensor, item_labels: torch.Tensor, classes: int) -> None:
+        super().__init__()
+        self.method = method
+        self.register_buffer("items", items)
+        self.register_buffer("item_labels", item_labels)
+        self.classes = classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        queries = self.method.embed(images)
+        return self.method.scores_from_embeddings(self.items[None], self.item_labels[None], queries[None], self.classes)[0]
+
+
+def class_state_rule(trained: TrainedModel) -> ClassState:
+    """The method's per-class rule, or a one-line error saying why it cannot be enrolled."""
+    name = trained.config["method"]
+    if name not in CLASS_STATES:
+        reason = NOT_ENROLLABLE.get(name, "fsltool.enroll has no per-class state for it")
+        raise FsltoolError(f"method {name!r} cannot be enrolled: {reason} (enrollable: {', '.join(sorted(CLASS_STATES))})")
+    if not trained.method.embeds_independently:
+        raise FsltoolError(f"method {name!r} cannot be enrolled with its method_options: an image's embedding depends on the "
+                           "whole support set (matchingnet's fce), so no class can be kept on its own")
+    return CLASS_STATES[name]
+
+
+def model_digest(trained: TrainedModel) -> str:
+    """SHA-256 of the model's configuration and weights: classes embedded by other weights cannot be mixed."""
+    digest = hashlib.sha256(json.dumps(trained.config, sort_keys=True).encode())
+    for key, tensor in sorted(trained.method.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def class_states(trained: TrainedModel, class_images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The kept state of each class from its images (K, C, H, W) float32 in [0, 1], preprocessed by the contract.
+    Each class is embedded on its own, in fixed chunks, so its state is the same whatever else is enrolled."""
+    rule = class_state_rule(trained)
+    expected = tuple(trained.config["image_shape"])
+    states = {}
+    with torch.inference_mode():
+        for name, images in class_images.items():
+            if images.ndim != 4 or images.shape[1:] != expected or len(images) == 0:
+                raise FsltoolError(f"class {name!r}: images of shape {tuple(images.shape)}, expected (K, {', '.join(map(str, expected))}) with K >= 1")
+            batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+            embeddings = torch.cat([trained.method.embed(chunk) for chunk in batch.split(EMBED_CHUNK)])
+            states[name] = rule.of_class(embeddings).numpy()
+    return states
+
+
+def enrolled_classifier(trained: TrainedModel, enrolment: Enrolment) -> EnrolledClassifier:
+    """The enrolled classes' states stacked as one support set (items labelled by class, in sorted class order)."""
+    classes = enrolment.classes
+    items = torch.cat([torch.from_numpy(enrolment.states[name]) for name in classes])
+    labels = torch.cat([torch.full((len(enrolment.states[name]),), c, dtype=torch.int64) for c, name in enumerate(classes)])
+    return EnrolledClassifier(trained.method, items, labels, len(classes)).eval()
+
+
+def _class_key(name: str) -> str:
+    """Names a user cannot tell apart (case, Unicode composition) are the same class."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _check_distinct(names: Sequence[str], enrolled: Sequence[str], source: str) -> None:
+    """Refuse a class whose name matches an enrolled one, or another new one, but for case or Unicode form."""
+    enrolled_keys = {_class_key(name): name for name in enrolled}
+    new_keys: dict[str, str] = {}
+    for name in names:
+        key = _class_key(name)
+        if key in enrolled_keys:
+            raise FsltoolError(f"{source}: class {name!r} is already enrolled (as {enrolled_keys[key]!r}); --remove it first to enrol it again")
+        if key in new_keys:
+            raise FsltoolError(f"{source}: classes {new_keys[key]!r} and {name!r} differ only in case or Unicode form")
+        new_keys[key] = name
+
+
+def read_class_images(support: str | Path, trained: TrainedModel) -> dict[str, np.ndarray]:
+    """A support folder's classes (one sub-folder of images each) preprocessed exactly as ``predict`` does: converted
+    to the model's channels and resized to its input size by the contract, unreadable images refused by name."""
+    names, paths, labels = read_support(support, min_classes=1)
+    _check_distinct(names, [], str(support))
+    contract = preprocessing_contract(trained)
+    return {name: load_batch([p for p, label in zip(paths, labels) if label == c], contract) for c, name in enumerate(names)}
+
+
+def read_enrolment(out: Path, trained: TrainedModel) -> Enrolment:
+    """The classes already enrolled in ``out``, checked to belong to ``trained``'s weights."""
+    try:
+        manifest = json.loads((out / ENROLLED_FILE).read_text())
+    except FileNotFoundError:
+        raise FsltoolError(f"{out}: no enrolment here to change (no {ENROLLED_FILE}); enrol a support folder first") from None
+    except (OSError, ValueError) as error:
+        raise FsltoolError(f"{out / ENROLLED_FILE}: unreadable ({error})") from None
+    if manifest.get("format") != FORMAT:
+        raise FsltoolError(f"{out / ENROLLED_FILE}: not an fsltool enrolment (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    enrolled_with, digest = manifest.get("model", {}), model_digest(trained)
+    if enrolled_with.get("digest") != digest:
+        raise FsltoolError(f"{out}: enrolled with other weights ({enrolled_with.get('checkpoint')}, digest {str(enrolled_with.get('digest'))[:12]}) "
+                           f"than {trained.path} holds now (digest {digest[:12]}); classes embedded by different weights cannot "
+                           "be mixed: enrol every class again with --force")
+    try:
+        states = load_file(str(out / STATE_FILE))
+    except (OSError, SafetensorError) as error:
+        raise FsltoolError(f"{out / STATE_FILE}: unreadable class states ({error})") from None
+    if sorted(states) != sorted(manifest["classes"]):
+        raise FsltoolError(f"{out / STATE_FILE}: its classes differ from {ENROLLED_FILE}'s")
+    return Enrolment(states, dict(manifest["class_images"]))
+
+
+def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> list[Path]:
+    """Export the enrolled classifier (ONNX, checked under ONNX Runtime at another batch size; TorchScript) with the
+    class names and the preprocessing contract in its metadata, the state file and the manifest, all at once."""
+    if not enrolment.states:
+        raise FsltoolError(f"{out}: no class would be left enrolled")
+    rule = class_state_rule(trained)
+    classes = enrolment.classes
+    module = enrolled_classifier(trained, enrolment)
+    image_shape = trained.config["image_shape"]
+    generator = torch.Generator().manual_seed(0)
+    graph, check = (ExportGraph(module, (torch.rand(batch, *image_shape, generator=generator),), ["images"], ["scores"],
+                                {"images": {0: "batch"}}) for batch in (3, 5))
+    contract = preprocessing_contract(trained)
+    metadata = {**contract, "graph": "enrolled classifier", "inputs": ["images"], "outputs": ["scores"], "classes": classes,
+                "class_state": rule.kept}
+    manifest = {**metadata, "format": FORMAT, "class_images": {name: enrolment.images[name] for name in classes},
+                "state_file": STATE_FILE, "model": {"checkpoint": str(trained.path), "digest": model_digest(trained)}}
+    names = [*GRAPH_FILES, STATE_FILE, ENROLLED_FILE]
+    with atomic_directory(out) as staging:
+        export_onnx(graph, check, staging / GRAPH_FILES[0], metadata)
+        export_torchscript(graph, staging / GRAPH_FILES[1], metadata)
+        state_bytes = save({name: enrolment.states[name] for name in classes}, metadata={"format": FORMAT, "method": contract["method"]})
+        atomic_write(staging / STATE_FILE, lambda file: file.write(state_bytes))
+        atomic_write(staging / ENROLLED_FILE, lambda file: file.write(json.dumps(manifest, indent=2).encode()))
+    return [out / name for name in names]
+
+
+def enroll_images(
+    model: str | Path | TrainedModel,
+    class_images: Mapping[str, np.ndarray],
+    out_dir: str | Path,
+    *,
+    add: bool = False,
+    remove: Sequence[str] = (),
+    force: bool = False,
+    which: str = "best",
+) -> EnrolReport:
+    """Enrol classes given as arrays (name -> (K, C, H, W) float32 in [0, 1], already preprocessed) into
+    ``out_dir``: a new enrolment, or with ``add``/``remove`` a change to the one there (its other classes are
+    read back, not recomputed). Nothing in ``out_dir`` changes unless all of it succeeds."""
+    trained = model if isinstance(model, TrainedModel) else load_trained(model, which)
+    class_state_rule(trained)
+    out = Path(out_dir)
+    if force and (add or remove):
+        raise FsltoolError("--force starts a new enrolment; it does not go with --add or --remove")
+    if add or remove:
+        enrolment = read_enrolment(out, trained)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        what = "holds an enrolment (--add or --remove changes its classes" if (out / ENROLLED_FILE).is_file() else "exists (choose an empty folder"
+        raise FsltoolError(f"{out}: already {what}, --force replaces it)")
+    else:
+        enrolment = Enrolment()
+    for name in remove:
+        if name not in enrolment.states:
+            raise FsltoolError(f"--remove {name!r}: no such enrolled class (enrolled: {', '.join(enrolment.classes)})")
+        del enrolment.states[name], enrolment.images[name]
+    _check_distinct(list(class_images), enrolment.classes, str(out))
+    enrolment.states.update(class_states(trained, class_images))
+    enrolment.images.update({name: len(images) for name, images in class_images.items()})
+    files = write_enrolment(trained, enrolment, out)
+    return EnrolReport(out, enrolment.classes, sorted(class_images), list(remove), files, CLASS_STATES[trained.config["method"]].kept)
+
+
+def enroll(
+    model: str | Path,
+    support: str | Path | None,
+    out_dir: str | Path,
+    *,
+    add: bool = False,
+    remove: Sequence[str] = (),
+    force: bool = False,
+    which: str = "best",
+) -> EnrolReport:
+    """Enrol the classes of a ``support`` folder (one sub-folder of images per class, as ``predict`` takes) with
+    a trained run or checkpoint ``model`` into ``out_dir``; ``add`` adds them to the classes enrolled there,
+    ``remove`` drops classes by name (``support`` may then be None).
+
+    Example (a notebook)::
+
+        enroll("runs/omniglot/protonet-5w1s", "my_classes/", "enrolled/")
+        enroll("runs/omniglot/protonet-5w1s", "more_classes/", "enrolled/", add=True)
+        predictions, provider = fsltool.predict.predict_enrolled("enrolled/", ["query.png"], top=3)
+    """
+    if support is None and not remove:
+        raise FsltoolError("give a SUPPORT folder of classes to enrol (or --remove NAME)")
+    if support is not None and remove and not add:
+        raise FsltoolError(f"{support}: --remove with a SUPPORT folder also enrols its classes only with --add")
+    if add and support is None:
+        raise FsltoolError("--add needs a SUPPORT folder of classes to add")
+    trained = load_trained(model, which)
+    class_state_rule(trained)
+    class_images = read_class_images(support, trained) if support is not None else {}
+    return enroll_images(trained, class_images, out_dir, add=add, remove=remove, force=force)
+
