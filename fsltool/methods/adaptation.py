@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from fsltool.data.episodes import Episode, stack_episodes
@@ -57,6 +58,14 @@ from fsltool.methods.protonet import prototype_scores
 from fsltool.models.backbones import Backbone
 
 Params = list[torch.Tensor]  # task-major: each (T, *shape), in TaskNetwork.parameters order
+# BatchNorm layers of the backbone -> stand-ins whose eps, momentum and running statistics a pass uses instead
+# (MAML's per_step_bn: one set per inner step); their scale and shift still come from the parameter list.
+NormOverride = Mapping[nn.Module, _BatchNorm]
+
+
+def batch_norm_layers(module: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``module``, in named_modules order (the order their stand-ins are listed in)."""
+    return [layer for _, layer in module.named_modules() if isinstance(layer, _BatchNorm)]
 
 
 @dataclass(frozen=True)
@@ -183,13 +192,15 @@ class TaskNetwork:
         return [p.unsqueeze(0).expand(tasks, *p.shape) for p in self.parameters]
 
     def logits(
-        self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, track: bool = False
+        self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, track: bool = False,
+        norms: NormOverride | None = None,
     ) -> torch.Tensor:
         """(T, N, C, H, W) images -> (T, N, way) logits.
 
         BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images (all
         of them when None). ``track`` folds those statistics into the BatchNorm running averages, task by task
-        in order, as T separate training passes would (only on passes normalised with all their images)."""
+        in order, as T separate training passes would (only on passes normalised with all their images): those
+        of the layers' stand-ins in ``norms`` where given, the layers' own otherwise."""
         if track and stats_rows is not None:
             raise ValueError("BatchNorm running statistics are tracked on passes normalised with all their images only")
         tasks, n = images.shape[:2]
@@ -197,18 +208,20 @@ class TaskNetwork:
         *body, weight, bias = params
         layers = chain_layers(self.backbone.features)
         if layers is None:
-            features = self._per_task_features(body, x, stats_rows, track)
+            features = self._per_task_features(body, x, stats_rows, track, norms or {})
         else:
-            features = self._grouped_features(layers, body, x, stats_rows, track)
+            features = self._grouped_features(layers, body, x, stats_rows, track, norms or {})
         return torch.einsum("tnd,tkd->tnk", features, weight) + bias.unsqueeze(1)
 
     @staticmethod
-    def _grouped_features(layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, track: bool) -> torch.Tensor:
+    def _grouped_features(
+        layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, track: bool, norms: NormOverride
+    ) -> torch.Tensor:
         """(T, N, C, H, W) -> (T, N, D) pooled features, the T tasks as one grouped network (module docstring)."""
         tasks, n = x.shape[:2]
         x = x.transpose(0, 1).flatten(1, 2).contiguous()  # (N, T*C, H, W), NCHW: see the class docstring
         for layer in layers:
-            module = layer.module
+            module = norms.get(layer.module, layer.module)
             if isinstance(module, nn.Conv2d):
                 x = F.conv2d(x, params[layer.params[0]].flatten(0, 1), stride=module.stride, padding=module.padding, groups=tasks)
             elif isinstance(module, nn.BatchNorm2d):
@@ -227,27 +240,36 @@ class TaskNetwork:
                 x = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
         return x.mean((-2, -1)).view(n, tasks, -1).transpose(0, 1)
 
-    def _per_task_features(self, params: Params, x: torch.Tensor, rows: int | None, track: bool) -> torch.Tensor:
+    def _per_task_features(self, params: Params, x: torch.Tensor, rows: int | None, track: bool, norms: NormOverride) -> torch.Tensor:
         """(T, N, C, H, W) -> (T, N, D) pooled features: the feature layers' own forward once per task, with that
         task's parameters, BatchNorm on batch statistics (of the first ``rows`` images with a RowStatistics mode).
+        The stand-ins' buffers replace those of the layers in ``norms`` (a tracked pass updates them in place).
         A pass that does not ``track`` runs on copies of the buffers, so it leaves the running statistics alone."""
         features = self.backbone.features
         names = [name for name, _ in features.named_parameters()]
+        stand_in_buffers = {
+            f"{prefix}.{name}": buffer
+            for prefix, layer in features.named_modules() if layer in norms
+            for name, buffer in norms[layer].named_buffers(recurse=False)
+        }
         pooled = []
         with batch_statistics(features), (RowStatistics(rows) if rows is not None else nullcontext()):
             for task in range(x.shape[0]):
                 state = {name: p[task] for name, p in zip(names, params)}
+                state.update(stand_in_buffers)
                 if not track:
-                    state.update((name, b.clone()) for name, b in features.named_buffers())
+                    state.update((name, b.clone()) for name, b in {**dict(features.named_buffers()), **stand_in_buffers}.items())
                 pooled.append(functional_call(features, state, (x[task],)).mean((-2, -1)))
         return torch.stack(pooled)
 
-    def query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool) -> torch.Tensor:
+    def query_logits(
+        self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool, norms: NormOverride | None = None
+    ) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way): query BatchNorm statistics from the support set
         (non-transductive) or from the query batch (transductive)."""
         if transductive:
-            return self.logits(params, query)
-        return self.logits(params, torch.cat([support, query], 1), stats_rows=support.shape[1])[:, support.shape[1] :]
+            return self.logits(params, query, norms=norms)
+        return self.logits(params, torch.cat([support, query], 1), stats_rows=support.shape[1], norms=norms)[:, support.shape[1] :]
 
     def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, tasks_per_pass: int = 128) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way), each query normalised with the BatchNorm statistics
