@@ -252,11 +252,13 @@ def enroll_images(
     out = Path(out_dir)
     if force and (add or remove):
         raise FsltoolError("--force starts a new enrolment; it does not go with --add or --remove")
+    holds_enrolment = (out / ENROLLED_FILE).is_file()
+    if out.exists() and not holds_enrolment and (not out.is_dir() or any(out.iterdir())):
+        raise FsltoolError(f"{out}: exists and is not an enrolled folder; choose a new or empty folder")  # --force never deletes it
     if add or remove:
         enrolment = read_enrolment(out, trained)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        what = "holds an enrolment (--add or --remove changes its classes" if (out / ENROLLED_FILE).is_file() else "exists (choose an empty folder"
-        raise FsltoolError(f"{out}: already {what}, --force replaces it)")
+    elif holds_enrolment and not force:
+        raise FsltoolError(f"{out}: already holds an enrolment (--add or --remove changes its classes, --force replaces it)")
     else:
         enrolment = Enrolment()
     for name in remove:

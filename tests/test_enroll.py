@@ -155,7 +155,7 @@ def test_enrolled_prediction_needs_no_torch_and_matches_the_support_folder(
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under the parent of ``folder`` (so a leftover staging folder shows too), with its bytes."""
+    """Every file under the parent of ``folder`` (so a leftover staging folder, or a sibling a case made, shows too)."""
     return {str(p.relative_to(folder.parent)): p.read_bytes() for p in sorted(folder.parent.rglob("*")) if p.is_file()}
 
 
@@ -183,6 +183,11 @@ def write_case_twins(root: Path) -> None:
         Image.new("L", (28, 28)).save(root / name / "0.png")
 
 
+def write_notes(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+
+
 def write_16_bit_class(root: Path) -> None:
     (root / "deep").mkdir(parents=True)
     Image.fromarray(np.zeros((28, 28), dtype=np.uint16)).save(root / "deep" / "0.png")
@@ -206,6 +211,8 @@ BAD = {
                       "enrolled with other weights"),
     "unknown class to remove": (lambda t, r, f: [str(r), "--remove", "nosuch"], "--remove 'nosuch': no such enrolled class"),
     "existing enrolment": (lambda t, r, f: [str(r), str(f["more"])], "already holds an enrolment (--add or --remove"),
+    "--force on a folder that is not an enrolment": (lambda t, r, f: write_notes(t / "out" / "mine") or [
+        str(r), str(f["more"]), "--force", "--out", str(t / "out" / "mine")], "mine: exists and is not an enrolled folder"),
     "missing support folder": (lambda t, r, f: [str(r), str(t / "nowhere"), "--add"], "nowhere: support folder not found"),
 } | {
     f"{method} (not enrollable)": (lambda t, r, f, m=method: [str(checkpoint_of(r, t, m, {})), str(f["more"])],
@@ -233,7 +240,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
         (out / source.name).write_bytes(source.read_bytes())
     arguments = prepare(tmp_path, runs["protonet"], folders)
     before = snapshot(out)
-    code, stdout, stderr = run_cli("enroll", *arguments, "--out", str(out))
+    code, stdout, stderr = run_cli("enroll", "--out", str(out), *arguments)  # a case's own --out comes last and wins
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: ") and message in stderr, stderr
     assert snapshot(out) == before
