@@ -84,14 +84,16 @@ def main() -> None:
             print(f"{count} classes x {args.shot} images", json.dumps({k: round(v, 2) for k, v in figures.items()}), flush=True)
 
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([*(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" for _ in [0] if "OMP_NUM_THREADS" in os.environ),
+                             Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
                    f"load average {os.getloadavg()[0]:.2f} at the end",
         "method": trained.config["method"], "backbone": trained.config["backbone"], "image_shape": image_shape,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
         "provider": "CPUExecutionProvider", "results": results,
     }
-    print(f"command: {report['command']}\nmachine: {report['machine']}")
+    print(f"command: {report['command']}\nmachine: {report['machine']}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} (its own thread pool)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
