@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-PAPER = {  # published Omniglot accuracies (../shared/docs/PROTOCOLS.md)
+PAPER = {  # published Omniglot accuracies (docs/protocols.md#reported-accuracies-)
     "protonet": {"5w1s": 98.8, "5w5s": 99.7, "20w1s": 96.0, "20w5s": 98.9},  # Snell et al. 2017, non-transductive
     "relationnet": {"5w1s": 99.6, "5w5s": 99.8, "20w1s": 97.6, "20w5s": 99.1},  # Sung et al. 2018
     "matchingnet": {"5w1s": 98.1, "5w5s": 98.9, "20w1s": 93.8, "20w5s": 98.5},  # Vinyals et al. 2016, no FCE
