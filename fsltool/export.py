@@ -23,6 +23,7 @@ from fsltool.checkpoint import TrainedModel, load_trained
 from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
+from fsltool.folder_lock import FolderLock
 from fsltool.methods.base import ExportGraph
 from fsltool.runtime import OnnxModel, create_session
 
@@ -148,10 +149,11 @@ def export_run(
     """Write ``<name>.onnx``, ``<name>.ts`` and ``model.json`` for each graph the method exports."""
     trained = load_trained(run, which)
     out = Path(out_dir) if out_dir is not None else trained.path.parent.parent / "export"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FsltoolError(f"{out}: cannot create the export folder ({error.strerror or error})") from None
+    with FolderLock(out, "export folder"):  # two exports into one folder would mix their files
+        return _export_into(trained, out, data_path, verify_episodes, device)
+
+
+def _export_into(trained: TrainedModel, out: Path, data_path: str | None, verify_episodes: int, device: str) -> ExportReport:
     contract = preprocessing_contract(trained)
     image_shape = trained.config["image_shape"]
     graphs = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(3, 2, 2)))

@@ -32,6 +32,7 @@ from fsltool.data.store import FewShotData
 from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
+from fsltool.folder_lock import FolderLock
 from fsltool.loop import Updater, Validator
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
@@ -102,7 +103,8 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
     device = resolve_device(recipe.device, "recipe key 'device'")
     group = join(device)
     try:
-        return _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+        with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
+            return _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
     finally:
         group.leave()
 

@@ -22,6 +22,7 @@ from fsltool.data.store import FewShotData
 from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
+from fsltool.folder_lock import FolderLock
 from fsltool.loop import Updater, Validator
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
@@ -49,7 +50,8 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     device = resolve_device(recipe.device, "recipe key 'device'")
     group = join(device)
     try:
-        return _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+        with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
+            return _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
     finally:
         group.leave()
 
