@@ -31,7 +31,8 @@ BatchNorm never uses running statistics to classify:
   and Reptile's reference code do (MAML always; Reptile with ``--transductive``): every query influences every
   other query's score, and such accuracies must be reported as transductive.
 The running statistics are still tracked, at the meta-parameters on training support batches, for the exported
-embedding alone (an exported network in eval mode normalises with them). On the per-task path, batch statistics
+embedding alone (an exported network in eval mode normalises with them). A pass may put stand-ins in place of the
+BatchNorm layers (``norms``: MAML's per-step BatchNorm): their eps and running statistics are used instead. On the per-task path, batch statistics
 are those of every nn.BatchNorm layer (other layers, such as dropout, keep the module's mode).
 """
 
