@@ -27,7 +27,6 @@ from fsltool.checkpoint import load_checkpoint, save_checkpoint
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
-from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
@@ -39,7 +38,7 @@ from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import PretrainConfig, Recipe
 from fsltool.runs import RunFolder, Window, check_resumable
-from fsltool.train import build_for_training
+from fsltool.train import build_for_training, stored_shapes_needed
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
 
@@ -113,8 +112,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
     settings = recipe.pretrain
     share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
     data = FewShotData(recipe.data)
-    val_shape = EpisodeShape.parse(recipe.validation.shape)
-    data.stored_episodes("val", val_shape)  # fail now, not after the first epoch
+    val_shape = stored_shapes_needed(recipe, data)
     batches = ImageBatches(data, data.classes_of(settings.splits), settings.batch_size, settings.micro_batches, share,
                            recipe.seed, prefetch=settings.prefetch)
     if batches.steps_per_epoch < 1:

@@ -67,6 +67,16 @@ def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...])
         load_backbone_weights(method.backbone, recipe.backbone, recipe.backbone_options["weights"])
 
 
+def stored_shapes_needed(recipe: Recipe, data: FewShotData) -> EpisodeShape:
+    """Check, before any training, that ``data`` stores the validation episodes the run validates on and the test
+    episodes of ``test_shape`` it will be evaluated on (as ``--check`` does): hours of training that end in a run
+    `fsltool evaluate` refuses are worse than refusing now. Returns the validation shape."""
+    val_shape = EpisodeShape.parse(recipe.validation.shape)
+    data.stored_episodes("val", val_shape)
+    data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))
+    return val_shape
+
+
 def build_for_training(recipe: Recipe, data: FewShotData, device: torch.device, *, resume: bool) -> tuple[Method, dict[str, Any]]:
     """The recipe's method on ``device``, initialised from the recipe seed and its starting weights, and the model
     configuration that rebuilds it."""
@@ -82,8 +92,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
     share = group.share(recipe.train.meta_batch)
     data = FewShotData(recipe.data)
     train_shape = EpisodeShape.parse(recipe.train.shape)
-    val_shape = EpisodeShape.parse(recipe.validation.shape)
-    data.stored_episodes("val", val_shape)  # fail now, not after the first block of training
+    val_shape = stored_shapes_needed(recipe, data)
     method, config = build_for_training(recipe, data, device, resume=resume)
     if not method.meta_trainable:
         raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "

@@ -93,3 +93,20 @@ def test_a_busy_export_folder_is_refused_and_the_lock_released_after_export(trai
     export_run(trained_run, out, verify_episodes=0)
     assert not (out / LOCK_NAME).exists() and (out / "classifier.onnx").is_file()
 
+
+@pytest.mark.parametrize("command", ["meta-train", "pretrain"])
+def test_check_and_training_refuse_the_same_data_file_without_stored_test_episodes(command: str, synthetic_file: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A run whose test_shape the data file does not store could never be evaluated: training refuses it before
+    it starts, with --check's message."""
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=1).to_dict()
+    recipe["test_shape"] = "20w5s5q"
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    answers = [run_cli(command, str(recipe_file), *flag, "-q") for flag in (["--check"], [])]
+    for code, _, err in answers:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "no stored test episodes of shape 20w5s5q (stored: 5w1s5q, 5w5s5q)" in err
+    assert answers[0][2] == answers[1][2]
+    assert not (tmp_path / "run").exists()
+
