@@ -6,12 +6,13 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from fsltool import __version__
 from fsltool.atomic import atomic_write
+from fsltool.disk import write_error
 from fsltool.errors import FsltoolError
 from fsltool.methods import Method, build_method
 from fsltool.models import build_backbone
@@ -22,12 +23,42 @@ from fsltool.recipe import Recipe, recipe_from_dict
 CHECKPOINT_FORMAT = "fsltool-checkpoint-1"
 
 
+class _KeepsWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch.save reports it as a RuntimeError
+    with the reason lost (a full disk reads "unexpected pos ...")."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a failed write (a full disk: one line saying so) leaves the previous file and no partial one."""
     state = {"format": CHECKPOINT_FORMAT, "fsltool_version": __version__, **state}
+
+    def write(file: BinaryIO) -> None:
+        recorder = _KeepsWriteError(file)
+        try:
+            torch.save(state, recorder)  # type: ignore[arg-type]
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
+
     try:
-        atomic_write(path, lambda file: torch.save(state, file))
+        atomic_write(path, write)
     except OSError as error:
-        raise FsltoolError(f"{path}: could not write checkpoint ({error.strerror or error})") from None
+        raise write_error(path, "the checkpoint", error) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsltool.atomic import atomic_write
+from fsltool.disk import write_error
 from fsltool.errors import FsltoolError
 from fsltool.recipe import RESUMABLE_KEYS, Recipe, dump_recipe, recipe_from_dict
 
@@ -58,7 +60,7 @@ class RunFolder:
 
     def save_recipe(self, recipe: Recipe) -> None:
         """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
-        self.recipe.write_text(dump_recipe(recipe))
+        self._replace(self.recipe, dump_recipe(recipe), "the resolved recipe")
 
     def truncate_metrics(self, unit: str, count: int) -> None:
         """On resume, drop log rows written after the checkpoint (rows whose ``unit`` exceeds ``count``), so the log
@@ -66,11 +68,30 @@ class RunFolder:
         if not self.metrics.is_file():
             return
         rows = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)[unit] <= count]
-        self.metrics.write_text("".join(row + "\n" for row in rows))
+        self._replace(self.metrics, "".join(row + "\n" for row in rows), "the metrics log")
 
     def log(self, row: dict[str, Any]) -> None:
-        with self.metrics.open("a") as file:
-            file.write(json.dumps(row) + "\n")
+        """Append one row; a write that fails (a full disk) is cut back off, so the log holds whole rows only."""
+        data = (json.dumps(row) + "\n").encode()
+        try:
+            with open(self.metrics, "ab", buffering=0) as file:  # unbuffered: nothing left to fail again on close
+                before = file.tell()
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += file.write(data[written:])
+                except OSError:
+                    file.truncate(before)
+                    raise
+        except OSError as error:
+            raise write_error(self.metrics, "the metrics log", error) from None
+
+    @staticmethod
+    def _replace(path: Path, text: str, what: str) -> None:
+        try:
+            atomic_write(path, lambda file: file.write(text.encode()))
+        except OSError as error:
+            raise write_error(path, what, error) from None
 
 
 def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpoint: Path, recipe_file: Path) -> None:

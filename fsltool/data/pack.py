@@ -20,6 +20,7 @@ from fsltool.console import progress_bar
 from fsltool.data.episodes import EpisodeSampler, EpisodeShape, check_split_fits, draw_episodes
 from fsltool.data.sources.base import SPLITS, SourceListing
 from fsltool.data.store import FORMAT_NAME, FORMAT_VERSION
+from fsltool.disk import check_free_space, write_error
 from fsltool.errors import BadImageError, FsltoolError
 
 DEFAULT_SHAPES = ("5w1s", "5w5s", "20w1s", "20w5s")
@@ -48,6 +49,61 @@ class PackReport:
     classes: int
     split_classes: dict[str, int]
     skipped: list[str]
+
+
+class _GuardedFile:
+    """The file HDF5 writes through (h5py's fileobj driver), keeping write errors from HDF5: after a failed write
+    (a full disk) HDF5 2.0 crashes the interpreter when the file is closed. The first error is kept for ``check``
+    to raise, and later writes are dropped, so HDF5 closes the file cleanly and the partial file is deleted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+
+    def __enter__(self) -> _GuardedFile:
+        self.file = open(self.path, "w+b", buffering=0)  # unbuffered: a failed write is seen at once, and only once
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.file.close()
+
+    def check(self) -> None:
+        """Raise the first failed write's error."""
+        if self.error is not None:
+            raise self.error
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                self._write_all(view)
+            except OSError as error:
+                self.error = error
+        return view.nbytes
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            data = data[self.file.write(data):]
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as error:
+                self.error = error
+        return size or 0
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
 
 
 def _validate_listing(listing: SourceListing, plan: EpisodePlan) -> None:
@@ -92,14 +148,15 @@ def pack(
     chunk = max(1, CHUNK_BYTES // (channels * height * width))
     skipped: list[str] = []
     with atomic_path(out, overwrite=overwrite) as temporary:
+        check_free_space(out, total * channels * height * width, f"{total} images of {channels}x{height}x{width} pixels (uncompressed)")
         try:
-            with h5py.File(temporary, "w") as file:
+            with _GuardedFile(temporary) as guarded, h5py.File(guarded, "w") as file:
                 images = file.create_dataset(
                     "images", shape=(total, channels, height, width), maxshape=(None, channels, height, width),
                     dtype=np.uint8, chunks=(min(chunk, total), channels, height, width), compression="gzip",
                     compression_opts=4,
                 )
-                starts, counts, splits_of = _write_images(listing, images, skip_bad, skipped, quiet)
+                starts, counts, splits_of = _write_images(listing, images, guarded, skip_bad, skipped, quiet)
                 _check_no_empty_class(listing, counts, skipped)
                 written = int(counts.sum())
                 images.resize(written, axis=0)
@@ -136,13 +193,14 @@ def pack(
                         ),
                     }
                 )
+            guarded.check()  # HDF5 writes its metadata while closing the file
         except OSError as error:
-            raise FsltoolError(f"{out}: could not write ({error})") from None
+            raise write_error(out, "the data file", error) from None
     return PackReport(str(out), written, len(names), {s: len(c) for s, c in split_classes.items()}, skipped)
 
 
 def _write_images(
-    listing: SourceListing, images: h5py.Dataset, skip_bad: bool, skipped: list[str], quiet: bool
+    listing: SourceListing, images: h5py.Dataset, guarded: _GuardedFile, skip_bad: bool, skipped: list[str], quiet: bool
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode class by class into ``images`` (contiguous per class), ``BLOCK_BYTES`` at a time; returns the class index."""
     starts = np.zeros(len(listing.classes), dtype=np.int64)
@@ -168,9 +226,9 @@ def _write_images(
                     )
                 block.append(array)
                 if len(block) == rows:
-                    position = _flush(images, block, position)
+                    position = _flush(images, block, position, guarded)
                 progress.advance(task)
-            position = _flush(images, block, position)
+            position = _flush(images, block, position, guarded)
             counts[index] = position - starts[index]
     return starts, counts, [spec.split for spec in listing.classes]
 
@@ -189,10 +247,11 @@ def _block_rows(images: h5py.Dataset) -> int:
     return max(1, BLOCK_BYTES // int(np.prod(images.shape[1:])))
 
 
-def _flush(images: h5py.Dataset, block: list[np.ndarray], position: int) -> int:
-    """Write ``block`` at ``position`` and empty it; returns the next position."""
+def _flush(images: h5py.Dataset, block: list[np.ndarray], position: int, guarded: _GuardedFile) -> int:
+    """Write ``block`` at ``position`` and empty it; returns the next position. Stops at the first failed write."""
     if block:
         images[position : position + len(block)] = np.stack(block)
+        guarded.check()
         position += len(block)
         block.clear()
     return position
