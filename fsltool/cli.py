@@ -325,14 +325,24 @@ def _check_recipe(recipe: str, loaded: Any, stage: str = "meta-train") -> None:
     console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})", highlight=False)
 
 
+def _training_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The arguments of the commands that train a run from a recipe (meta-train, pretrain)."""
+    options = [
+        click.argument("recipe", shell_complete=_complete_recipe),
+        click.argument("overrides", nargs=-1),
+        click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training"),
+        click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint"),
+        click.option("--force", is_flag=True, help="start over in an output folder that already holds a run"),
+        quiet_option,
+        json_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("meta-train")
-@click.argument("recipe", shell_complete=_complete_recipe)
-@click.argument("overrides", nargs=-1)
-@click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
-@click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
-@click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
-@quiet_option
-@json_option
+@_training_run_options
 def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool) -> None:
     """Meta-train the method a RECIPE (a file, or a built-in name) names; KEY=VALUE arguments override its keys.
 
@@ -356,13 +366,7 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
 
 
 @main.command("pretrain")
-@click.argument("recipe", shell_complete=_complete_recipe)
-@click.argument("overrides", nargs=-1)
-@click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training")
-@click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint")
-@click.option("--force", is_flag=True, help="start over in an output folder that already holds a run")
-@quiet_option
-@json_option
+@_training_run_options
 def pretrain_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool) -> None:
     """Pretrain a backbone as a classifier over every training class (the RECIPE's pretrain section), choosing the
     best epoch by few-shot accuracy on the stored validation episodes. The run evaluates and exports like any
@@ -601,35 +605,80 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.argument("support", type=click.Path())
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="[SUPPORT] QUERIES...")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run folder")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="with an export folder")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="with an export or enrolled folder")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="also list the K best classes of each query")
 @json_option
 @quiet_option
-def predict(model: str, support: str, queries: tuple[str, ...], which: str, device: str, as_json: bool, quiet: bool) -> None:
-    """Classify QUERIES (images or folders) from a SUPPORT folder (one sub-folder of images per class).
+def predict(model: str, inputs: tuple[str, ...], which: str, device: str, top: int, as_json: bool, quiet: bool) -> None:
+    """Classify QUERIES (images or folders) from a SUPPORT folder (one sub-folder of images per class), or against
+    the classes enrolled in MODEL (no SUPPORT).
 
-    MODEL is an export folder (ONNX Runtime alone, no torch needed) or a run folder / checkpoint (PyTorch).
+    MODEL is an enrolled folder (fsltool enroll) or an export folder (both: ONNX Runtime alone, no torch needed), or a
+    run folder / checkpoint (PyTorch).
 
     Example: fsltool predict runs/omniglot/protonet-5w1s/export my_support/ query1.png query_folder/
     """
-    from fsltool.predict import predict_onnx, predict_torch
+    from fsltool.predict import is_enrolled, predict_enrolled, predict_onnx, predict_torch
 
-    if (Path(model) / "model.json").is_file():
-        predictions, provider = predict_onnx(model, support, list(queries), device)
+    if is_enrolled(model):
+        predictions, provider = predict_enrolled(model, list(inputs), device, top)
+    elif len(inputs) < 2:
+        raise FsltoolError(f"{model}: not an enrolled folder, so give a SUPPORT folder and then QUERIES")
+    elif (Path(model) / "model.json").is_file():
+        predictions, provider = predict_onnx(model, inputs[0], list(inputs[1:]), device, top)
     else:
-        predictions, provider = predict_torch(model, support, list(queries), which), "PyTorch (CPU)"
+        predictions, provider = predict_torch(model, inputs[0], list(inputs[1:]), which, top), "PyTorch (CPU)"
     if as_json:
         click.echo(json.dumps({"provider": provider, "predictions": [p.to_json() for p in predictions]}, indent=2))
         return
     for p in predictions:
-        click.echo(f"{p.query}\t{p.label}\t{p.probability:.4f}")
+        ranked = "".join(f"\t{r.label}\t{r.probability:.4f}" for r in p.top[1:])
+        click.echo(f"{p.query}\t{p.label}\t{p.probability:.4f}{ranked}")
     if quiet:
         return
     from fsltool.console import console
 
     console.print(f"{len(predictions)} queries classified with {provider}", highlight=False)
+
+
+# ---------------------------------------------------------------- enroll
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("support", required=False, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="the enrolled folder")
+@click.option("--add", is_flag=True, help="add SUPPORT's classes to those enrolled in OUT (the others are not recomputed)")
+@click.option("--remove", multiple=True, metavar="NAME", help="drop an enrolled class (repeatable)")
+@click.option("--force", is_flag=True, help="replace the enrolment in OUT (never a folder that is not one)")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run folder")
+@json_option
+@quiet_option
+def enroll(model: str, support: str | None, out_dir: str, add: bool, remove: tuple[str, ...], force: bool, which: str,
+           as_json: bool, quiet: bool) -> None:
+    """Enrol the classes of a SUPPORT folder (one sub-folder of images per class) once, with a trained MODEL (run
+    folder or checkpoint): OUT gets one graph images -> scores with what the method keeps of each class as
+    constants (ONNX + TorchScript), for fsltool predict OUT QUERIES...
+
+    Later, without recomputing the others: MODEL more_classes/ --out OUT --add, or MODEL --out OUT --remove NAME.
+
+    Example: fsltool enroll runs/omniglot/protonet-5w1s my_classes/ --out enrolled/
+    """
+    from fsltool.enroll import enroll as run_enrolment
+
+    report = run_enrolment(model, support, out_dir, add=add, remove=remove, force=force, which=which)
+    if as_json:
+        _echo_json({"out": str(report.out_dir), "classes": report.classes, "added": report.added, "removed": report.removed,
+                    "kept_per_class": report.kept, "files": [str(p) for p in report.files]})
+        return
+    if not quiet:
+        from fsltool.console import console
+
+        changes = [f"{verb} {len(names)}" for verb, names in (("added", report.added), ("removed", report.removed)) if names]
+        console.print(f"{', '.join(changes)}; {len(report.classes)} classes enrolled, each kept as its {report.kept}", highlight=False)
+    click.echo(f"enrolled classifier: {report.out_dir / 'classifier.onnx'}")
 
 
 # ---------------------------------------------------------------- plot
@@ -668,7 +717,7 @@ def plot_time(runs: tuple[str, ...], out: str, quiet: bool) -> None:
     """Validation accuracy against wall-clock minutes of several RUNS on one axis. A run started from another
     (init:) is drawn after it, so a pretrain-then-fine-tune campaign compares with training from scratch.
 
-    Example: fsltool plot time runs/omniglot/protonet-5w1s runs/omniglot/protonet-5w1s-pretrained --out time.png
+    Example: fsltool plot time runs/omniglot/protonet-5w1s runs/omniglot/protonet-pretrained-5w1s --out time.png
     """
     from fsltool.console import console
     from fsltool.plots import plot_time_to_accuracy
