@@ -24,8 +24,9 @@ from fsltool.runs import RunFolder
 
 @dataclass
 class Updater:
-    """Applies one step's loss: backward, gradients summed over the processes, clipping, the optimizer step and
-    the BatchNorm statistics merge; or, for a non-finite loss, stops (the default) or skips the step and counts it."""
+    """Applies one step's loss: backward, gradients summed over the processes, then, when the loss and every
+    gradient are finite, clipping, the optimizer step and the BatchNorm statistics merge; otherwise it stops (the
+    default) or skips the step and counts it. Deciding costs the step's one host-device synchronisation."""
 
     optimizer: torch.optim.Optimizer
     parameters: list[nn.Parameter]
@@ -34,22 +35,28 @@ class Updater:
     last_checkpoint: Path
     skipped: int = 0
 
-    def apply(self, loss_tensor: torch.Tensor, loss: float, running_stats: RunningStats, where: str) -> bool:
-        """``loss`` is the global loss (summed over processes); True when the step was taken."""
-        if math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_tensor.backward()
-            self.group.sum_gradients(self.parameters)
+    def apply(self, loss_tensor: torch.Tensor, global_loss: torch.Tensor, running_stats: RunningStats, where: str) -> bool:
+        """``loss_tensor`` is this process's share, to backpropagate; ``global_loss`` the loss summed over the processes
+        (a 0-dim tensor on the device). True when the step was taken. Every process sees the same summed loss and
+        gradients, so all of them take or drop the step together."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_tensor.backward()
+        self.group.sum_gradients(self.parameters)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+        if bool(torch.isfinite(global_loss + norm)):  # NaN or inf in the loss or in any gradient makes the sum non-finite
             if self.config.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(self.parameters, self.config.clip_grad_norm, norm)
             self.group.merge_running_stats(running_stats)
             self.optimizer.step()
             return True
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(global_loss)
+        problem = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient is not finite (loss {loss:.4g})"
         if self.config.on_nonfinite == "skip":
             running_stats.restore()  # the forward pass may have folded non-finite statistics in
             self.skipped += 1
             return False
-        raise FsltoolError(f"{where}: loss is {loss}; stopped (last good checkpoint: {self.last_checkpoint}; "
+        raise FsltoolError(f"{where}: {problem}; stopped (last good checkpoint: {self.last_checkpoint}; "
                            "on_nonfinite=skip drops such steps instead)")
 
 

@@ -172,7 +172,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
         loss_tensor = torch.stack(losses).sum() / settings.micro_batches  # summed over processes: the batch mean
         totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double()]))
         loss = float(totals[0])
-        taken = updater.apply(loss_tensor, loss, running_stats, f"step {number}")
+        taken = updater.apply(loss_tensor, totals[0], running_stats, f"step {number}")
         return (loss, float(totals[1])) if taken else None
 
     model.train()

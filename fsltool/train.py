@@ -155,7 +155,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         totals = group.sum(torch.tensor([loss_tensor.item(), correct, sum(output.scores.shape[0] for output in outputs)],
                                         dtype=torch.float64, device=device))
         loss = float(totals[0])
-        taken = updater.apply(loss_tensor, loss, running_stats, f"episode {episode}")
+        taken = updater.apply(loss_tensor, totals[0], running_stats, f"episode {episode}")
         return (loss, float(totals[1]), float(totals[2])) if taken else None
 
     method.train()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -192,3 +193,43 @@ def test_clipping_bounds_the_update(synthetic_file: Path, tmp_path: Path) -> Non
     moved = sum(float((state["model"][k].double() - initial[k].double()).pow(2).sum()) for k, v in initial.items() if v.is_floating_point()
                 and "running" not in k)
     assert 0 < math.sqrt(moved) <= 0.01 + 1e-6
+
+
+def nan_gradient_at_call(monkeypatch: pytest.MonkeyPatch, bad: int) -> None:
+    """ProtoNet's ``bad``-th training step has a finite loss, but its backward pass makes one parameter's gradient
+    NaN (a hook on the parameter)."""
+    from fsltool.methods.protonet import ProtoNet
+
+    original = ProtoNet.step
+    calls: dict[str, Any] = {"n": 0, "hook": None}
+
+    def step(self: ProtoNet, episode: object) -> StepOutput:
+        calls["n"] += 1
+        if calls["hook"] is not None:
+            calls["hook"].remove()
+            calls["hook"] = None
+        output = original(self, episode)  # type: ignore[arg-type]
+        if calls["n"] == bad:
+            assert torch.isfinite(output.loss)
+            calls["hook"] = next(self.parameters()).register_hook(lambda grad: grad * float("nan"))
+        return output
+
+    monkeypatch.setattr(ProtoNet, "step", step)
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_the_optimizer_step(synthetic_file: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    nan_gradient_at_call(monkeypatch, 6)
+    with pytest.raises(FsltoolError, match=r"episode 6: the gradient is not finite \(loss \d+\.\d+\); stopped .*on_nonfinite=skip"):
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8), quiet=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["episode"] == 4
+
+
+def test_skip_drops_a_meta_step_with_a_nan_gradient(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nan_gradient_at_call(monkeypatch, 6)
+    result = meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=8, on_nonfinite="skip"), quiet=True)
+    assert result.skipped_nonfinite == 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["optimizer"]["state"][0]["step"].item() == 7  # no optimizer step for the dropped meta-step
+    assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+
