@@ -106,28 +106,29 @@ def _merge_running_stats(group: Group, before: RunningStats) -> None:
     (1-m)^N r_0 + sum_i m (1-m)^(N-i) x_i. Process k, starting from r_0 over its n_k updates, ends at R_k; its
     updates come after those of processes < k, and the updates of processes > k decay them further by
     (1-m)^(n_{k+1} + ... ). So the one-process result is (1-m)^N r_0 + sum_k (1-m)^(later_k) (R_k - (1-m)^(n_k) r_0),
-    one sum across processes. The update counts are exchanged first (they may differ between BatchNorm layers)."""
-    counts = torch.zeros(len(before.modules), group.world, dtype=torch.float64)
-    for row, (module, start) in enumerate(zip(before.modules, before.counts)):
+    one sum across processes. The update counts are exchanged first (they may differ between BatchNorm layers).
+    Everything stays on the statistics' device (NCCL takes no CPU tensors), with no read back to the host."""
+    for module in before.modules:
         if module.momentum is None:
             raise FsltoolError("distributed training: BatchNorm with momentum=None (cumulative averages) is not supported")
-        counts[row, group.rank] = float(module.num_batches_tracked - start)  # type: ignore[operator]
+    device = before.counts[0].device
+    counts = torch.zeros(len(before.modules), group.world, dtype=torch.float64, device=device)
+    counts[:, group.rank] = torch.stack([m.num_batches_tracked - start for m, start in zip(before.modules, before.counts)])  # type: ignore[operator]
     group.sum(counts)
     later = counts.flip(1).cumsum(1).flip(1)[:, group.rank] - counts[:, group.rank]
+    decays = [1.0 - float(module.momentum) for module in before.modules]  # type: ignore[arg-type]
     pieces = []
     for row, (module, mean0, var0) in enumerate(zip(before.modules, before.means, before.variances)):
-        decay = 1.0 - float(module.momentum)  # type: ignore[arg-type]
-        own = decay ** float(counts[row, group.rank])
-        weight = decay ** float(later[row])
+        own, weight = decays[row] ** counts[row, group.rank], decays[row] ** later[row]
         for current, start in ((module.running_mean, mean0), (module.running_var, var0)):
             pieces.append(weight * (current - own * start))  # type: ignore[operator]
     flat = group.sum(torch.cat([p.reshape(-1) for p in pieces]))
     merged = iter(flat.split([p.numel() for p in pieces]))
     for row, (module, mean0, var0, count0) in enumerate(zip(before.modules, before.means, before.variances, before.counts)):
-        decay_all = (1.0 - float(module.momentum)) ** float(counts[row].sum())  # type: ignore[arg-type]
+        decay_all = decays[row] ** counts[row].sum()
         module.running_mean.copy_(decay_all * mean0 + next(merged))  # type: ignore[union-attr]
         module.running_var.copy_(decay_all * var0 + next(merged))  # type: ignore[union-attr]
-        module.num_batches_tracked.copy_(count0 + int(counts[row].sum()))  # type: ignore[union-attr]
+        module.num_batches_tracked.copy_(count0 + counts[row].sum().long())  # type: ignore[union-attr]
 
 
 def join(device: torch.device = torch.device("cpu")) -> Group:
@@ -138,6 +139,8 @@ def join(device: torch.device = torch.device("cpu")) -> Group:
         return Group()
     try:
         rank = int(os.environ["RANK"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL runs on the current device: this process's own GPU (LOCAL_RANK)
         if not dist.is_initialized():
             dist.init_process_group(BACKENDS[device.type], rank=rank, world_size=world)
     except (KeyError, ValueError, RuntimeError) as error:  # WORLD_SIZE set without torchrun's other variables

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from fsltool.checkpoint import load_checkpoint
-from fsltool.distributed import Group
+from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
 from fsltool.recipe import recipe_from_dict
 from fsltool.train import meta_train
@@ -106,3 +106,34 @@ def test_world_size_without_torchrun_is_one_clear_error(monkeypatch: pytest.Monk
         join()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert join() == Group()
+
+
+def test_every_tensor_handed_to_a_collective_lives_on_the_parameters_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 'meta' device stands in for a GPU: a CPU tensor handed to a collective (NCCL refuses them) is caught, and
+    so is any read back to the host (meta tensors have no values)."""
+    devices: list[torch.device] = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: devices.append(tensor.device))
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 3),
+                                  torch.nn.BatchNorm1d(3)).to("meta")
+    group = Group(0, 2)
+    before = RunningStats.of(network)
+    network(torch.zeros(8, 1, 5, 5, device="meta"))  # advances the running averages
+    for parameter in network.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    group.sum_gradients(list(network.parameters()))
+    group.merge_running_stats(before)
+    group.sum(torch.zeros(3, device="meta"))
+    assert len(devices) == 4 and all(device.type == "meta" for device in devices), devices
+
+
+def test_a_cuda_rank_selects_its_own_gpu_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsltool.distributed import join
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **options: calls.append(("join", backend)))
+    assert join(torch.device("cuda", 1)) == Group(1, 2)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("join", "nccl")]
