@@ -158,10 +158,11 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
             })
         return write
 
-    def step(parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> tuple[float, float] | None:
-        """One optimizer step over this process's micro-batches: (global mean loss, images right), None if skipped."""
+    def step(parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> torch.Tensor | None:
+        """One optimizer step over this process's micro-batches: its (global mean loss, images right, images) on the
+        device, or None when it was skipped. Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(model)
-        losses, correct = [], torch.zeros((), device=device)
+        losses, correct, images_seen = [], torch.zeros((), device=device), 0
         for position, (images, labels) in zip(share, parts):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if settings.augment.kind != "none":
@@ -169,11 +170,12 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
             loss, right = model.loss(images, labels)
             losses.append(loss)
             correct = correct + right
+            images_seen += len(labels)
         loss_tensor = torch.stack(losses).sum() / settings.micro_batches  # summed over processes: the batch mean
-        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double()]))
-        loss = float(totals[0])
+        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double(),
+                                        correct.new_full((), images_seen, dtype=torch.float64)]))
         taken = updater.apply(loss_tensor, totals[0], running_stats, f"step {number}")
-        return (loss, float(totals[1])) if taken else None
+        return totals if taken else None
 
     model.train()
     began = time.perf_counter()
@@ -189,9 +191,9 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
             for index, parts in enumerate(batches.epoch(epoch)):
                 number = (epoch - 1) * per_epoch + index + 1
                 window.data_wait += time.perf_counter() - waiting
-                result = step(parts, number)
-                if result is not None:
-                    window.add(*result, settings.batch_size)
+                totals = step(parts, number)
+                if totals is not None:
+                    window.add(totals)
                 scheduler.step()
                 progress.update(task, completed=number)
                 now = time.perf_counter()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fsltool.atomic import atomic_write
 from fsltool.disk import write_error
 from fsltool.errors import FsltoolError
@@ -112,24 +114,26 @@ def _resumable(recipe: dict[str, Any], section: str) -> dict[str, Any]:
 
 @dataclass
 class Window:
-    """Training statistics between two log rows; ``start`` counts optimizer steps (meta-training: episodes)."""
+    """Training statistics between two log rows; ``start`` counts optimizer steps (meta-training: episodes). The
+    sums stay on the training device and are read once, for the row: not once per step."""
 
     start: int
     began: float
-    loss: float = 0.0
-    correct: float = 0.0
-    total: float = 0.0
+    sums: torch.Tensor | None = None  # (loss, right, classified) summed over the window's taken steps
     steps: int = 0
     data_wait: float = 0.0  # seconds the loop waited for its data (what prefetching hides)
 
-    def add(self, loss: float, correct: float, total: float) -> None:
-        self.loss, self.correct, self.total, self.steps = self.loss + loss, self.correct + correct, self.total + total, self.steps + 1
+    def add(self, totals: torch.Tensor) -> None:
+        """A taken step's (global loss, queries or images right, queries or images classified)."""
+        self.sums = totals if self.sums is None else self.sums + totals
+        self.steps += 1
 
     def row(self, unit: str, count: int, now: float, lr: float, elapsed: float, skipped: int) -> dict[str, Any]:
         """A metrics row; loss and accuracy are null when every step of the window was skipped; data_wait_s is
         per step, ``{unit}s_per_s`` the speed."""
+        loss, correct, total = self.sums.tolist() if self.sums is not None else (0.0, 0.0, 0.0)
         return {unit: count, "phase": "train",
-                "loss": self.loss / self.steps if self.steps else None,
-                "accuracy": 100 * self.correct / self.total if self.total else None,
+                "loss": loss / self.steps if self.steps else None,
+                "accuracy": 100 * correct / total if total else None,
                 "lr": lr, f"{unit}s_per_s": (count - self.start) / (now - self.began), "elapsed": elapsed,
                 "data_wait_s": self.data_wait / (count - self.start), "skipped_nonfinite": skipped}

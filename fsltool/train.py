@@ -145,18 +145,18 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         return [augment_episode(task, recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
                 for position, task in enumerate(batch)]
 
-    def meta_step(batch: list[Episode], episode: int) -> tuple[float, float, float] | None:
-        """One meta-update: (global mean loss, queries right, queries), or None when it was skipped."""
+    def meta_step(batch: list[Episode], episode: int) -> torch.Tensor | None:
+        """One meta-update: its (global mean loss, queries right, queries) on the device, or None when it was skipped.
+        Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(method)
         outputs: list[StepOutput] = method.meta_step(batch)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
         loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
-        correct = sum((output.scores.argmax(-1) == one.query_labels).sum().item() for output, one in zip(outputs, batch))
-        totals = group.sum(torch.tensor([loss_tensor.item(), correct, sum(output.scores.shape[0] for output in outputs)],
-                                        dtype=torch.float64, device=device))
-        loss = float(totals[0])
+        correct = torch.stack([(output.scores.argmax(-1) == one.query_labels).sum() for output, one in zip(outputs, batch)]).sum()
+        queries = sum(output.scores.shape[0] for output in outputs)
+        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double(), correct.new_full((), queries, dtype=torch.float64)]))
         taken = updater.apply(loss_tensor, totals[0], running_stats, f"episode {episode}")
-        return (loss, float(totals[1]), float(totals[2])) if taken else None
+        return totals if taken else None
 
     method.train()
     began = time.perf_counter()
@@ -169,9 +169,9 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
             waiting = time.perf_counter()
             batch = next_batch(episode)
             window.data_wait += time.perf_counter() - waiting
-            result = meta_step(batch, episode)
-            if result is not None:
-                window.add(*result)
+            totals = meta_step(batch, episode)
+            if totals is not None:
+                window.add(totals)
             scheduler.step()  # the schedule follows the episode number, skipped meta-steps included
             progress.update(task, completed=episode)
             now = time.perf_counter()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +235,68 @@ def test_skip_drops_a_meta_step_with_a_nan_gradient(synthetic_file: Path, tmp_pa
     assert state["optimizer"]["state"][0]["step"].item() == 7  # no optimizer step for the dropped meta-step
     assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
 
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # what reads a tensor's values back
+
+
+@contextlib.contextmanager
+def counting_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Count the reads of tensor values on the training thread once training has begun (the first RunningStats
+    taken), except during validation and checkpointing. On a GPU each is a host-device synchronisation; here on the
+    CPU they are counted instead. Data sampling runs on the prefetch thread and is not counted."""
+    import threading
+
+    from fsltool.distributed import RunningStats
+    from fsltool.loop import Validator
+
+    state = {"reads": 0, "on": False}
+    main = threading.main_thread()
+
+    def counted(name: str) -> Callable[..., Any]:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            if state["on"] and threading.current_thread() is main:
+                state["reads"] += 1
+            return original(self, *args)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    taking, validating = RunningStats.of.__func__, Validator.__call__  # type: ignore[attr-defined]
+
+    def take(cls: type[RunningStats], network: torch.nn.Module) -> RunningStats:
+        state["on"] = True
+        return taking(cls, network)
+
+    def validate(self: Validator, *args: Any) -> str:
+        state["on"] = False
+        try:
+            return validating(self, *args)
+        finally:
+            state["on"] = True
+
+    monkeypatch.setattr(RunningStats, "of", classmethod(take))
+    monkeypatch.setattr(Validator, "__call__", validate)
+    yield state
+
+
+def test_a_meta_step_reads_the_device_once_and_a_log_row_once(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most one host-device synchronisation per meta-step (the non-finite check) plus one per log row. SGD: Adam's
+    step counters are CPU tensors, read on the host by design."""
+    with counting_host_reads(monkeypatch) as state:
+        meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=12, meta_batch=2, log_every=4, optimizer="sgd",
+                                clip_grad_norm=1.0), quiet=True)
+    assert 0 < state["reads"] <= 12 + 3, state
+
+
+def test_a_pretraining_step_reads_the_device_once_and_a_log_row_once(synthetic_file: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsltool.pretrain import pretrain
+    from tests.test_pretrain import pretrain_recipe
+
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=1, micro_batches=2, rotation_weight=0.5, optimizer="sgd")
+    with counting_host_reads(monkeypatch) as state:
+        result = pretrain(recipe, quiet=True)
+    rows = sum(1 for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line)
+    assert 0 < state["reads"] <= result.steps + rows, (state, result.steps, rows)
