@@ -3,6 +3,7 @@ meta-training and pretraining so both resume and schedule the same way."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ def lr_factor(config: OptimConfig, total: int) -> Callable[[int], float]:
     warmup = config.warmup
     schedules: dict[str, Callable[[int], float]] = {
         "step": lambda done: config.lr_gamma ** (done // config.lr_step) if config.lr_step else 1.0,
+        "multistep": lambda done: config.lr_gamma ** bisect.bisect_right(config.lr_milestones, done),
         "linear": lambda done: max(0.0, 1 - done / total),
         "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * min(done, total) / total)),
     }

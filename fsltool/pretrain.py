@@ -123,7 +123,8 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
     parameters = trainable_parameters(model)
     per_epoch = batches.steps_per_epoch
     # The schedule runs per optimizer step; its epoch-counted keys are converted, so warm-up ramps within an epoch.
-    in_steps = dataclasses.replace(settings, lr_step=settings.lr_step * per_epoch, warmup=settings.warmup * per_epoch)
+    in_steps = dataclasses.replace(settings, lr_step=settings.lr_step * per_epoch, warmup=settings.warmup * per_epoch,
+                                   lr_milestones=[epoch * per_epoch for epoch in settings.lr_milestones])
     optimizer, scheduler = make_optimizer(in_steps, parameters, settings.epochs * per_epoch)
 
     run = RunFolder(recipe.output)

@@ -30,13 +30,14 @@ class OptimConfig:
     weight_decay: float = 0.0  # as the optimizer defines it: L2 in the gradient (adam, sgd), decoupled (adamw)
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
-    # step: lr_step / lr_gamma below | linear: lr * (1 - done / total), to 0 at the end |
-    # cosine: lr * (1 + cos(pi * done / total)) / 2
+    # step: lr_step / lr_gamma below | multistep: lr_gamma at each of lr_milestones | linear: lr * (1 - done / total),
+    # to 0 at the end | cosine: lr * (1 + cos(pi * done / total)) / 2
     lr_schedule: str = "step"
     warmup: int = 0  # linear warm-up from lr / warmup to lr over this many units, before the schedule's own factor applies
     clip_grad_norm: float = 0.0  # clip the gradient's global norm to this (0: off)
     lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step units (0: constant)
     lr_gamma: float = 0.5
+    lr_milestones: list[int] = field(default_factory=list)  # multistep schedule: multiply lr by lr_gamma at each
     log_every: int = 50  # optimizer steps between log rows
     keep_checkpoints: int = 3  # numbered checkpoints kept beside last.pt and best.pt (0: none)
     on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that step and count it)
@@ -101,7 +102,7 @@ class Recipe:
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("step", "linear", "cosine")
+LR_SCHEDULES = ("step", "multistep", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
@@ -119,8 +120,10 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
     """Return ``value`` converted to ``expected`` where lossless (int -> float), else raise naming the key."""
     origin = typing.get_origin(expected)
     if origin is list:
-        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
-            raise FsltoolError(f"recipe key {key!r}: expected a non-empty list of names, got {value!r}")
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list) or not all(type(item) is item_type for item in value):
+            kind = "names" if item_type is str else "whole numbers"
+            raise FsltoolError(f"recipe key {key!r}: expected a list of {kind}, got {value!r}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -277,6 +280,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'pretrain.head': {recipe.pretrain.head!r} is not one of {', '.join(PRETRAIN_HEADS)}")
     for section in ("train", "pretrain"):
         _validate_optimisation(section, getattr(recipe, section), where)
+        if not getattr(recipe, section).splits:
+            raise FsltoolError(f"{where}: recipe key '{section}.splits' must name at least one split")
     if not DEVICE_NAME.fullmatch(recipe.device):
         raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
     get_method(recipe.method)
@@ -304,6 +309,10 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}': {getattr(config, key)!r} is not one of {', '.join(allowed)}")
+    milestones = config.lr_milestones
+    if config.lr_schedule == "multistep" and (not milestones or milestones != sorted(set(milestones)) or milestones[0] < 1):
+        raise FsltoolError(f"{where}: recipe key '{section}.lr_milestones' must list increasing positive counts for "
+                           f"lr_schedule multistep, got {milestones}")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
         raise FsltoolError(f"{where}: recipe key '{section}.nesterov' needs optimizer sgd with momentum > 0")
     check_augment(config.augment, where, section)

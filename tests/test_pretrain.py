@@ -172,3 +172,15 @@ def test_time_to_accuracy_puts_a_fine_tuning_run_after_its_pretraining(synthetic
     assert (tmp_path / "time.png").stat().st_size > 10_000
     code, _, err = run_cli("plot", "curves", str(tmp_path / "pre"), "--out", str(tmp_path / "curves.png"))
     assert code == 0, err
+
+
+def test_multistep_schedule_decays_at_each_milestone_epoch(synthetic_file: Path, tmp_path: Path) -> None:
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=3, lr_schedule="multistep", lr_milestones=[1, 2], lr_gamma=0.1)
+    pretrain(recipe, quiet=True)
+    rows = [row for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "train"]
+    by_epoch = {int(-(-row["epoch"] // 1)): row["lr"] for row in rows}  # the lr in force at each epoch's last row
+    assert by_epoch[1] == pytest.approx(0.1 * 0.1) and by_epoch[2] == pytest.approx(0.1 * 0.01) and by_epoch[3] == pytest.approx(0.1 * 0.01)
+    with pytest.raises(FsltoolError, match=r"'pretrain.lr_milestones' must list increasing positive counts"):
+        pretrain_recipe(synthetic_file, tmp_path / "x", lr_schedule="multistep", lr_milestones=[2, 1])
+    with pytest.raises(FsltoolError, match=r"'pretrain.splits' must name at least one split"):
+        pretrain_recipe(synthetic_file, tmp_path / "y", splits=[])
