@@ -34,7 +34,7 @@ def test_base_merge_and_overrides(tmp_path: Path) -> None:
         ("data: d\noutput: o\ntrain:\n  episodes: 1.5\n", [], r"'train.episodes': expected int"),
         ("data: d\noutput: o\ntrain:\n  episodes: 0\n", [], r"'train.episodes' must be positive"),
         ("data: d\noutput: o\ntrain:\n  shape: 5way\n", [], r"'train.shape'"),
-        ("data: d\noutput: o\n", ["train.lr_schedule=exponential"], r"'train.lr_schedule': 'exponential' is not one of step, linear, cosine"),
+        ("data: d\noutput: o\n", ["train.lr_schedule=exponential"], r"'train.lr_schedule': 'exponential' is not one of step, multistep, linear, cosine"),
         ("data: d\noutput: o\n", ["train.warmup=-1"], r"'train.warmup' must be >= 0, got -1"),
         ("data: d\noutput: o\nmethod: protonett\n", [], r"unknown method 'protonett'"),
         ("data: d\noutput: o\nbackbone: conv5\n", [], r"unknown backbone 'conv5' \(did you mean 'conv4'\?\)"),
