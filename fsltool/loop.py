@@ -3,6 +3,7 @@ non-finite policy, and validation on stored episodes with best / last / numbered
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,12 +15,24 @@ from torch import nn
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import device_of
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods import Method
 from fsltool.recipe import OptimConfig
 from fsltool.runs import RunFolder
+
+
+def autocast_for(precision: str, device: torch.device, training: Method | None = None) -> contextlib.AbstractContextManager[object]:
+    """Where the recipe's ``precision`` is bf16, forward passes under torch.autocast: convolutions and matrix products
+    in bfloat16, losses and reductions in fp32, while parameters, gradients and optimizer state stay fp32 (autocast
+    casts copies). The training step of a method that differentiates through its inner gradients (MAML second
+    order) stays fp32: second derivatives through bfloat16 products are too coarse to learn from."""
+    second_order = getattr(training, "second_order_now", None)
+    if precision == "fp32" or (second_order is not None and second_order()):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -72,6 +85,7 @@ class Validator:
     run: RunFolder
     keep: int
     unit: str  # what the numbered checkpoints count: episode | epoch
+    precision: str = "fp32"  # the recipe's: validation runs as training does
     best: dict[str, Any] = field(default_factory=dict)  # accuracy, ci95 and the unit's count of the best so far
 
     def __post_init__(self) -> None:
@@ -80,7 +94,8 @@ class Validator:
     def __call__(self, count: int, clock: Callable[[], float], extra: dict[str, Any], checkpoint: Callable[[Path, float], None]) -> str:
         """Validate at ``count`` (episodes or epochs), log the row (with ``extra`` keys and the run's ``clock()``
         seconds, this validation included) and checkpoint; returns the accuracy as the progress bar shows it."""
-        result = evaluate(self.method, self.data, "val", self.shape, episodes=self.episodes)
+        with autocast_for(self.precision, device_of(self.method)):
+            result = evaluate(self.method, self.data, "val", self.shape, episodes=self.episodes)
         elapsed = clock()
         self.run.log({self.unit: count, **extra, "phase": "val", "accuracy": result.accuracy, "ci95": result.ci95,
                       "shape": str(self.shape), "episodes": len(result.accuracies), "elapsed": elapsed})

@@ -32,7 +32,7 @@ from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import FolderLock
-from fsltool.loop import Updater, Validator
+from fsltool.loop import Updater, Validator, autocast_for
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
@@ -130,7 +130,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
     run = RunFolder(recipe.output)
     if group.writer:
         run.create(resume=resume, force=force)
-    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, "epoch")
+    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, "epoch", recipe.precision)
     updater = Updater(optimizer, parameters, settings, group, run.last)
     start, elapsed_before = 0, 0.0
     if resume:
@@ -168,7 +168,8 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if settings.augment.kind != "none":
                 images = augment_images(images, settings.augment, episode_generator(recipe.seed, number, position))
-            loss, right = model.loss(images, labels)
+            with autocast_for(recipe.precision, device, method):
+                loss, right = model.loss(images, labels)
             losses.append(loss)
             correct = correct + right
             images_seen += len(labels)

@@ -96,6 +96,7 @@ class Recipe:
     test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (fsltool.device)
+    precision: str = "fp32"  # fp32 | bf16: training steps and validation under torch.autocast (fsltool.loop.autocast_for)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +105,7 @@ class Recipe:
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("step", "multistep", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
+PRECISIONS = ("fp32", "bf16")
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed). The length key (episodes, epochs) is the first.
@@ -284,6 +286,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             raise FsltoolError(f"{where}: recipe key '{section}.splits' must name at least one split")
     if not DEVICE_NAME.fullmatch(recipe.device):
         raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if recipe.precision not in PRECISIONS:
+        raise FsltoolError(f"{where}: recipe key 'precision': {recipe.precision!r} is not one of {', '.join(PRECISIONS)}")
     get_method(recipe.method)
     accepted = method_options(recipe.method)
     for key in recipe.method_options:

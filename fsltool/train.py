@@ -23,7 +23,7 @@ from fsltool.device import resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import FolderLock
-from fsltool.loop import Updater, Validator
+from fsltool.loop import Updater, Validator, autocast_for
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
@@ -107,7 +107,8 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
     run = RunFolder(recipe.output)
     if group.writer:
         run.create(resume=resume, force=force)
-    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, recipe.train.keep_checkpoints, "episode")
+    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, recipe.train.keep_checkpoints, "episode",
+                          recipe.precision)
     updater = Updater(optimizer, parameters, recipe.train, group, run.last)
     start, elapsed_before = 0, 0.0
     if resume:
@@ -149,7 +150,8 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         """One meta-update: its (global mean loss, queries right, queries) on the device, or None when it was skipped.
         Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(method)
-        outputs: list[StepOutput] = method.meta_step(batch)
+        with autocast_for(recipe.precision, device, method):
+            outputs: list[StepOutput] = method.meta_step(batch)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
         loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
         correct = torch.stack([(output.scores.argmax(-1) == one.query_labels).sum() for output, one in zip(outputs, batch)]).sum()

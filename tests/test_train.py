@@ -300,3 +300,66 @@ def test_a_pretraining_step_reads_the_device_once_and_a_log_row_once(synthetic_f
         result = pretrain(recipe, quiet=True)
     rows = sum(1 for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line)
     assert 0 < state["reads"] <= result.steps + rows, (state, result.steps, rows)
+
+
+def conv_output_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, torch.dtype]]:
+    """(gradients on: a training step, else evaluation; output dtype) of every convolution run from the first
+    training step on (building a network runs it once to size its layers)."""
+    seen: list[tuple[bool, torch.dtype]] = []
+    original = torch.nn.functional.conv2d
+
+    def conv2d(*args: Any, **kwargs: Any) -> torch.Tensor:
+        output = original(*args, **kwargs)
+        if seen or torch.is_grad_enabled():
+            seen.append((torch.is_grad_enabled(), output.dtype))
+        return output
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d)  # nn.Conv2d and MAML's batched tasks both call it
+    return seen
+
+
+def test_bf16_runs_training_steps_and_validation_in_bfloat16_and_keeps_fp32_weights(synthetic_file: Path, tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = conv_output_dtypes(monkeypatch)
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4, clip_grad_norm=1.0)
+    recipe.precision = "bf16"
+    result = meta_train(recipe, quiet=True)
+    assert {dtype for _, dtype in seen} == {torch.bfloat16} and {training for training, _ in seen} == {True, False}
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+    assert result.best_accuracy > 20  # 5-way: above chance
+    seen.clear()
+    meta_train(quick_recipe(synthetic_file, tmp_path / "fp32", episodes=1), quiet=True)
+    assert {dtype for _, dtype in seen} == {torch.float32}
+
+
+@pytest.mark.parametrize(("first_order", "training_dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_bf16_keeps_second_order_maml_steps_in_fp32(first_order: bool, training_dtype: torch.dtype, synthetic_file: Path,
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = conv_output_dtypes(monkeypatch)
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", method="maml", episodes=1, shape="5w1s5q", lr=0.01,
+                          method_options={"way": 5, "inner_steps": 1, "test_inner_steps": 1, "first_order": first_order})
+    recipe.precision, recipe.validation.every, recipe.validation.episodes = "bf16", 1, 2
+    meta_train(recipe, quiet=True)
+    assert seen[0] == (True, training_dtype)  # the training step
+    assert seen[-1][1] == torch.bfloat16  # validation (test-time adaptation included) runs in bfloat16
+
+
+def test_an_unknown_precision_is_one_clear_error(synthetic_file: Path, tmp_path: Path) -> None:
+    from fsltool.recipe import validate
+
+    recipe = quick_recipe(synthetic_file, tmp_path / "run")
+    recipe.precision = "fp16"
+    with pytest.raises(FsltoolError, match="recipe key 'precision': 'fp16' is not one of fp32, bf16"):
+        validate(recipe)
+
+
+def test_bf16_pretraining_steps_run_in_bfloat16(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsltool.pretrain import pretrain
+    from tests.test_pretrain import pretrain_recipe
+
+    seen = conv_output_dtypes(monkeypatch)
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=1)
+    recipe.precision = "bf16"
+    pretrain(recipe, quiet=True)
+    assert {dtype for _, dtype in seen} == {torch.bfloat16} and {training for training, _ in seen} == {True, False}
