@@ -508,6 +508,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     from fsltool.data.store import FewShotData
     from fsltool.device import resolve_device
     from fsltool.evaluate import evaluate as run_evaluation
+    from fsltool.loop import autocast_for
 
     if episodes is not None and episodes < 1:
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
@@ -525,9 +526,10 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
                                                "data": data.path}, json_out)
             return
-        result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+        with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
+            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
-               "method": method_name}
+               "method": method_name, "precision": trained.recipe.precision}
     if json_out == "-":
         _write_json("-", payload)
         return

@@ -155,3 +155,17 @@ def test_protonet_scores_do_not_depend_on_the_support_order(
     torch.testing.assert_close(torch.cat(recorded[calls : 2 * calls]), torch.cat(recorded[:calls]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shuffled.accuracies, in_class_order.accuracies)
     np.testing.assert_array_equal(shuffled_slow, in_class_order.accuracies)
+
+
+def test_evaluate_runs_at_the_precision_the_run_validated_at(synthetic_file: Path, tmp_path: Path) -> None:
+    import json
+
+    from fsltool.train import meta_train
+    from tests.conftest import quick_recipe, run_cli
+
+    recipe = quick_recipe(synthetic_file, tmp_path / "bf16", episodes=2)
+    recipe.precision = "bf16"
+    meta_train(recipe, quiet=True)
+    code, out, err = run_cli("evaluate", str(tmp_path / "bf16"), "--episodes", "5", "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "bf16"
