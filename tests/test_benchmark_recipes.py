@@ -42,6 +42,9 @@ def test_recipe_builds_and_takes_one_training_step(path: Path) -> None:
     assert Path(recipe.data).name.endswith(".h5") and recipe.data.startswith("data/")
     for text in (recipe.validation.shape, recipe.test_shape):  # what the benchmark prepare commands store
         assert text in ("5w1s15q", "5w5s15q"), f"{path.name}: {text} is not stored by fsltool prepare <benchmark>"
+    if "pretrain" in path.stem:  # transfer-learning pairs: run end to end by tests/test_transfer_recipes.py
+        assert recipe.backbone == "resnet12" and (recipe.pretrain.epochs > 0 or recipe.init)
+        return
     if "resnet12" in path.stem or path.parent.name != "miniimagenet":
         assert recipe.backbone == "resnet12" and recipe.train.augment.kind == "natural"
     size = IMAGE_SIZE[path.parent.name]

@@ -59,7 +59,7 @@ def test_rgb32_recipe_settings_learn_a_small_rgb_set(tmp_path: Path) -> None:
          EpisodePlan(shapes=(EpisodeShape(5, 1, 5),), episodes=10), quiet=True)
     overrides = [f"data={data}", f"output={tmp_path / 'run'}", "backbone_options.widths=[16,24,32,48]",
                  "train.episodes=60", "train.shape=5w1s5q", "train.log_every=20", "train.warmup=5",
-                 "validation.shape=5w1s5q", "validation.every=60", "validation.episodes=10"]
+                 "validation.shape=5w1s5q", "validation.every=60", "validation.episodes=10", "test_shape=5w1s5q"]
     meta_train(load_recipe(recipe_path("synthetic/protonet-resnet12-rgb32"), overrides), quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row["phase"] == "train"]
