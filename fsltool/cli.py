@@ -52,27 +52,31 @@ def main() -> None:
 # ---------------------------------------------------------------- prepare
 
 
-def _episode_options_with(shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Options every prepare source shares: the stored evaluation episodes (``shapes`` by default) and how the file
-    is written."""
+def _stacked(*decorators: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click arguments and options given once for several commands, applied in the order they are listed."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        options = [
-            click.option("--shapes", default=shapes, show_default=True, help=SHAPES_HELP),
-            click.option("--query", default=15, show_default=True, help="query images per class in stored episodes"),
-            click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
-            click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
-            click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
-            click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
-            click.option("--force", is_flag=True, help="replace OUT if it exists"),
-            quiet_option,
-            json_option,
-        ]
-        for option in reversed(options):
-            command = option(command)
+        for decorator in reversed(decorators):
+            command = decorator(command)
         return command
 
     return decorate
+
+
+def _episode_options_with(shapes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options every prepare source shares: the stored evaluation episodes (``shapes`` by default) and how the file
+    is written."""
+    return _stacked(
+        click.option("--shapes", default=shapes, show_default=True, help=SHAPES_HELP),
+        click.option("--query", default=15, show_default=True, help="query images per class in stored episodes"),
+        click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
+        click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
+        click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
+        click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
+        click.option("--force", is_flag=True, help="replace OUT if it exists"),
+        quiet_option,
+        json_option,
+    )
 
 
 _episode_options = _episode_options_with("5w1s,5w5s,20w1s,20w5s")
@@ -325,20 +329,16 @@ def _check_recipe(recipe: str, loaded: Any, stage: str = "meta-train") -> None:
     console.print(f"{recipe}: recipe is valid (method {loaded.method}, data {loaded.data})", highlight=False)
 
 
-def _training_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The arguments of the commands that train a run from a recipe (meta-train, pretrain)."""
-    options = [
-        click.argument("recipe", shell_complete=_complete_recipe),
-        click.argument("overrides", nargs=-1),
-        click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training"),
-        click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint"),
-        click.option("--force", is_flag=True, help="start over in an output folder that already holds a run"),
-        quiet_option,
-        json_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# The arguments of the commands that train a run from a recipe (meta-train, pretrain).
+_training_run_options = _stacked(
+    click.argument("recipe", shell_complete=_complete_recipe),
+    click.argument("overrides", nargs=-1),
+    click.option("--check", is_flag=True, help="validate the recipe (and its data file) without training"),
+    click.option("--resume", is_flag=True, help="continue the run in the recipe's output folder from its last checkpoint"),
+    click.option("--force", is_flag=True, help="start over in an output folder that already holds a run"),
+    quiet_option,
+    json_option,
+)
 
 
 @main.command("meta-train")
