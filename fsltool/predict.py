@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fsltool.data.images import IMAGE_SUFFIXES, read_image_file
 from fsltool.errors import FsltoolError
+
+if TYPE_CHECKING:  # annotations only: importing either here would load torch or ONNX Runtime for every user
+    from fsltool.methods import Method
+    from fsltool.runtime import OnnxModel
 
 
 ENROLLED_FILE = "enrolled.json"  # marks an enrolled folder (fsltool.enroll writes it beside classifier.onnx)
@@ -115,54 +119,72 @@ def is_enrolled(folder: str | Path) -> bool:
     return (Path(folder) / ENROLLED_FILE).is_file()
 
 
-def predict_enrolled(enrolled_dir: str | Path, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
-    """Classify ``queries`` against the classes enrolled in ``enrolled_dir`` (ONNX Runtime only, no torch): the
-    predictions and the provider that ran. The class names and the preprocessing contract are read from the
-    graph's own metadata, so they always belong to the graph that scores.
-
-    Example (a notebook): ``predictions, _ = predict_enrolled("enrolled/", ["query.png"], top=3)``
-    """
+def open_onnx(path: Path, device: str = "auto") -> OnnxModel:
+    """An ONNX Runtime model for ``path``, or a one-line error naming the file."""
     from fsltool.runtime import OnnxModel
 
-    path = Path(enrolled_dir) / "classifier.onnx"
-    query_paths = read_queries(queries)
     try:
-        model = OnnxModel(str(path), device)
+        return OnnxModel(str(path), device)
     except Exception as error:  # ORT raises its own exception types for missing or foreign files
         raise FsltoolError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+
+
+def enrolled_metadata(model: OnnxModel, path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The class names and the preprocessing contract in an enrolled graph's own metadata, so they always belong
+    to the graph that scores."""
     metadata = model.session.get_modelmeta().custom_metadata_map
     try:
         names = json.loads(metadata["classes"])
         contract = {key: json.loads(metadata[key]) for key in ("input_channels", "input_height", "input_width", "invert")}
     except (KeyError, ValueError) as error:
         raise FsltoolError(f"{path}: not an enrolled classifier (metadata {error} missing or unreadable)") from None
+    return names, contract
+
+
+def read_contract(export_dir: str | Path) -> dict[str, Any]:
+    """An export folder's preprocessing contract and graphs (its model.json)."""
+    path = Path(export_dir) / "model.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FsltoolError(f"{path}: cannot read the model contract ({error})") from None
+
+
+def predict_enrolled(enrolled_dir: str | Path, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
+    """Classify ``queries`` against the classes enrolled in ``enrolled_dir`` (ONNX Runtime only, no torch): the
+    predictions and the provider that ran.
+
+    Example (a notebook): ``predictions, _ = predict_enrolled("enrolled/", ["query.png"], top=3)``
+    """
+    path = Path(enrolled_dir) / "classifier.onnx"
+    query_paths = read_queries(queries)
+    model = open_onnx(path, device)
+    names, contract = enrolled_metadata(model, path)
     scores = model.run({"images": load_batch(query_paths, contract)})[0]
     return _predictions(names, query_paths, scores, top), model.provider
 
 
 def predict_onnx(export_dir: str | Path, support: str, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
     """With an export folder (model.json + classifier.onnx): returns the predictions and the provider that ran."""
-    from fsltool.runtime import OnnxModel
-
     folder = Path(export_dir)
-    try:
-        contract = json.loads((folder / "model.json").read_text())
-    except (OSError, ValueError) as error:
-        raise FsltoolError(f"{folder / 'model.json'}: cannot read the model contract ({error})") from None
+    contract = read_contract(folder)
     names, support_paths, labels = read_support(support)
     query_paths = read_queries(queries)
-    try:
-        model = OnnxModel(str(folder / "classifier.onnx"), device)
-    except Exception as error:  # ORT raises its own exception types for missing or foreign files
-        raise FsltoolError(f"{folder / 'classifier.onnx'}: not a loadable ONNX model ({str(error).splitlines()[0]})") from None
+    model = open_onnx(folder / "classifier.onnx", device)
     scores = model.run({"support": load_batch(support_paths, contract), "support_labels": labels, "query": load_batch(query_paths, contract)})[0]
     return _predictions(names, query_paths, scores, top), model.provider
 
 
-def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best", top: int = 1) -> list[Prediction]:
-    """With a run folder or checkpoint (PyTorch)."""
+def torch_scores(method: Method, support: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """A method's scores (queries, classes) for a support set and queries already preprocessed by its contract."""
     import torch
 
+    with torch.inference_mode():
+        return method(torch.from_numpy(support), torch.from_numpy(labels), torch.from_numpy(query)).numpy()
+
+
+def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best", top: int = 1) -> list[Prediction]:
+    """With a run folder or checkpoint (PyTorch)."""
     from fsltool.checkpoint import load_trained
     from fsltool.export import preprocessing_contract
 
@@ -170,7 +192,5 @@ def predict_torch(run: str | Path, support: str, queries: list[str], which: str 
     contract = preprocessing_contract(trained)
     names, support_paths, labels = read_support(support)
     query_paths = read_queries(queries)
-    with torch.inference_mode():
-        scores = trained.method(torch.from_numpy(load_batch(support_paths, contract)), torch.from_numpy(labels),
-                                torch.from_numpy(load_batch(query_paths, contract))).numpy()
+    scores = torch_scores(trained.method, load_batch(support_paths, contract), labels, load_batch(query_paths, contract))
     return _predictions(names, query_paths, scores, top)
