@@ -4,7 +4,8 @@ episodes, with and without prefetching, and each run's peak resident memory.
 Each (data file, prefetch) pair is one child process running ProtoNet / Conv-4 meta-training for a number of steps;
 the loop itself records the wait (metrics.jsonl ``data_wait_s``, per step). Data files: data/omniglot.h5 (images in
 memory: the wait is a gather and a float conversion) or, without it, a generated synthetic file; and the
-miniImageNet-sized data/scale-mini.h5 of benchmark_scale.py when it exists (read from HDF5 per episode).
+miniImageNet- and tieredImageNet-sized data/scale-{mini,tiered}.h5 of benchmark_scale.py when they exist (read from
+HDF5 per episode).
 
     nice -n 5 .venv/bin/python scripts/benchmark_data.py [--steps 30] [--json results/benchmark_data.json]
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from benchmark_scale import peak_rss_mb
 
-SHAPES = {"omniglot": "60w5s5q", "synthetic": "60w5s5q", "scale-mini": "5w5s15q"}  # each data file's training shape
+SHAPES = {"omniglot": "60w5s5q", "synthetic": "60w5s5q", "scale-mini": "5w5s15q", "scale-tiered": "5w5s15q"}  # each data file's training shape
 
 
 def measure(data: Path, shape: str, steps: int, prefetch: bool) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def data_files(scratch: Path) -> list[Path]:
 
         files = [scratch / "synthetic.h5"]
         pack(synthetic(classes=400), files[0], EpisodePlan(shapes=(EpisodeShape(5, 1, 15),), episodes=20), quiet=True)
-    return files + [path for path in [Path("data/scale-mini.h5")] if path.is_file()]
+    return files + [path for path in (Path("data/scale-mini.h5"), Path("data/scale-tiered.h5")) if path.is_file()]
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""Memory at miniImageNet scale: 60,000 RGB 84x84 images in 100 classes (1.27 GB of raw pixels), streamed from a
-synthetic source into `pack` (no image folder on disk), then a few meta-training steps on the packed file.
+"""Memory and time at benchmark scale: miniImageNet's 60,000 RGB 84x84 images in 100 classes (1.27 GB of raw
+pixels) or, with ``--scale tiered``, tieredImageNet's 779,165 in 608 classes (351/97/160; 16.5 GB of raw pixels),
+streamed from a synthetic source into `pack` (no image folder on disk), then a few meta-training steps on the packed
+file.
 
 Each phase runs in a child process of its own, so its peak resident memory (getrusage ru_maxrss) is its alone:
 - baseline: torch and fsltool imported, a Conv-4 ProtoNet built (the floor of any fsltool process);
@@ -12,7 +14,7 @@ Each phase runs in a child process of its own, so its peak resident memory (getr
 - control: the same training on a 100-class file of 30 images per class (3,000 images, in memory): about the same
   peak as "train" shows that the peak is the model's and not the data set's.
 
-    nice -n 5 .venv/bin/python scripts/benchmark_scale.py [--out data/scale-mini.h5] [--json results/benchmark_scale.json]
+    nice -n 5 .venv/bin/python scripts/benchmark_scale.py [--scale mini|tiered] [--json results/benchmark_scale.json]
 
 The packed file is kept (benchmark_data.py measures the data wait on it); pass --remove to delete it afterwards.
 """
@@ -26,13 +28,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-CLASSES, PER_CLASS, SIZE = 100, 600, 84
-RAW_BYTES = CLASSES * PER_CLASS * 3 * SIZE * SIZE
+SIZE = 84
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A benchmark's class counts per split and images per class (tieredImageNet's 779,165 images over 608
+    classes average 1,281.5 per class; 1,282 per class here gives 779,456)."""
+
+    train: int
+    val: int
+    test: int
+    per_class: int
+
+    @property
+    def classes(self) -> int:
+        return self.train + self.val + self.test
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.classes * self.per_class * 3 * SIZE * SIZE
+
+
+SCALES = {"mini": Scale(64, 16, 20, 600), "tiered": Scale(351, 97, 160, 1282)}
 
 
 def peak_rss_mb() -> float:
@@ -55,15 +79,15 @@ def baseline() -> dict[str, Any]:
     return {"peak_rss_mb": peak_rss_mb()}
 
 
-def prepare(out: Path, per_class: int = PER_CLASS) -> dict[str, Any]:
+def prepare(out: Path, scale: Scale) -> dict[str, Any]:
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.pack import EpisodePlan, pack
     from fsltool.data.sources.base import ClassSpec, SourceListing
 
-    splits = ["train"] * 64 + ["val"] * 16 + ["test"] * 20
-    classes = [ClassSpec(f"class{c:03d}", splits[c], tuple((c, i) for i in range(per_class))) for c in range(CLASSES)]
+    splits = ["train"] * scale.train + ["val"] * scale.val + ["test"] * scale.test
+    classes = [ClassSpec(f"class{c:03d}", splits[c], tuple((c, i) for i in range(scale.per_class))) for c in range(scale.classes)]
     listing = SourceListing(classes, (3, SIZE, SIZE), synthetic_image, str, {"source": "benchmark_scale synthetic"})
-    plan = EpisodePlan(shapes=(EpisodeShape(5, 1, 15), EpisodeShape(5, 5, 15)), episodes=min(100, per_class))
+    plan = EpisodePlan(shapes=(EpisodeShape(5, 1, 15), EpisodeShape(5, 5, 15)), episodes=min(100, scale.per_class))
     began = time.perf_counter()
     pack(listing, out, plan, overwrite=True, quiet=True)
     return {"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - began, "file_mb": out.stat().st_size / 2**20}
@@ -106,7 +130,7 @@ def train(data: Path, steps: int) -> dict[str, Any]:
 def control(steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         small = Path(scratch) / "small.h5"
-        prepare(small, per_class=30)
+        prepare(small, Scale(64, 16, 20, 30))
         return train(small, steps)
 
 
@@ -119,23 +143,25 @@ def child(phase: str, *args: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/scale-mini.h5"))
+    parser.add_argument("--scale", choices=sorted(SCALES), default="mini")
+    parser.add_argument("--out", type=Path, default=None, help="packed file (default: data/scale-SCALE.h5)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--remove", action="store_true", help="delete the packed file afterwards")
     parser.add_argument("--phase", choices=["baseline", "prepare", "stream", "train", "control"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    scale = SCALES[args.scale]
+    args.out = args.out or Path(f"data/scale-{args.scale}.h5")
     if args.phase:
-        phases = {"baseline": baseline, "prepare": lambda: prepare(args.out), "stream": lambda: stream(args.out, 5 * args.steps),
+        phases = {"baseline": baseline, "prepare": lambda: prepare(args.out, scale), "stream": lambda: stream(args.out, 5 * args.steps),
                   "train": lambda: train(args.out, args.steps), "control": lambda: control(args.steps)}
         print(json.dumps(phases[args.phase]()))
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"images": CLASSES * PER_CLASS, "raw_mb": RAW_BYTES / 2**20,
-              "baseline": child("baseline"), "prepare": child("prepare", "--out", str(args.out)),
-              "stream": child("stream", "--out", str(args.out), "--steps", str(args.steps)),
-              "train": child("train", "--out", str(args.out), "--steps", str(args.steps)),
-              "control": child("control", "--steps", str(args.steps))}
+    where = ["--scale", args.scale, "--out", str(args.out), "--steps", str(args.steps)]
+    report = {"scale": args.scale, "images": scale.classes * scale.per_class, "raw_mb": scale.raw_bytes / 2**20,
+              "baseline": child("baseline"), "prepare": child("prepare", *where), "stream": child("stream", *where),
+              "train": child("train", *where), "control": child("control", *where)}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
