@@ -94,9 +94,21 @@ def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
 def episode_accuracies(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
-    """Per-episode accuracy. Episode-independent embeddings are computed once per distinct image; other methods
-    score ``method.episodes_per_call`` episodes per call under no_grad, which a method that adapts at test time
-    (MAML) may re-enable.
+    """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs."""
+    query_labels = episode_labels(shape)[1]
+    scores = episode_scores(method, data, shape, support, query)
+    return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
+
+
+def episode_scores(
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
+) -> torch.Tensor:
+    """Scores (episodes, queries, way) on the CPU. ``query`` may hold more images per episode than ``shape``
+    lays out (e.g. unknown-class queries after the known ones): each is scored against the support set (their
+    labels are not read).
+    Episode-independent embeddings are computed once per distinct image; other methods score
+    ``method.episodes_per_call`` episodes per call under no_grad, which a method that adapts at test time (MAML)
+    may re-enable.
 
     Stored and sampled episodes are laid out class by class. An ``order_sensitive`` method (MANN, SNAIL: trained on
     shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
@@ -110,27 +122,26 @@ def episode_accuracies(
     method.eval()
     try:
         if method.embeds_independently:
-            return _accuracies_from_embeddings(method, data, shape, support, labels, query)
-        correct, device, step = [], device_of(method), method.episodes_per_call
+            return _scores_from_embeddings(method, data, shape, support, labels, query)
+        scores, device, step = [], device_of(method), method.episodes_per_call
         for start in range(0, len(support), step):
             episodes = [replace(data.episode(s, q, shape), support_labels=s_labels).to(device)
                         for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
-            stacked_support, stacked_labels, stacked_query, query_labels = stack_episodes(episodes)
+            stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
             with torch.no_grad():
-                scores = method.score_episodes(stacked_support, stacked_labels, stacked_query)
-            correct.append((scores.argmax(-1) == query_labels).float().mean(-1))
-        return torch.cat(correct).cpu().numpy()
+                scores.append(method.score_episodes(stacked_support, stacked_labels, stacked_query).float().cpu())
+        return torch.cat(scores)
     finally:
         method.train(was_training)
 
 
 @torch.inference_mode()
-def _accuracies_from_embeddings(
+def _scores_from_embeddings(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, support_labels: torch.Tensor,
     query: np.ndarray,
-) -> np.ndarray:
+) -> torch.Tensor:
     device = device_of(method)
-    support_labels, query_labels = support_labels.to(device), episode_labels(shape)[1].to(device)
+    support_labels = support_labels.to(device)
     unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
     embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
     feature_shape = embeddings.shape[1:]
@@ -138,12 +149,11 @@ def _accuracies_from_embeddings(
     support_emb = embeddings[inverse[: support.size]].view(*support.shape, *feature_shape)
     query_emb = embeddings[inverse[support.size :]].view(*query.shape, *feature_shape)
     per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
-    accuracies = []
+    scores = []
     for i in range(0, len(support), per_call):
         s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
-        scores = method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way)
-        accuracies.append((scores.argmax(-1) == query_labels).float().mean(-1))
-    return torch.cat(accuracies).cpu().numpy()
+        scores.append(method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way).float().cpu())
+    return torch.cat(scores)
 
 
 def episode_indices(
