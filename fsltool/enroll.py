@@ -84,6 +84,18 @@ class Enrolment:
         score columns) of enrolling them all at once."""
         return sorted(self.states)
 
+    def add(self, states: Mapping[str, np.ndarray], images: Mapping[str, int], source: str) -> None:
+        """Add classes' kept states and image counts; a name that matches an enrolled one, or another new one, but
+        for case or Unicode form is refused (``source`` names where they came from)."""
+        _check_distinct(list(states), self.classes, source)
+        self.states.update(states)
+        self.images.update(images)
+
+    def remove(self, name: str) -> None:
+        if name not in self.states:
+            raise FsltoolError(f"--remove {name!r}: no such enrolled class (enrolled: {', '.join(self.classes)})")
+        del self.states[name], self.images[name]
+
 
 @dataclass
 class EnrolReport:
@@ -234,6 +246,36 @@ def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> l
     return [out / name for name in names]
 
 
+def enrolment_in(out: Path, trained: TrainedModel, *, change: bool, force: bool) -> Enrolment:
+    """The enrolment ``out`` starts from: the one it holds when ``change`` (to add or remove classes), else a new
+    one, refusing to replace an enrolment without ``force`` and ever to write into a folder that is not one."""
+    if force and change:
+        raise FsltoolError("--force starts a new enrolment; it does not go with --add or --remove")
+    holds_enrolment = (out / ENROLLED_FILE).is_file()
+    if out.exists() and not holds_enrolment and (not out.is_dir() or any(out.iterdir())):
+        raise FsltoolError(f"{out}: exists and is not an enrolled folder; choose a new or empty folder")  # --force never deletes it
+    if change:
+        return read_enrolment(out, trained)
+    if holds_enrolment and not force:
+        raise FsltoolError(f"{out}: already holds an enrolment (--add or --remove changes its classes, --force replaces it)")
+    return Enrolment()
+
+
+def save_enrolment(
+    trained: TrainedModel, new: Enrolment, out_dir: str | Path, *, add: bool = False, remove: Sequence[str] = (), force: bool = False
+) -> EnrolReport:
+    """Write the classes of ``new`` (states computed with ``trained``) into ``out_dir``: a new enrolment, or with
+    ``add``/``remove`` a change to the one there (its other classes are read back, not recomputed). Nothing in
+    ``out_dir`` changes unless all of it succeeds."""
+    out = Path(out_dir)
+    enrolment = enrolment_in(out, trained, change=add or bool(remove), force=force)
+    for name in remove:
+        enrolment.remove(name)
+    enrolment.add(new.states, new.images, str(out))
+    files = write_enrolment(trained, enrolment, out)
+    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, class_state_rule(trained).kept)
+
+
 def enroll_images(
     model: str | Path | TrainedModel,
     class_images: Mapping[str, np.ndarray],
@@ -245,31 +287,10 @@ def enroll_images(
     which: str = "best",
 ) -> EnrolReport:
     """Enrol classes given as arrays (name -> (K, C, H, W) float32 in [0, 1], already preprocessed) into
-    ``out_dir``: a new enrolment, or with ``add``/``remove`` a change to the one there (its other classes are
-    read back, not recomputed). Nothing in ``out_dir`` changes unless all of it succeeds."""
+    ``out_dir`` (see ``save_enrolment``)."""
     trained = model if isinstance(model, TrainedModel) else load_trained(model, which)
-    class_state_rule(trained)
-    out = Path(out_dir)
-    if force and (add or remove):
-        raise FsltoolError("--force starts a new enrolment; it does not go with --add or --remove")
-    holds_enrolment = (out / ENROLLED_FILE).is_file()
-    if out.exists() and not holds_enrolment and (not out.is_dir() or any(out.iterdir())):
-        raise FsltoolError(f"{out}: exists and is not an enrolled folder; choose a new or empty folder")  # --force never deletes it
-    if add or remove:
-        enrolment = read_enrolment(out, trained)
-    elif holds_enrolment and not force:
-        raise FsltoolError(f"{out}: already holds an enrolment (--add or --remove changes its classes, --force replaces it)")
-    else:
-        enrolment = Enrolment()
-    for name in remove:
-        if name not in enrolment.states:
-            raise FsltoolError(f"--remove {name!r}: no such enrolled class (enrolled: {', '.join(enrolment.classes)})")
-        del enrolment.states[name], enrolment.images[name]
-    _check_distinct(list(class_images), enrolment.classes, str(out))
-    enrolment.states.update(class_states(trained, class_images))
-    enrolment.images.update({name: len(images) for name, images in class_images.items()})
-    files = write_enrolment(trained, enrolment, out)
-    return EnrolReport(out, enrolment.classes, sorted(class_images), list(remove), files, CLASS_STATES[trained.config["method"]].kept)
+    new = Enrolment(class_states(trained, class_images), {name: len(images) for name, images in class_images.items()})
+    return save_enrolment(trained, new, out_dir, add=add, remove=remove, force=force)
 
 
 def enroll(
