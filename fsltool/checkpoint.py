@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -134,6 +136,16 @@ def load_trained(run: str | Path, which: str = "best") -> TrainedModel:
         raise FsltoolError(f"{path}: {error}") from None
     method.eval()
     return TrainedModel(method, recipe_from_dict(state["recipe"]), config, state, path)
+
+
+def model_digest(trained: TrainedModel) -> str:
+    """SHA-256 of the model's configuration and weights: what an enrolment or a calibration was made with, so that
+    classes embedded by other weights are not mixed, nor a temperature fitted to other weights applied."""
+    digest = hashlib.sha256(json.dumps(trained.config, sort_keys=True).encode())
+    for key, tensor in sorted(trained.method.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def untrained_like(trained: TrainedModel) -> Method:

@@ -11,7 +11,6 @@ against the kept state; the tests check it against the method's forward on the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ from safetensors.numpy import load_file, save
 from torch import nn
 
 from fsltool.atomic import atomic_directory, atomic_write
-from fsltool.checkpoint import TrainedModel, load_trained
+from fsltool.checkpoint import TrainedModel, load_trained, model_digest
 from fsltool.errors import FsltoolError
 from fsltool.export import export_onnx, export_torchscript, preprocessing_contract
 from fsltool.methods.base import ExportGraph, Method
@@ -133,15 +132,6 @@ def class_state_rule(trained: TrainedModel) -> ClassState:
         raise FsltoolError(f"method {name!r} cannot be enrolled with its method_options: an image's embedding depends on the "
                            "whole support set (matchingnet's fce), so no class can be kept on its own")
     return CLASS_STATES[name]
-
-
-def model_digest(trained: TrainedModel) -> str:
-    """SHA-256 of the model's configuration and weights: classes embedded by other weights cannot be mixed."""
-    digest = hashlib.sha256(json.dumps(trained.config, sort_keys=True).encode())
-    for key, tensor in sorted(trained.method.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def class_states(trained: TrainedModel, class_images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
