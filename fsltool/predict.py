@@ -5,6 +5,7 @@ enrolled once (``fsltool enroll``), with ONNX Runtime alone and no support folde
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,15 +85,17 @@ def read_queries(items: list[str]) -> list[Path]:
     return paths
 
 
-def load_batch(paths: list[Path], contract: dict[str, Any]) -> np.ndarray:
-    """Images converted exactly as the training data was: channels, LANCZOS size, inversion, then [0, 1]."""
+def image_options(contract: Mapping[str, Any]) -> dict[str, Any]:
+    """How the contract converts an image (fsltool.data.images.convert_image's options): channels, square size, inversion."""
     if contract["input_height"] != contract["input_width"]:
         raise FsltoolError(f"non-square model input {contract['input_height']}x{contract['input_width']} is not supported")
-    arrays = [
-        read_image_file(str(p), channels=contract["input_channels"], size=contract["input_height"], invert=contract["invert"])
-        for p in paths
-    ]
-    return np.stack(arrays).astype(np.float32) / 255.0
+    return {"channels": contract["input_channels"], "size": contract["input_height"], "invert": contract["invert"]}
+
+
+def load_batch(paths: list[Path], contract: Mapping[str, Any]) -> np.ndarray:
+    """Images converted exactly as the training data was: channels, LANCZOS size, inversion, then [0, 1]."""
+    options = image_options(contract)
+    return np.stack([read_image_file(str(p), **options) for p in paths]).astype(np.float32) / 255.0
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
