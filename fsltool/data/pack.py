@@ -20,6 +20,7 @@ from fsltool.console import progress_bar
 from fsltool.data.episodes import EpisodeSampler, EpisodeShape, check_split_fits, draw_episodes
 from fsltool.data.sources.base import SPLITS, SourceListing
 from fsltool.data.store import FORMAT_NAME, FORMAT_VERSION
+from fsltool.data.unknowns import check_unknowns_fit, write_unknowns
 from fsltool.disk import check_free_space, write_error
 from fsltool.errors import BadImageError, FsltoolError
 
@@ -36,6 +37,7 @@ class EpisodePlan:
     splits: tuple[str, ...] = ("val", "test")
     episodes: int = 600
     seed: int = 0
+    unknowns: bool = False  # also store unknown-class queries per episode (fsltool.data.unknowns), for open-set evaluation
 
     def generator(self, split: str, shape: EpisodeShape) -> torch.Generator:
         """One independent, stable stream per (split, shape): adding a shape never changes another's tasks."""
@@ -129,6 +131,8 @@ def _validate_listing(listing: SourceListing, plan: EpisodePlan) -> None:
         classes = np.array([i for i, spec in enumerate(listing.classes) if spec.split == split])
         for shape in plan.shapes:
             check_split_fits(split, shape, names, counts, classes)
+            if plan.unknowns:
+                check_unknowns_fit(split, shape, classes, counts)
 
 
 def pack(
@@ -188,7 +192,7 @@ def pack(
                                 "split_classes": {s: len(c) for s, c in split_classes.items()},
                                 "skipped_bad_images": len(skipped),
                                 "episodes": {"shapes": [str(s) for s in plan.shapes], "splits": list(plan.splits),
-                                             "count": plan.episodes, "seed": plan.seed},
+                                             "count": plan.episodes, "seed": plan.seed, "unknowns": plan.unknowns},
                             }
                         ),
                     }
@@ -295,3 +299,5 @@ def _write_episodes(
             group.create_dataset("support", data=support)
             group.create_dataset("query", data=query)
             group.attrs.update({"way": shape.way, "shot": shape.shot, "query": shape.query, "seed": plan.seed})
+            if plan.unknowns:
+                write_unknowns(group, split, shape, plan.seed, starts, counts, classes)
