@@ -167,6 +167,22 @@ def open_set_metrics(scores: StoredScores, calibration: Calibration | None) -> d
     }
 
 
+def confidence_report(trained: TrainedModel, data: FewShotData, split: str, shape: EpisodeShape, episodes: int | None, *,
+                      calibration: bool, open_set: bool) -> dict[str, Any]:
+    """What ``evaluate --calibration`` (NLL and ECE before and after the run's temperature; the run must have been
+    calibrated) and ``--open-set`` (AUROC and the trade-off, at the run's temperature if it has one) report on the
+    stored episodes, scored once."""
+    fitted = require_calibration(trained) if calibration else load_calibration(trained)
+    scores = stored_scores(trained, data, split, shape, episodes, with_unknowns=open_set)
+    report: dict[str, Any] = {}
+    if calibration:
+        assert fitted is not None
+        report["calibration"] = probability_metrics(scores, fitted.temperature)
+    if open_set:
+        report["open_set"] = open_set_metrics(scores, fitted)
+    return report
+
+
 @dataclass
 class CalibrationFit:
     path: Path

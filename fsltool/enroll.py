@@ -24,6 +24,7 @@ from safetensors.numpy import load_file, save
 from torch import nn
 
 from fsltool.atomic import atomic_directory, atomic_write
+from fsltool.calibration import calibration_metadata
 from fsltool.checkpoint import TrainedModel, load_trained, model_digest
 from fsltool.errors import FsltoolError
 from fsltool.export import export_onnx, export_torchscript, preprocessing_contract
@@ -222,8 +223,8 @@ def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> l
     graph, check = (ExportGraph(module, (torch.rand(batch, *image_shape, generator=generator),), ["images"], ["scores"],
                                 {"images": {0: "batch"}}) for batch in (3, 5))
     contract = preprocessing_contract(trained)
-    metadata = {**contract, "graph": "enrolled classifier", "inputs": ["images"], "outputs": ["scores"], "classes": classes,
-                "class_state": rule.kept}
+    metadata = {**contract, **calibration_metadata(trained), "graph": "enrolled classifier", "inputs": ["images"],
+                "outputs": ["scores"], "classes": classes, "class_state": rule.kept}
     manifest = {**metadata, "format": FORMAT, "class_images": {name: enrolment.images[name] for name in classes},
                 "state_file": STATE_FILE, "model": {"checkpoint": str(trained.path), "digest": model_digest(trained)}}
     names = [*GRAPH_FILES, STATE_FILE, ENROLLED_FILE]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fsltool.confidence import Calibration, softmax
 from fsltool.data.images import IMAGE_SUFFIXES, read_image_file
 from fsltool.errors import FsltoolError
 
@@ -36,14 +37,18 @@ class Ranked:
 @dataclass
 class Prediction:
     query: str
-    label: str
+    label: str  # the best-scored class (the nearest one when the query is rejected as unknown)
     score: float  # the method's raw score of the predicted class (higher is more likely)
-    probability: float  # softmax of the scores over the support classes
+    probability: float  # softmax of the scores over the support classes (divided by the model's temperature, if any)
     top: list[Ranked] = field(default_factory=list)  # the K best classes, best first, when K > 1 was asked for
+    unknown: bool | None = None  # below the model's open-set threshold ("none of these"); None: the model has none
 
     def to_json(self) -> dict[str, Any]:
+        """A rejected query's label is null, its best class is "nearest"; without a threshold neither key changes."""
         ranked = {"top": [r.to_json() for r in self.top]} if self.top else {}
-        return {"query": self.query, "label": self.label, "score": self.score, "probability": self.probability, **ranked}
+        rejection = {} if self.unknown is None else {"unknown": self.unknown, "nearest": self.label}
+        return {"query": self.query, "label": None if self.unknown else self.label, **rejection, "score": self.score,
+                "probability": self.probability, **ranked}
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -98,23 +103,35 @@ def load_batch(paths: list[Path], contract: Mapping[str, Any]) -> np.ndarray:
     return np.stack([read_image_file(str(p), **options) for p in paths]).astype(np.float32) / 255.0
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _predictions(names: list[str], queries: list[Path], scores: np.ndarray, top: int = 1) -> list[Prediction]:
-    """The best class of each query and, with ``top`` > 1, its ``top`` best (at most every class), best first."""
+def _predictions(names: list[str], queries: list[Path], scores: np.ndarray, top: int = 1,
+                 calibration: Calibration | None = None) -> list[Prediction]:
+    """The best class of each query and, with ``top`` > 1, its ``top`` best (at most every class), best first;
+    probabilities at the ``calibration``'s temperature, and queries below its open-set threshold marked unknown."""
     if top < 1:
         raise FsltoolError(f"--top must be at least 1, got {top}")
-    probabilities = _softmax(scores.astype(np.float64))
+    temperature = calibration.temperature if calibration is not None else 1.0
+    probabilities = softmax(scores, temperature)
+    threshold = calibration.open_set if calibration is not None else None
+    unknown = [None] * len(scores) if threshold is None else (~threshold.accepted(scores, temperature)).tolist()
     order = np.argsort(-scores, axis=1, kind="stable")[:, : min(top, len(names))]
     predictions = []
-    for query, row, ranks, probability in zip(queries, scores, order, probabilities):
+    for query, row, ranks, probability, rejected in zip(queries, scores, order, probabilities, unknown):
         ranked = [Ranked(names[c], float(row[c]), float(probability[c])) for c in ranks]
         best = ranked[0]
-        predictions.append(Prediction(str(query), best.label, best.score, best.probability, ranked if top > 1 else []))
+        predictions.append(Prediction(str(query), best.label, best.score, best.probability, ranked if top > 1 else [], rejected))
     return predictions
+
+
+def metadata_calibration(entry: str | Mapping[str, Any] | None, source: str) -> Calibration | None:
+    """The calibration an export or enrolment carries (ONNX metadata holds it as a JSON string, model.json as an
+    object), or None for a model exported without one."""
+    if entry is None:
+        return None
+    try:
+        payload = json.loads(entry) if isinstance(entry, str) else entry
+    except ValueError as error:
+        raise FsltoolError(f"{source}: unreadable calibration metadata ({error})") from None
+    return Calibration.from_json(payload, source)
 
 
 def is_enrolled(folder: str | Path) -> bool:
@@ -164,7 +181,8 @@ def predict_enrolled(enrolled_dir: str | Path, queries: list[str], device: str =
     model = open_onnx(path, device)
     names, contract = enrolled_metadata(model, path)
     scores = model.run({"images": load_batch(query_paths, contract)})[0]
-    return _predictions(names, query_paths, scores, top), model.provider
+    calibration = metadata_calibration(model.session.get_modelmeta().custom_metadata_map.get("calibration"), str(path))
+    return _predictions(names, query_paths, scores, top, calibration), model.provider
 
 
 def predict_onnx(export_dir: str | Path, support: str, queries: list[str], device: str = "auto", top: int = 1) -> tuple[list[Prediction], str]:
@@ -175,7 +193,8 @@ def predict_onnx(export_dir: str | Path, support: str, queries: list[str], devic
     query_paths = read_queries(queries)
     model = open_onnx(folder / "classifier.onnx", device)
     scores = model.run({"support": load_batch(support_paths, contract), "support_labels": labels, "query": load_batch(query_paths, contract)})[0]
-    return _predictions(names, query_paths, scores, top), model.provider
+    calibration = metadata_calibration(contract.get("calibration"), str(folder / "model.json"))
+    return _predictions(names, query_paths, scores, top, calibration), model.provider
 
 
 def torch_scores(method: Method, support: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -187,7 +206,8 @@ def torch_scores(method: Method, support: np.ndarray, labels: np.ndarray, query:
 
 
 def predict_torch(run: str | Path, support: str, queries: list[str], which: str = "best", top: int = 1) -> list[Prediction]:
-    """With a run folder or checkpoint (PyTorch)."""
+    """With a run folder or checkpoint (PyTorch), and the run's calibration when it has one (fsltool calibrate)."""
+    from fsltool.calibration import load_calibration
     from fsltool.checkpoint import load_trained
     from fsltool.export import preprocessing_contract
 
@@ -196,4 +216,4 @@ def predict_torch(run: str | Path, support: str, queries: list[str], which: str 
     names, support_paths, labels = read_support(support)
     query_paths = read_queries(queries)
     scores = torch_scores(trained.method, load_batch(support_paths, contract), labels, load_batch(query_paths, contract))
-    return _predictions(names, query_paths, scores, top)
+    return _predictions(names, query_paths, scores, top, load_calibration(trained))
