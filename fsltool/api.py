@@ -27,6 +27,7 @@ from fsltool.predict import (
     enrolled_metadata,
     image_options,
     load_batch,
+    metadata_calibration,
     open_onnx,
     read_contract,
     read_queries,
@@ -35,6 +36,7 @@ from fsltool.predict import (
 
 if TYPE_CHECKING:  # annotations only: a run's types would import torch
     from fsltool.checkpoint import TrainedModel
+    from fsltool.confidence import Calibration
     from fsltool.enroll import EnrolReport
     from fsltool.runtime import OnnxModel
 
@@ -117,9 +119,11 @@ def class_images(classes: Mapping[str, Images], contract: Mapping[str, Any]) -> 
 
 
 class Model:
-    """What every loaded model has: its preprocessing contract, and the images it is given."""
+    """What every loaded model has: its preprocessing contract, the images it is given, and the calibration
+    (``fsltool calibrate``: a softmax temperature, an open-set threshold) its predictions apply, if it has one."""
 
     contract: dict[str, Any]
+    calibration: Calibration | None
 
     def preprocess(self, images: Images) -> np.ndarray:
         """(N, C, H, W) float32 in [0, 1], exactly what the model's graphs take."""
@@ -137,7 +141,8 @@ class SupportSetModel(Model, ABC):
         images = class_images(support, self.contract)
         labels = np.concatenate([np.full(len(batch), c, dtype=np.int64) for c, batch in enumerate(images.values())])
         query, names = preprocess(queries, self.contract)
-        return _predictions(list(images), names, self._scores(np.concatenate(list(images.values())), labels, query), top)
+        scores = self._scores(np.concatenate(list(images.values())), labels, query)
+        return _predictions(list(images), names, scores, top, self.calibration)
 
     @abstractmethod
     def _scores(self, support: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -149,10 +154,12 @@ class RunModel(SupportSetModel):
     fsltool.checkpoint.TrainedModel."""
 
     def __init__(self, trained: TrainedModel) -> None:
+        from fsltool.calibration import load_calibration
         from fsltool.export import preprocessing_contract
 
         self.trained = trained
         self.contract = preprocessing_contract(trained)
+        self.calibration = load_calibration(trained)
 
     def embed(self, images: Images) -> np.ndarray:
         """The method's embedding of each image (N, *F): what its classifier compares."""
@@ -181,6 +188,7 @@ class ExportedModel(SupportSetModel):
         self.folder = Path(folder)
         self.device = device
         self.contract = read_contract(self.folder)
+        self.calibration = metadata_calibration(self.contract.get("calibration"), str(self.folder / "model.json"))
 
     @functools.cached_property
     def _classifier(self) -> OnnxModel:
@@ -210,12 +218,13 @@ class EnrolledModel(Model):
         path = self.folder / "classifier.onnx"
         self._model = open_onnx(path, device)
         self.classes, self.contract = enrolled_metadata(self._model, path)
+        self.calibration = metadata_calibration(self._model.session.get_modelmeta().custom_metadata_map.get("calibration"), str(path))
         self.provider = self._model.provider
 
     def predict(self, queries: Images, top: int = 1) -> list[Prediction]:
         """Classify ``queries`` among the enrolled classes, best class first (``top`` > 1: also the ``top`` best)."""
         query, names = preprocess(queries, self.contract)
-        return _predictions(self.classes, names, self._model.run({"images": query})[0], top)
+        return _predictions(self.classes, names, self._model.run({"images": query})[0], top, self.calibration)
 
 
 class EnrolledClasses:
@@ -239,7 +248,8 @@ class EnrolledClasses:
         from fsltool.enroll import class_states
 
         images = class_images(classes, self.run.contract)
-        self._enrolment.add(class_states(self.run.trained, images), {name: len(batch) for name, batch in images.items()}, "enrolled classes")
+        counts = {name: len(batch) for name, batch in images.items()}
+        self._enrolment.add(class_states(self.run.trained, images), counts, "enrolled classes")
 
     def remove(self, name: str) -> None:
         self._enrolment.remove(name)
@@ -255,7 +265,7 @@ class EnrolledClasses:
         query, names = preprocess(queries, self.run.contract)
         with torch.inference_mode():
             scores = enrolled_classifier(self.run.trained, self._enrolment)(torch.from_numpy(query)).numpy()
-        return _predictions(self.classes, names, scores, top)
+        return _predictions(self.classes, names, scores, top, self.run.calibration)
 
     def save(self, folder: str | Path, *, add: bool = False, force: bool = False) -> EnrolReport:
         """Write an enrolled folder (ONNX + TorchScript graph, class states, manifest), as ``fsltool enroll``: a new

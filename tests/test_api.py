@@ -20,10 +20,15 @@ from safetensors.numpy import load_file
 
 import fsltool
 from fsltool.api import EnrolledClasses, EnrolledModel, ExportedModel, RunModel, preprocess
+from fsltool.calibration import calibrate
+from fsltool.checkpoint import load_trained
+from fsltool.confidence import softmax
+from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.data.unknowns import add_unknowns
 from fsltool.errors import FsltoolError
-from fsltool.export import ExportReport
-from fsltool.predict import Prediction, load_batch, predict_enrolled, predict_onnx, predict_torch
+from fsltool.export import ExportReport, export_run
+from fsltool.predict import Prediction, load_batch, predict_enrolled, predict_onnx, predict_torch, torch_scores
 from fsltool.pretrain import pretrain
 from tests.conftest import run_cli
 from tests.test_enroll import checkpoint_of
@@ -99,7 +104,8 @@ def test_a_run_and_its_export_predict_and_embed_as_the_cli(
     for got, want in ((model.predict(support, queries, top=2), predict_torch(run, str(folders["support"]), [queries], top=2)),
                       (export.predict(support, queries, top=2), predict_onnx(exported[0], str(folders["support"]), [queries], "cpu", 2)[0])):
         assert [p.to_json() for p in got] == [p.to_json() for p in want]
-    as_arrays = model.predict({name: pixels_of(folder)[..., None] for name, folder in support.items()}, pixels_of(folders["queries"])[..., None])
+    arrays = {name: pixels_of(folder)[..., None] for name, folder in support.items()}
+    as_arrays = model.predict(arrays, pixels_of(folders["queries"])[..., None])
     assert [(p.label, p.probability) for p in as_arrays] == [(p.label, p.probability) for p in model.predict(support, queries)]
     assert [p.query for p in as_arrays] == [str(i) for i in range(6)]
 
@@ -131,7 +137,8 @@ def test_classes_enrolled_in_memory_predict_and_save_as_fsltool_enroll(run: Path
     for name, state in load_file(str(cli / "classes.safetensors")).items():
         np.testing.assert_array_equal(load_file(str(tmp_path / "api" / "classes.safetensors"))[name], state)
     manifests = [json.loads((folder / "enrolled.json").read_text()) for folder in (cli, tmp_path / "api")]
-    assert [(m["classes"], m["class_images"], m["model"]) for m in manifests[:1]] == [(m["classes"], m["class_images"], m["model"]) for m in manifests[1:]]
+    cli_manifest, api_manifest = ({key: m[key] for key in ("classes", "class_images", "model")} for m in manifests)
+    assert cli_manifest == api_manifest
     loaded = fsltool.load(tmp_path / "api", device="cpu")
     assert isinstance(loaded, EnrolledModel) and loaded.classes == list(CLASSES)
     assert [p.to_json() for p in loaded.predict(queries, top=3)] == [p.to_json() for p in cli_predictions]
@@ -174,6 +181,42 @@ def test_enrolled_and_exported_models_predict_without_torch_and_import_fsltool_i
     enrolled_json, exported_json = json.loads(result.stdout)
     assert enrolled_json == [p.to_json() for p in predict_enrolled(enrolled, [str(folders["queries"])], "cpu", top=2)[0]]
     assert exported_json == [p.to_json() for p in predict_onnx(exported[0], str(folders["support"]), [str(folders["queries"])], "cpu")[0]]
+
+
+def test_a_run_s_calibration_reaches_every_prediction_and_travels_with_its_export_and_enrolments(
+    run: Path, folders: dict[str, Path], synthetic_file: Path, tmp_path: Path
+) -> None:
+    """fsltool calibrate's temperature and open-set threshold: applied by the run, carried by an export and by an
+    enrolment saved from memory, with the CLI's probabilities and unknown flags everywhere."""
+    calibrated = tmp_path / "run"
+    shutil.copytree(run, calibrated)
+    add_unknowns(synthetic_file, tmp_path / "open.h5")
+    with FewShotData(tmp_path / "open.h5") as data:
+        fit = calibrate(load_trained(calibrated), data, EpisodeShape(5, 1, 5), reject_rate=0.2)
+    assert fit.calibration.open_set is not None and fit.calibration.temperature != 1
+    support = {name: folders["support"] / name for name in CLASSES}
+    queries = str(folders["queries"])
+    model = fsltool.load(calibrated)
+    assert model.calibration == fit.calibration
+    predictions = model.predict(support, queries, top=3)
+    scores = torch_scores(model.trained.method, np.concatenate([model.preprocess(folder) for folder in support.values()]),
+                          np.repeat(np.arange(3), 3), model.preprocess(queries))
+    temperature = fit.calibration.temperature
+    np.testing.assert_allclose([[r.probability for r in p.top] for p in predictions], -np.sort(-softmax(scores, temperature)), rtol=1e-6)
+    assert [p.unknown for p in predictions] == (~fit.calibration.open_set.accepted(scores, temperature)).tolist()
+    assert [p.to_json() for p in predictions] == [p.to_json() for p in predict_torch(calibrated, str(folders["support"]), [queries], top=3)]
+
+    export = fsltool.load(export_run(calibrated, tmp_path / "export", verify_episodes=0).out_dir, device="cpu")
+    assert export.calibration == fit.calibration
+    assert [p.to_json() for p in export.predict(support, queries)] == [
+        p.to_json() for p in predict_onnx(tmp_path / "export", str(folders["support"]), [queries], "cpu")[0]]
+
+    enrolled = model.enroll(support)
+    enrolled.save(tmp_path / "enrolled")
+    loaded = fsltool.load(tmp_path / "enrolled", device="cpu")
+    assert loaded.calibration == fit.calibration
+    assert [p.to_json() for p in loaded.predict(queries)] == [p.to_json() for p in predict_enrolled(tmp_path / "enrolled", [queries], "cpu")[0]]
+    assert [p.unknown for p in enrolled.predict(queries)] == [p.unknown for p in loaded.predict(queries)]
 
 
 def test_a_pretraining_run_embeds_enrols_and_recognises_its_own_examples(synthetic_file: Path, tmp_path: Path) -> None:
