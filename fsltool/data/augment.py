@@ -9,6 +9,7 @@ nor on how the meta-batch is split across data-parallel processes. Validation an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,18 +19,18 @@ import torch.nn.functional as F
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
 
-KINDS = ("none", "natural", "glyph")
-
-
 @dataclass
 class AugmentConfig:
     """``train.augment``: natural = random resized crop, horizontal flip, colour jitter (RGB photos);
-    glyph = random affine (rotation, scale, shift) for greyscale characters; none = off."""
+    padded = zero padding and a random crop back to the image's size (a shift by whole pixels, torchvision's
+    RandomCrop(size, padding) as RFS and the CIFAR recipes use it), flip, colour jitter; glyph = random affine
+    (rotation, scale, shift) for greyscale characters; none = off."""
 
     kind: str = "none"
     crop_scale: float = 0.5  # natural: a crop covers [crop_scale, 1] of the image's area (aspect 3/4 to 4/3)
-    flip: bool = True  # natural: mirror half of the images left to right
-    color_jitter: float = 0.4  # natural: brightness, contrast and saturation factors in [1 - j, 1 + j]
+    padding: float = 0.125  # padded: the padding, a fraction of the image side (4 px at 32 px, RFS's CIFAR setting)
+    flip: bool = True  # natural, padded: mirror half of the images left to right
+    color_jitter: float = 0.4  # natural, padded: brightness, contrast and saturation factors in [1 - j, 1 + j]
     rotation: float = 10.0  # glyph: degrees, either way
     scale: float = 0.1  # glyph: size factor in [1 - s, 1 + s]
     shift: float = 0.1  # glyph: translation, as a fraction of the image side, either way
@@ -39,7 +40,7 @@ def check_augment(config: AugmentConfig, where: str, section: str = "train") -> 
     """Values a recipe may not hold, named by their key (in the recipe's ``train`` or ``pretrain`` section)."""
     if config.kind not in KINDS:
         raise FsltoolError(f"{where}: recipe key '{section}.augment.kind': {config.kind!r} is not one of {', '.join(KINDS)}")
-    ranges = {"crop_scale": (0.01, 1.0), "color_jitter": (0.0, 0.99), "rotation": (0.0, 180.0), "scale": (0.0, 0.9), "shift": (0.0, 0.5)}
+    ranges = {"crop_scale": (0.01, 1.0), "padding": (0.0, 0.5), "color_jitter": (0.0, 0.99), "rotation": (0.0, 180.0), "scale": (0.0, 0.9), "shift": (0.0, 0.5)}
     for key, (low, high) in ranges.items():
         value = getattr(config, key)
         if not math.isfinite(value) or not low <= value <= high:
@@ -71,6 +72,17 @@ def _natural_theta(n: int, config: AugmentConfig, generator: torch.Generator) ->
     return torch.stack([torch.stack([width * mirror, zero, centre_x], 1), torch.stack([zero, height, centre_y], 1)], 1)
 
 
+def _padded_theta(n: int, config: AugmentConfig, generator: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
+    """(n, 2, 3): a shift by a whole number of pixels in [-padding, padding] each way (what a random crop of the
+    zero-padded image is), mirrored for half of the images."""
+    height, width = size
+    pixels = int(round(config.padding * width))
+    shift_x, shift_y = (torch.randint(-pixels, pixels + 1, (n,), generator=generator).double() * 2 / side for side in (width, height))
+    mirror = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double() if config.flip else torch.ones(n, dtype=torch.float64)
+    zero = torch.zeros(n, dtype=torch.float64)
+    return torch.stack([torch.stack([mirror, zero, shift_x], 1), torch.stack([zero, mirror.new_ones(n), shift_y], 1)], 1)
+
+
 def _glyph_theta(n: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(n, 2, 3): rotation by up to ``rotation`` degrees, scaling and a shift (in [-1, 1] frame units)."""
     angle = torch.deg2rad(_uniform(n, -config.rotation, config.rotation, generator))
@@ -97,15 +109,35 @@ def _color_jitter(images: torch.Tensor, strength: float, generator: torch.Genera
     return images.clamp(0, 1)
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """How one augmentation kind resamples: its affine maps (n, config, generator, image side), the sampling mode,
+    what lies outside the image, and whether colour jitter follows."""
+
+    theta: Callable[[int, AugmentConfig, torch.Generator, tuple[int, int]], torch.Tensor]
+    mode: str
+    padding_mode: str
+    jitter: bool
+
+
+_KIND = {
+    "natural": _Kind(lambda n, config, generator, size: _natural_theta(n, config, generator), "bilinear", "border", True),
+    # whole-pixel shifts and mirrors land on pixel centres: nearest sampling copies pixels exactly, zeros outside
+    "padded": _Kind(_padded_theta, "nearest", "zeros", True),
+    "glyph": _Kind(lambda n, config, generator, size: _glyph_theta(n, config, generator), "bilinear", "border", False),
+}
+KINDS = ("none", *_KIND)
+
+
 def augment_images(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(N, C, H, W) float images in [0, 1] -> the same shape, augmented as ``config.kind`` says."""
     if config.kind == "none":
         return images
-    n = images.shape[0]
-    theta = (_natural_theta if config.kind == "natural" else _glyph_theta)(n, config, generator)
+    kind = _KIND[config.kind]
+    theta = kind.theta(images.shape[0], config, generator, (images.shape[-2], images.shape[-1]))
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if config.kind == "natural" and config.color_jitter:
+    images = F.grid_sample(images, grid, mode=kind.mode, padding_mode=kind.padding_mode, align_corners=False)
+    if kind.jitter and config.color_jitter:
         images = _color_jitter(images, config.color_jitter, generator)
     return images
 

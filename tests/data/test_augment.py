@@ -47,13 +47,42 @@ def test_natural_augmentation_varies_stays_in_range_and_repeats_with_its_seed() 
     assert not torch.allclose(first, augment_images(images, config, episode_generator(3, 7, 2)))
 
 
+def _padded_shift(augmented: torch.Tensor, image: torch.Tensor, pixels: int) -> tuple[int, int, bool] | None:
+    """The (dx, dy, mirrored) for which ``augmented`` is ``image`` moved by whole pixels with zeros let in, if any."""
+    height, width = image.shape[-2:]
+    for mirrored in (False, True):
+        source = image.flip(-1) if mirrored else image
+        padded = torch.nn.functional.pad(source, (pixels, pixels, pixels, pixels))
+        for dy in range(-pixels, pixels + 1):
+            for dx in range(-pixels, pixels + 1):
+                crop = padded[:, pixels + dy : pixels + dy + height, pixels + dx : pixels + dx + width]
+                if torch.equal(crop, augmented):
+                    return dx, dy, mirrored
+    return None
+
+
+def test_padded_crop_is_a_whole_pixel_shift_with_zeros_let_in() -> None:
+    """RFS's RandomCrop(32, padding=4): every image is itself (or its mirror) moved by at most 4 whole pixels each
+    way, exactly (pixel values copied, not interpolated), and the draws cover shifts in both directions."""
+    images = torch.rand(60, 3, 32, 24) + 0.01  # no zero pixels: zeros in the output can only be padding
+    config = AugmentConfig(kind="padded", padding=0.125, color_jitter=0.0)
+    out = augment_images(images, config, episode_generator(0, 1, 0))
+    shifts = [_padded_shift(o, i, 4) for o, i in zip(out, images)]
+    assert None not in shifts
+    assert {dx for dx, _, _ in shifts} >= {-3, 3} and {dy for _, dy, _ in shifts} >= {-3, 3}  # x and y drawn apart
+    assert 10 < sum(mirrored for _, _, mirrored in shifts) < 50
+
+
 def test_bad_augment_values_name_the_key() -> None:
     recipe = quick_recipe(Path("d.h5"), Path("out"))
     recipe.train.augment = AugmentConfig(kind="photos")
-    with pytest.raises(FsltoolError, match="'train.augment.kind': 'photos' is not one of none, natural, glyph"):
+    with pytest.raises(FsltoolError, match="'train.augment.kind': 'photos' is not one of none, natural, padded, glyph"):
         validate(recipe)
     recipe.train.augment = AugmentConfig(kind="natural", crop_scale=0.0)
     with pytest.raises(FsltoolError, match=r"'train.augment.crop_scale' must be in \[0.01, 1\], got 0.0"):
+        validate(recipe)
+    recipe.train.augment = AugmentConfig(kind="padded", padding=0.6)
+    with pytest.raises(FsltoolError, match=r"'train.augment.padding' must be in \[0, 0.5\], got 0.6"):
         validate(recipe)
 
 
