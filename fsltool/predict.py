@@ -37,18 +37,23 @@ class Ranked:
 @dataclass
 class Prediction:
     query: str
-    label: str  # the best-scored class (the nearest one when the query is rejected as unknown)
-    score: float  # the method's raw score of the predicted class (higher is more likely)
+    nearest: str  # the best-scored class, whether or not the query passed the open-set threshold
+    score: float  # the method's raw score of that class (higher is more likely)
     probability: float  # softmax of the scores over the support classes (divided by the model's temperature, if any)
     top: list[Ranked] = field(default_factory=list)  # the K best classes, best first, when K > 1 was asked for
     unknown: bool | None = None  # below the model's open-set threshold ("none of these"); None: the model has none
 
+    @property
+    def label(self) -> str | None:
+        """The predicted class, or None for a query rejected as unknown: code that reads ``label`` cannot take a
+        rejected query's nearest class for an answer by forgetting to look at ``unknown``."""
+        return None if self.unknown else self.nearest
+
     def to_json(self) -> dict[str, Any]:
         """A rejected query's label is null, its best class is "nearest"; without a threshold neither key changes."""
         ranked = {"top": [r.to_json() for r in self.top]} if self.top else {}
-        rejection = {} if self.unknown is None else {"unknown": self.unknown, "nearest": self.label}
-        return {"query": self.query, "label": None if self.unknown else self.label, **rejection, "score": self.score,
-                "probability": self.probability, **ranked}
+        rejection = {} if self.unknown is None else {"unknown": self.unknown, "nearest": self.nearest}
+        return {"query": self.query, "label": self.label, **rejection, "score": self.score, "probability": self.probability, **ranked}
 
 
 def _images_in(folder: Path) -> list[Path]:
