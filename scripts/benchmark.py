@@ -43,7 +43,8 @@ def median_seconds(action: Callable[[], object], repeats: int, warmup: int = 2) 
     return statistics.median(times)
 
 
-def train_step_seconds(data: FewShotData, shape: EpisodeShape, repeats: int, channels_last: bool) -> float:
+def train_step(data: FewShotData, shape: EpisodeShape, channels_last: bool) -> Callable[[], None]:
+    """A ProtoNet Conv-4 training step on ``shape`` episodes, to call repeatedly: sample, forward, backward, Adam."""
     torch.manual_seed(0)
     method = ProtoNet(conv4(data.image_shape[0], data.mean, data.std, channels_last=channels_last))
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
@@ -56,7 +57,11 @@ def train_step_seconds(data: FewShotData, shape: EpisodeShape, repeats: int, cha
         output.loss.backward()
         optimizer.step()
 
-    return median_seconds(step, repeats)
+    return step
+
+
+def train_step_seconds(data: FewShotData, shape: EpisodeShape, repeats: int, channels_last: bool) -> float:
+    return median_seconds(train_step(data, shape, channels_last), repeats)
 
 
 def main() -> None:
