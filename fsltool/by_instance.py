@@ -19,12 +19,12 @@ import torch
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import work_sizes
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import embed_all, episode_indices
 from fsltool.methods import Method
 
 ORDER_SEED = 0  # the permutation of every episode's sequence: fixed, so all runs see the same sequences
-SEQUENCE_BATCH = 64  # sequences per call (the recurrence is step by step: wide batches amortise it)
 
 
 @dataclass
@@ -86,9 +86,10 @@ def accuracy_by_instance(
         unique, inverse = np.unique(images, return_inverse=True)
         embeddings = embed_all(method, data, unique)  # on the method's device
         embeddings = embeddings[torch.from_numpy(inverse.reshape(images.shape)).to(embeddings.device)]
+        per_call = work_sizes(embeddings.device).sequences  # the recurrence is step by step: wide batches amortise it
         predictions = torch.cat([
-            method.sequence_scores(embeddings[i : i + SEQUENCE_BATCH], labels[i : i + SEQUENCE_BATCH].to(embeddings.device), shape.way).argmax(-1).cpu()
-            for i in range(0, len(images), SEQUENCE_BATCH)
+            method.sequence_scores(embeddings[i : i + per_call], labels[i : i + per_call].to(embeddings.device), shape.way).argmax(-1).cpu()
+            for i in range(0, len(images), per_call)
         ])
     finally:
         method.train(was_training)

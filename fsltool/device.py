@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,3 +36,47 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 def device_of(module: nn.Module) -> torch.device:
     """The device of a module's parameters (the CPU for a module without any)."""
     return next(module.parameters(), torch.empty(0)).device
+
+
+def prepare_device(device: torch.device, *, repeating_shapes: bool) -> None:
+    """Every process-wide setting of a CUDA device, in this one place (nothing on the CPU).
+
+    TF32 off for matrix products, convolutions and RNNs: ``precision: fp32`` means IEEE fp32 on a GPU as on the
+    CPU (CUDA and CPU evaluations of one checkpoint agree; ``precision: bf16`` is the fast setting). cuDNN's
+    autotuner (``cudnn.benchmark``) where ``repeating_shapes``: training repeats one episode shape, so the search
+    on its first step pays for itself; evaluation and inference meet shapes once (every way, shot and last batch),
+    so they keep cuDNN's heuristics."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    torch.backends.cudnn.benchmark = repeating_shapes
+
+
+@dataclass(frozen=True)
+class WorkSizes:
+    """How much work one call takes, by device type: the CPU's values were measured on 2 cores (cache-sized
+    passes are fastest there; see docs/speed.md); a GPU wants wide passes to fill it and has the memory for them."""
+
+    embed_images: int  # images per embedding pass in evaluation
+    score_elements: int  # episodes x queries x way x feature size per scoring call (memory)
+    adapt_episodes: int  # episodes evaluation hands a test-time-adapting method (MAML, Reptile) per call
+    adapt_images: int  # ... adapted side by side in groups of at most this many images (support + queries)
+    sequences: int  # labelled sequences per call (evaluate --by-instance)
+    inner_loop_tasks: int  # MAML meta-training: tasks per inner-loop pass (bounds the kept graphs' memory)
+    query_tasks: int  # MAML meta-training: tasks per query pass
+
+
+# The CUDA values are a GPU's usual widths, not yet measured on one (docs/gpu.md).
+WORK_SIZES = {
+    "cpu": WorkSizes(embed_images=128, score_elements=2**24, adapt_episodes=64, adapt_images=4096, sequences=64,
+                     inner_loop_tasks=8, query_tasks=4),
+    "cuda": WorkSizes(embed_images=1024, score_elements=2**27, adapt_episodes=256, adapt_images=32768, sequences=512,
+                      inner_loop_tasks=32, query_tasks=32),
+}
+
+
+def work_sizes(device: torch.device) -> WorkSizes:
+    """The work sizes of ``device``'s type (the CPU's for a type without its own)."""
+    return WORK_SIZES.get(device.type, WORK_SIZES["cpu"])

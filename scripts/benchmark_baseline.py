@@ -1,6 +1,6 @@
 """Seconds to score stored-test-set-sized evaluations with baseline / baseline++ (a head fitted per episode by the
 reference protocol: 100 epochs of SGD in mini-batches of 4), from precomputed embeddings, as fsltool.evaluate calls
-``scores_from_embeddings``: under inference_mode, in chunks of SCORE_BATCH_ELEMENTS.
+``scores_from_embeddings``: under inference_mode, in chunks of the CPU's ``work_sizes().score_elements``.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_baseline.py [--threads 1] [--episodes 600] [--dims 640,1600]
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from fsltool.data.episodes import EpisodeShape, episode_labels
-from fsltool.evaluate import SCORE_BATCH_ELEMENTS
+from fsltool.device import WORK_SIZES
 from fsltool.methods import build_method
 from fsltool.methods.baseline import BATCH_SIZE, EPOCHS
 from fsltool.models import build_backbone
@@ -33,7 +33,7 @@ def evaluation_seconds(name: str, shape: EpisodeShape, episodes: int, dim: int) 
     support_labels, _ = episode_labels(shape)
     support = torch.rand(episodes, len(support_labels), dim, generator=generator)
     query = torch.rand(episodes, shape.way * shape.query, dim, generator=generator)
-    per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * dim))
+    per_call = max(1, WORK_SIZES["cpu"].score_elements // (query.shape[1] * shape.way * dim))
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, episodes, per_call):
