@@ -27,8 +27,8 @@ from fsltool.checkpoint import load_checkpoint, save_checkpoint
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
-from fsltool.data.store import FewShotData
-from fsltool.device import resolve_device
+from fsltool.data.store import open_for_run
+from fsltool.device import prepare_device, resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import FolderLock
@@ -100,6 +100,7 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
     if recipe.pretrain.epochs < 1:
         raise FsltoolError("recipe key 'pretrain.epochs' must be at least 1 for fsltool pretrain (the recipe's pretrain section)")
     device = resolve_device(recipe.device, "recipe key 'device'")
+    prepare_device(device, repeating_shapes=True)  # one batch size, step after step
     group = join(device)
     try:
         with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
@@ -111,10 +112,10 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
 def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> PretrainResult:
     settings = recipe.pretrain
     share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
-    data = FewShotData(recipe.data)
+    data = open_for_run(recipe.data, recipe.data_on_device, device)
     val_shape = stored_shapes_needed(recipe, data)
     batches = ImageBatches(data, data.classes_of(settings.splits), settings.batch_size, settings.micro_batches, share,
-                           recipe.seed, prefetch=settings.prefetch)
+                           recipe.seed, prefetch=settings.prefetch, device=device)
     if batches.steps_per_epoch < 1:
         raise FsltoolError(f"recipe key 'pretrain.batch_size': {settings.batch_size} is more than the "
                            f"{len(batches.indices)} images of {'+'.join(settings.splits)}")
@@ -165,7 +166,6 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
         running_stats = RunningStats.of(model)
         losses, correct, images_seen = [], torch.zeros((), device=device), 0
         for position, (images, labels) in zip(share, parts):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if settings.augment.kind != "none":
                 images = augment_images(images, settings.augment, episode_generator(recipe.seed, number, position))
             with autocast_for(recipe.precision, device, method):

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ class Recipe:
     test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (fsltool.device)
+    data_on_device: str | bool = "auto"  # auto | true | false: the whole image array in the device's memory (fsltool.data.store.keeps_on_device)
     precision: str = "fp32"  # fp32 | bf16: training steps and validation under torch.autocast (fsltool.loop.autocast_for)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +108,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("step", "multistep", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("fp32", "bf16")
+DATA_ON_DEVICE = ("auto", True, False)
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed). The length key (episodes, epochs) is the first.
@@ -126,6 +129,11 @@ def _check_type(key: str, value: Any, expected: Any) -> Any:
         if not isinstance(value, list) or not all(type(item) is item_type for item in value):
             kind = "names" if item_type is str else "whole numbers"
             raise FsltoolError(f"recipe key {key!r}: expected a list of {kind}, got {value!r}")
+        return value
+    if origin is types.UnionType:
+        if type(value) not in typing.get_args(expected):
+            kinds = " or ".join(kind.__name__ for kind in typing.get_args(expected))
+            raise FsltoolError(f"recipe key {key!r}: expected {kinds}, got {value!r}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -286,6 +294,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             raise FsltoolError(f"{where}: recipe key '{section}.splits' must name at least one split")
     if not DEVICE_NAME.fullmatch(recipe.device):
         raise FsltoolError(f"{where}: recipe key 'device': {recipe.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if recipe.data_on_device not in DATA_ON_DEVICE:
+        raise FsltoolError(f"{where}: recipe key 'data_on_device': {recipe.data_on_device!r} is not one of auto, true, false")
     if recipe.precision not in PRECISIONS:
         raise FsltoolError(f"{where}: recipe key 'precision': {recipe.precision!r} is not one of {', '.join(PRECISIONS)}")
     get_method(recipe.method)

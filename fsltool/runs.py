@@ -97,18 +97,19 @@ class RunFolder:
 
 
 def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpoint: Path, recipe_file: Path) -> None:
-    """Refuse to resume with a recipe that differs from the saved one in anything but ``section``'s resumable keys
-    and the device."""
+    """Refuse to resume with a recipe that differs from the saved one in anything but ``section``'s resumable keys,
+    the device and where the data is kept on it."""
     if _resumable(saved, section) != _resumable(recipe.to_dict(), section):
         allowed = ", ".join(f"{section}.{key}" for key in RESUMABLE_KEYS[section])
         raise FsltoolError(f"{checkpoint}: the recipe differs from the one this run was started with (see {recipe_file}); "
-                           f"only {allowed} and device may change on --resume")
+                           f"only {allowed}, device and data_on_device may change on --resume")
 
 
 def _resumable(recipe: dict[str, Any], section: str) -> dict[str, Any]:
     """A saved recipe, defaults filled in, minus the keys a resumed run may change."""
     full = recipe_from_dict(recipe).to_dict()
     full.pop("device")
+    full.pop("data_on_device")
     return {**full, section: {k: v for k, v in full[section].items() if k not in RESUMABLE_KEYS[section]}}
 
 

@@ -1,6 +1,6 @@
 """Where methods run (fsltool.device): the recipe's ``device`` resolved on this machine, errors when a GPU is asked
 for and missing, and a run that resumes on another device. The CUDA path itself needs a GPU: see
-scripts/gpu_check.sh."""
+scripts/gpu_check.py."""
 
 from __future__ import annotations
 
@@ -65,13 +65,14 @@ def test_meta_train_on_a_missing_gpu_names_the_key_and_writes_nothing(synthetic_
 
 
 def test_a_run_resumes_with_another_device(synthetic_file: Path, tmp_path: Path) -> None:
-    """device is not part of what a resumed run must keep: a CPU run may continue on a GPU and back."""
+    """device and data_on_device are not part of what a resumed run must keep: a CPU run may continue on a GPU
+    and back, with its images on the device or not."""
     recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4)
     recipe.validation.every = 4
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.to_dict()))
     assert run_cli("meta-train", str(path), "-q")[0] == 0
-    code, _, err = run_cli("meta-train", str(path), "train.episodes=6", "device=cpu", "--resume", "-q")
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=6", "device=cpu", "data_on_device=true", "--resume", "-q")
     assert code == 0, err
     code, _, err = run_cli("meta-train", str(path), "train.episodes=8", "seed=3", "--resume", "-q")
     assert code == 2 and "the recipe differs" in err  # the control: other keys are still checked

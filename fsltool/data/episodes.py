@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fsltool.data.transfer import upload
 from fsltool.errors import FsltoolError
 
 _SHAPE = re.compile(r"^(\d+)w(\d+)s(?:(\d+)q)?$")
@@ -56,10 +57,10 @@ class Episode:
     shape: EpisodeShape
 
     def to(self, device: torch.device) -> Episode:
-        """The episode on ``device`` (itself where it already is there)."""
+        """The episode on ``device`` (itself where it already is there), moved as fsltool.data.transfer.upload moves."""
         if self.support.device == device:
             return self
-        return Episode(*(t.to(device, non_blocking=True) for t in (self.support, self.support_labels, self.query, self.query_labels)), self.shape)
+        return Episode(*(upload(t, device) for t in (self.support, self.support_labels, self.query, self.query_labels)), self.shape)
 
 
 def stack_episodes(episodes: Sequence[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
