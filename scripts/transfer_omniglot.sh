@@ -7,11 +7,18 @@
 #
 #   OMP_NUM_THREADS=1 bash scripts/transfer_omniglot.sh
 #   OVERRIDES="train.episodes=1500" bash scripts/transfer_omniglot.sh      # key=value for the fine-tuning runs
+#   TAG=8ep PRETRAIN_OVERRIDES="pretrain.epochs=8" bash scripts/transfer_omniglot.sh   # a variant beside the default
+#   # Snell et al.'s protocol: train+val for the budgets chosen on train, the last checkpoints tested
+#   TAG=trainval PRETRAIN_OVERRIDES="pretrain.splits=[train,val]" OVERRIDES="train.splits=[train,val]" \
+#     CHECKPOINT=last bash scripts/transfer_omniglot.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FSLTOOL=${FSLTOOL:-.venv/bin/fsltool}
 OMNIGLOT=${OMNIGLOT:-../shared/data/omniglot}
 read -r -a OVERRIDES <<< "${OVERRIDES:-}"
+read -r -a PRETRAIN_OVERRIDES <<< "${PRETRAIN_OVERRIDES:-}"
+CHECKPOINT=${CHECKPOINT:-best}  # which checkpoint is tested: best (by validation) or last (validation trained on)
+TAG=${TAG:+-$TAG}  # a variant's run folders and results files carry it
 mkdir -p data results
 [ -f data/omniglot.h5 ] || "$FSLTOOL" prepare omniglot "$OMNIGLOT" data/omniglot.h5
 
@@ -25,17 +32,19 @@ stage() {  # COMMAND RECIPE OUTPUT [key=value...]: start the run, resume a cut o
   fi
 }
 
-stage pretrain omniglot/pretrain-conv4 runs/omniglot/pretrain-conv4
+PRETRAINED=runs/omniglot/pretrain-conv4$TAG
+stage pretrain omniglot/pretrain-conv4 "$PRETRAINED" output="$PRETRAINED" "${PRETRAIN_OVERRIDES[@]}"
 for method in protonet baseline baseline++; do
   for shape in 5w1s 5w5s 20w1s 20w5s; do
-    "$FSLTOOL" evaluate runs/omniglot/pretrain-conv4 --method "$method" --shape "$shape" -q \
-      --json "results/omniglot-transfer-pretrained-$method-$shape.json"
+    "$FSLTOOL" evaluate "$PRETRAINED" --checkpoint "$CHECKPOINT" --method "$method" --shape "$shape" -q \
+      --json "results/omniglot-transfer$TAG-pretrained-$method-$shape.json"
   done
 done
 for shot in 1 5; do
-  stage meta-train "omniglot/protonet-pretrained-5w${shot}s" "runs/omniglot/protonet-pretrained-5w${shot}s" "${OVERRIDES[@]}"
+  run="runs/omniglot/protonet-pretrained$TAG-5w${shot}s"
+  stage meta-train "omniglot/protonet-pretrained-5w${shot}s" "$run" output="$run" init="$PRETRAINED" "${OVERRIDES[@]}"
   for way in 5 20; do
-    "$FSLTOOL" evaluate "runs/omniglot/protonet-pretrained-5w${shot}s" --shape "${way}w${shot}s" -q \
-      --json "results/omniglot-transfer-protonet-pretrained-5w${shot}s-at-${way}w${shot}s.json"
+    "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --shape "${way}w${shot}s" -q \
+      --json "results/omniglot-transfer$TAG-protonet-pretrained-5w${shot}s-at-${way}w${shot}s.json"
   done
 done
