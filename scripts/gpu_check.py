@@ -1,10 +1,14 @@
 """Every check that needs a GPU, in one short run, for a session lent a GPU machine (fsltool itself never needs one).
 
-For each method's built-in Omniglot 5w1s recipe: meta-train a few meta-steps with ``device=cuda`` (the loop, the
-checkpoint, validation on the GPU), evaluate the run on stored test episodes on the GPU and on the CPU (they must
-agree: same checkpoint, same episodes; float differences may flip a near-tie, so within 1 point), and record the
-training speed from the run's own metrics.jsonl. Then, where ONNX Runtime has its CUDA provider, the runtime
-benchmark on CUDA. Writes OUT/gpu_check.json and prints a markdown table; exits 1 if any check failed.
+For each method's built-in Omniglot 5w1s recipe: meta-train a few meta-steps with ``device=cuda`` and the image
+array kept on the GPU (``data_on_device=true``: the loop, the checkpoint, validation on the GPU), evaluate the run on
+stored test episodes on the GPU and on the CPU (they must agree: same checkpoint, same episodes; float differences may
+flip a near-tie, so within 1 point), and record the training speed from the run's own metrics.jsonl. ProtoNet is
+trained once more with the images kept on the host (``data_on_device=false``: uint8 episodes assembled in pinned
+memory on the prefetch thread and copied on its own CUDA stream). Then the ProtoNet run is exported and verified
+under ONNX Runtime on the same device (provider options, I/O binding on ``cuda:N``), and the runtime benchmark
+compares ONNX Runtime with PyTorch on that device. Writes OUT/gpu_check.json and prints a markdown table; exits 1 if
+any check failed. ``--device cpu`` is a dry run of all of it on the CPU (tests/test_gpu_check.py runs one).
 
     PYTHONPATH=. python3 scripts/gpu_check.py --data data/omniglot.h5 --out "$OUT"     # about 5-10 minutes
 
@@ -35,18 +39,24 @@ def failure(step: str, done: subprocess.CompletedProcess[str]) -> dict[str, Any]
     return {"ok": False, "failed": step, "error": lines[-1]}
 
 
-def check_method(method: str, data: str, steps: int, episodes: int, folder: Path, device: str) -> dict[str, Any]:
-    run = folder / method
+def train(method: str, data: str, steps: int, run: Path, device: str, data_on_device: str) -> dict[str, Any]:
+    """Meta-train a few steps: the speed from the run's metrics, or the failure."""
     began = time.perf_counter()
     trained = fsltool("meta-train", f"omniglot/{method}-5w1s", f"data={data}", f"output={run}", f"train.episodes={steps}",
                       f"train.log_every={max(1, steps // 2)}", f"validation.every={steps}", "validation.episodes=20",
-                      f"device={device}", "--force", "-q")
+                      f"device={device}", f"data_on_device={data_on_device}", "--force", "-q")
     if trained.returncode:
         return failure("meta-train", trained)
-    seconds = time.perf_counter() - began
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["phase"] == "train"]
-    result: dict[str, Any] = {"train_seconds": round(seconds, 1), "episodes_per_s": train_rows[-1]["episodes_per_s"]}
+    return {"ok": True, "train_seconds": round(time.perf_counter() - began, 1), "episodes_per_s": train_rows[-1]["episodes_per_s"]}
+
+
+def check_method(method: str, data: str, steps: int, episodes: int, folder: Path, device: str) -> dict[str, Any]:
+    run = folder / method
+    result = train(method, data, steps, run, device, "true")
+    if not result["ok"]:
+        return result
     for where in ("device", "cpu"):
         began = time.perf_counter()
         evaluated = fsltool("evaluate", str(run), "--device", device if where == "device" else "cpu", "--episodes", str(episodes), "--json", "-", "-q")
@@ -58,6 +68,29 @@ def check_method(method: str, data: str, steps: int, episodes: int, folder: Path
     return result
 
 
+def check_export(run: Path, folder: Path, device: str) -> dict[str, Any]:
+    """Export the run and verify it under ONNX Runtime on ``device``: it must run there and agree with PyTorch."""
+    exported = fsltool("export", str(run), "--out", str(folder / "export"), "--device", device, "--verify-episodes", "20", "--json")
+    if exported.returncode:
+        return failure("export", exported)
+    check = json.loads(exported.stdout)["verification"]
+    on_device = (check["provider"] == "CUDAExecutionProvider") == device.startswith("cuda")
+    return {"ok": on_device and check["agreement"] >= 0.999, "provider": check["provider"], "agreement": check["agreement"]}
+
+
+def check_runtime(run: Path, out: Path, device: str, repeats: int) -> dict[str, Any]:
+    """ONNX Runtime against PyTorch, both on ``device`` (scripts/benchmark_runtime.py)."""
+    path = out / f"benchmark_runtime_{device.replace(':', '')}.json"
+    bench = subprocess.run([sys.executable, str(Path(__file__).parent / "benchmark_runtime.py"), str(run), "--device", device,
+                            "--repeats", str(repeats), "--json", str(path)], capture_output=True, text=True)
+    if bench.returncode:
+        return failure("benchmark_runtime", bench)
+    report = json.loads(path.read_text())
+    failed = [name for name, figures in report["results"].items() if "error" in figures]
+    return {"ok": not failed, "failed_runtimes": failed, "onnx_over_eager_batch100": report["onnx_over_eager_batch100"],
+            "results": report["results"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/omniglot.h5")
@@ -66,6 +99,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=100, help="stored test episodes evaluated on each device")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cuda", help="where to train and evaluate (cpu: a dry run of this script)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per runtime benchmark figure")
     args = parser.parse_args()
     import torch
 
@@ -73,21 +107,20 @@ def main() -> None:
         sys.exit("error: torch sees no CUDA device here; this script is for a GPU machine (--device cpu: a dry run)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
     report: dict[str, Any] = {"device": args.device, "gpu": gpu, "torch": torch.__version__, "steps": args.steps,
                               "episodes": args.episodes, "methods": {}}
     with tempfile.TemporaryDirectory() as folder:
         for method in args.methods.split(","):
             report["methods"][method] = check_method(method, args.data, args.steps, args.episodes, Path(folder), args.device)
             print(method, json.dumps(report["methods"][method]), flush=True)
-        import onnxruntime
-
-        if args.device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            bench = subprocess.run([sys.executable, "scripts/benchmark_runtime.py", str(Path(folder) / "protonet"), "--device", "cuda",
-                                    "--json", str(out / "benchmark_runtime_cuda.json")], capture_output=True, text=True)
-            report["runtime_cuda"] = "ok" if bench.returncode == 0 else (bench.stderr.strip().splitlines() or ["failed"])[-1]
-        else:
-            report["runtime_cuda"] = "not run: no GPU asked for, or this onnxruntime has no CUDAExecutionProvider"
+        protonet = Path(folder) / "protonet"
+        report["checks"] = {"protonet, images on the host": train("protonet", args.data, args.steps, Path(folder) / "host", args.device, "false")}
+        if report["methods"].get("protonet", {}).get("ok"):
+            report["checks"]["export verified under ONNX Runtime"] = check_export(protonet, Path(folder), args.device)
+            report["checks"]["ONNX Runtime vs PyTorch, same device"] = check_runtime(protonet, out, args.device, args.repeats)
+        for name, row in report["checks"].items():
+            print(name, json.dumps(row), flush=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"| method | train episodes/s ({args.device}) | accuracy {args.device} / cpu ({args.episodes} stored episodes) | check |")
     print("|---|---|---|---|")
@@ -96,8 +129,9 @@ def main() -> None:
             print(f"| {method} | | | FAILED at {row['failed']}: {row['error']} |")
         else:
             print(f"| {method} | {row['episodes_per_s']:.1f} | {row['accuracy_device']:.2f} / {row['accuracy_cpu']:.2f} | {'ok' if row['ok'] else 'MISMATCH'} |")
-    print("ONNX Runtime on CUDA:", report["runtime_cuda"])
-    sys.exit(0 if all(row.get("ok") for row in report["methods"].values()) else 1)
+    for name, row in report["checks"].items():
+        print(f"{name}: {'ok' if row['ok'] else 'FAILED'}", row.get("error", ""))
+    sys.exit(0 if all(row.get("ok") for row in [*report["methods"].values(), *report["checks"].values()]) else 1)
 
 
 if __name__ == "__main__":
