@@ -169,3 +169,63 @@ def test_evaluate_runs_at_the_precision_the_run_validated_at(synthetic_file: Pat
     code, out, err = run_cli("evaluate", str(tmp_path / "bf16"), "--episodes", "5", "--json", "-")
     assert code == 0, err
     assert json.loads(out)["precision"] == "bf16"
+
+
+# ---------------------------------------------------------------- --runtime onnx
+
+
+def test_onnx_runtime_gives_the_torch_scores_to_float_rounding(
+    trained_run: Path, synthetic_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every query's scores on every stored episode agree with PyTorch's (the embeddings come from ONNX Runtime,
+    the scoring is the method's own), so the predictions and accuracies are the same; the result says which ran."""
+    from fsltool.evaluate import episode_scores
+    from fsltool.runtime import OnnxModel
+
+    onnx_calls = []
+    original_run = OnnxModel.run
+    monkeypatch.setattr(OnnxModel, "run", lambda self, feeds: onnx_calls.append(1) or original_run(self, feeds))
+    method = load_trained(trained_run).method
+    shape = EpisodeShape(5, 5, 5)
+    with FewShotData(synthetic_file) as data:
+        support, query = data.stored_episodes("test", shape)
+        torch_scores = episode_scores(method, data, shape, support, query, "torch")
+        onnx_scores = episode_scores(method, data, shape, support, query, "onnx")
+        assert onnx_calls  # the images went through ONNX Runtime
+        result = evaluate(method, data, "test", shape, runtime="onnx")
+        torch_result = evaluate(method, data, "test", shape)
+    assert onnx_scores.shape == (30, 25, 5)
+    torch.testing.assert_close(onnx_scores, torch_scores, rtol=1e-4, atol=1e-4 * float(torch_scores.abs().max()))
+    torch.testing.assert_close(onnx_scores.argmax(-1), torch_scores.argmax(-1))
+    assert result.runtime == "onnx" and result.to_json()["runtime"] == "onnx"
+    np.testing.assert_array_equal(result.accuracies, torch_result.accuracies)
+    assert torch_result.runtime == "torch"
+
+
+def test_onnx_runtime_refuses_what_it_cannot_run_exactly(trained_run: Path, synthetic_file: Path) -> None:
+    from fsltool.methods import build_method
+    from fsltool.models import build_backbone
+
+    method = load_trained(trained_run).method
+    reptile = build_method("reptile", build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4), {"way": 5})
+    shape = EpisodeShape(5, 1, 5)
+    with FewShotData(synthetic_file) as data:
+        with pytest.raises(FsltoolError, match=r"--runtime onnx: method 'reptile' does not embed each image once"):
+            evaluate(reptile, data, "test", shape, runtime="onnx")
+        with pytest.raises(FsltoolError, match=r"runtime must be one of torch, onnx, got 'tvm'"):
+            evaluate(method, data, "test", shape, runtime="tvm")
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(FsltoolError, match=r"--runtime onnx runs the float32 graph.*bf16"):
+            evaluate(method, data, "test", shape, runtime="onnx")
+
+
+def test_evaluate_cli_runtime_option(trained_run: Path) -> None:
+    import json
+
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli("evaluate", str(trained_run), "--episodes", "8", "--runtime", "onnx", "--json", "-")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["runtime"] == "onnx" and payload["episodes"] == 8
+    code, _, err = run_cli("evaluate", str(trained_run), "--runtime", "tvm")
+    assert code == 2 and "'tvm' is not one of 'torch', 'onnx'" in err
