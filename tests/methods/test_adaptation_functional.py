@@ -210,6 +210,25 @@ def test_reptile_per_task_path_equals_the_grouped_path(options: dict[str, object
     torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("images_per_pass", [1, 20, 10_000], ids=["pair-by-pair", "query-chunks", "tasks-side-by-side"])
+@pytest.mark.parametrize("kind", ["grouped", "per-task"])
+def test_per_query_statistics_equal_one_pass_per_query(images_per_pass: int, kind: str) -> None:
+    """per_query_bn's passes (a task's queries interleaved with repeated support images, one set of BatchNorm
+    statistics per query; one query, some queries or several whole tasks per pass) give each query the scores of
+    a pass over its task's support set plus itself alone."""
+    method = tiny_reptile(None if kind == "grouped" else opaque_conv4())
+    network = method.network
+    generator = torch.Generator().manual_seed(5)
+    support, query = torch.rand(3, 4, 1, 28, 28, generator=generator).double(), torch.rand(3, 6, 1, 28, 28, generator=generator).double()
+    params = [p.detach() + 0.1 * torch.randn(3, *p.shape, generator=generator, dtype=p.dtype) for p in network.parameters]
+    with torch.no_grad():
+        got = network.per_query_logits(params, support, query, images_per_pass)
+        alone = torch.stack([torch.stack([network.logits([p[t : t + 1] for p in params], torch.cat([support[t], query[t, j : j + 1]])[None])[0, -1]
+                                          for j in range(6)]) for t in range(3)])
+    assert got.shape == (3, 6, 3)
+    torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-12)
+
+
 def test_per_task_path_puts_only_batchnorm_in_training_mode() -> None:
     """Dropout after the body stays off in eval mode (scores are repeatable and equal the module's own eval-mode
     forward with BatchNorm on batch statistics), and every layer gets its own mode back."""

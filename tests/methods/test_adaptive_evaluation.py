@@ -45,7 +45,7 @@ def test_episodes_scored_together_equal_each_scored_alone(name: str, options: di
         method.head.weight.normal_(0, 0.3)  # a head that already separates classes, so the scores differ by episode
     method.eval()
     method.images_per_pass = 80  # episodes of 36 images: passes of 2, 2 and 1 episodes
-    # 5 episodes x 30 queries: 150 (episode, query) pairs, more than one pass of per-query BatchNorm (128 pairs)
+    # per-query BatchNorm: 30 queries of 7 images (support + itself) per episode, 11 queries per pass of 80 images
     support, labels, query = episodes(5, way=3, shot=2, query=10)
     with torch.no_grad():
         together = method.score_episodes(support, labels, query)

@@ -1,0 +1,113 @@
+"""Reptile's evaluation with per-query BatchNorm (the paper's non-transductive protocol), and where its time goes:
+the test-time fine-tuning (``train_copies``: test_inner_steps minibatches per episode) against the query scoring
+(``per_query_logits``: each query normalised with the statistics of the support set plus itself, so S+1 images
+per query).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_reptile_evaluation.py --recipe omniglot/reptile-5w1s --episodes 48
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_reptile_evaluation.py --recipe omniglot/reptile-20w5s --episodes 2
+    .venv/bin/python scripts/benchmark_reptile_evaluation.py --run runs/omniglot/reptile-5w1s --episodes 600
+
+The network comes from ``--run`` (its best checkpoint) or, with ``--recipe``, is the recipe's method as
+initialised: the weights do not change the speed. Wall-clock and CPU seconds of ``evaluate`` on the first
+``--episodes`` stored test episodes of the recipe's test shape, extrapolated to 600; on a machine shared with other
+jobs the CPU seconds of a one-thread run are the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from fsltool.builtin_recipes import find_recipe
+from fsltool.checkpoint import load_trained
+from fsltool.data.episodes import EpisodeShape
+from fsltool.data.store import FewShotData
+from fsltool.evaluate import evaluate
+from fsltool.methods import build_method
+from fsltool.methods.reptile import Reptile
+from fsltool.models import build_backbone
+from fsltool.recipe import Recipe, load_recipe
+
+
+@contextmanager
+def timed(owner: Any, name: str, seconds: list[float]) -> Iterator[None]:
+    """Add the wall-clock seconds of every call of ``owner.name`` to ``seconds[0]`` while active."""
+    original: Callable[..., Any] = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def reptile_of(args: argparse.Namespace, data: FewShotData) -> tuple[Reptile, Recipe]:
+    if args.run:
+        trained = load_trained(args.run)
+        method, recipe = trained.method, trained.recipe
+    else:
+        recipe = load_recipe(find_recipe(args.recipe).path)
+        torch.manual_seed(0)
+        backbone = build_backbone(recipe.backbone, data.image_shape[0], data.mean, data.std, **recipe.backbone_options)
+        method = build_method(recipe.method, backbone, recipe.method_options)
+    assert isinstance(method, Reptile), f"not a Reptile model: {recipe.method}"
+    return method, recipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run")
+    source.add_argument("--recipe")
+    parser.add_argument("--data", default="data/omniglot.h5")
+    parser.add_argument("--episodes", type=int, default=48)
+    parser.add_argument("--json", dest="json_out", default=None)
+    args = parser.parse_args()
+
+    with FewShotData(args.data) as data:
+        method, recipe = reptile_of(args, data)
+        shape = EpisodeShape.parse(recipe.test_shape)
+        fine_tuning, scoring = [0.0], [0.0]
+        with timed(method, "train_copies", fine_tuning), timed(method.network, "per_query_logits", scoring):
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = evaluate(method, data, "test", shape, episodes=args.episodes)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    scale = 600 / len(result.accuracies)
+    figures = {
+        "model": args.run or f"{args.recipe} (as initialised)",
+        "shape": str(shape),
+        "per_query_bn": method.per_query_bn,
+        "episodes": len(result.accuracies),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "fine_tuning_wall_s": round(fine_tuning[0], 2),
+        "query_scoring_wall_s": round(scoring[0], 2),
+        "wall_s_per_600_episodes": round(wall * scale, 1),
+        "cpu_s_per_600_episodes": round(cpu * scale, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                   f"load average {os.getloadavg()[0]:.1f} at the end",
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w") as file:
+            json.dump(figures, file, indent=2)
+            file.write("\n")
+
+
+if __name__ == "__main__":
+    main()
