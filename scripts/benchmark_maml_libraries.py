@@ -8,7 +8,8 @@ ReLU], channels_last for the libraries, NCHW inside fsltool's per-task networks)
 own batch, queries included (transductive): that is what the libraries do with a module in train mode, so fsltool
 runs with ``transductive_bn: true`` here; its default (queries normalised with the support statistics, computed in
 one pass over support and queries) is timed as an extra row, and so are a smaller ``task_chunk`` (tasks per grouped
-pass: less memory, more time) and other ``query_chunk`` values (tasks per grouped query pass).
+pass: less memory, more time) and other ``query_chunk`` values (tasks per grouped query pass). fsltool's two steps
+(``method_options.step``): ``grouped`` (the default, tasks side by side) and ``lean`` (one task at a time).
 
 Every case runs in a fresh subprocess: its peak memory is ru_maxrss at the end minus ru_maxrss after importing
 torch and building the model and optimizer. fsltool's cases run with this interpreter; the libraries' with
@@ -58,7 +59,7 @@ WAY, SHOT, QUERY, TASKS, INNER_STEPS, INNER_LR, OUTER_LR = 5, 1, 15, 32, 5, 0.4,
 # name -> (implementation, second order, runs under the side environment, fsltool's task_chunk and query_chunk,
 # 0: the method's default)
 CASES: dict[str, tuple[str, bool, bool, int, int]] = {
-    "fsltool per-task, 2nd order": ("fsltool-loop", True, False, 0, 0),
+    "fsltool lean, 2nd order": ("fsltool-lean", True, False, 0, 0),
     "fsltool grouped, 2nd order": ("fsltool-grouped", True, False, 0, 0),
     "fsltool grouped, queries 1 task per pass, 2nd order": ("fsltool-grouped", True, False, 0, 1),
     "fsltool grouped, queries 2 tasks per pass, 2nd order": ("fsltool-grouped", True, False, 0, 2),
@@ -66,7 +67,7 @@ CASES: dict[str, tuple[str, bool, bool, int, int]] = {
     "fsltool grouped, 2nd order, support-statistics BN": ("fsltool-grouped-support-bn", True, False, 0, 0),
     "higher 0.2.1, 2nd order": ("higher", True, True, 0, 0),
     "learn2learn 0.2.0, 2nd order": ("learn2learn", True, True, 0, 0),
-    "fsltool per-task, 1st order": ("fsltool-loop", False, False, 0, 0),
+    "fsltool lean, 1st order": ("fsltool-lean", False, False, 0, 0),
     "fsltool grouped, 1st order": ("fsltool-grouped", False, False, 0, 0),
     "learn2learn 0.2.0, 1st order": ("learn2learn", False, True, 0, 0),
 }
@@ -100,9 +101,8 @@ def fsltool_step(kind: str, second_order: bool, task_chunk: int, query_chunk: in
 
     shape = EpisodeShape(WAY, SHOT, QUERY)
     options = {"way": WAY, "inner_steps": INNER_STEPS, "inner_lr": INNER_LR, "first_order": not second_order,
-               "transductive_bn": kind != "fsltool-grouped-support-bn"}
+               "transductive_bn": kind != "fsltool-grouped-support-bn", "step": "lean" if kind == "fsltool-lean" else "grouped"}
     method = build_method("maml", build_backbone("conv4-strided", 1, [0.1], [0.3]), options)
-    method.group_tasks = kind != "fsltool-loop"  # type: ignore[attr-defined]
     if task_chunk:
         method.task_chunk = task_chunk  # type: ignore[attr-defined]
     if query_chunk:
