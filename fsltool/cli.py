@@ -39,14 +39,17 @@ class FsltoolGroup(click.Group):
 
 @click.group(cls=FsltoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fsltool")
-def main() -> None:
+@click.option("--no-tuning", is_flag=True,
+              help="leave glibc's allocator at its defaults (otherwise freed memory is kept for reuse: faster steps, memory held at its peak)")
+def main(no_tuning: bool) -> None:
     """Few-shot classification by meta-learning: prepare -> meta-train -> evaluate -> export.
 
     Example: fsltool meta-train omniglot/protonet-5w1s
     """
     from fsltool.platform_tuning import tune_allocator
 
-    tune_allocator()
+    if not no_tuning:
+        tune_allocator()
 
 
 # ---------------------------------------------------------------- prepare
@@ -72,6 +75,8 @@ def _episode_options_with(shapes: str) -> Callable[[Callable[..., Any]], Callabl
         click.option("--episodes", default=600, show_default=True, help="stored episodes per shape and split"),
         click.option("--episode-seed", default=0, show_default=True, help="seed of the stored episodes"),
         click.option("--episode-splits", default="val,test", show_default=True, help="splits to store episodes for"),
+        click.option("--unknowns", is_flag=True,
+                     help="also store unknown-class queries per episode (open-set evaluation: calibrate --reject-rate, evaluate --open-set)"),
         click.option("--skip-bad", is_flag=True, help="skip unreadable images (and report how many) instead of stopping"),
         click.option("--force", is_flag=True, help="replace OUT if it exists"),
         quiet_option,
@@ -89,8 +94,8 @@ _ignore_other_classes_option = click.option(
     help="leave out class folders the split does not list (e.g. the rest of ImageNet) instead of stopping")
 
 
-def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, query: int, episodes: int,
-                 episode_seed: int, episode_splits: str, skip_bad: bool, force: bool, quiet: bool, as_json: bool) -> None:
+def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, query: int, episodes: int, episode_seed: int,
+                 episode_splits: str, unknowns: bool, skip_bad: bool, force: bool, quiet: bool, as_json: bool) -> None:
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.pack import EpisodePlan, pack
@@ -102,6 +107,7 @@ def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, quer
         splits=tuple(s.strip() for s in episode_splits.split(",") if s.strip()),
         episodes=episodes,
         seed=episode_seed,
+        unknowns=unknowns,
     )
     report = pack(listing_factory(), out, plan, skip_bad=skip_bad, overwrite=force, quiet=quiet or as_json)
     if as_json:
@@ -301,6 +307,31 @@ def prepare_fc100(root: str, out: str, **common: Any) -> None:
     _run_prepare(lambda: fc100(root=root), out, **common)
 
 
+@prepare.command("unknowns")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="write the result here (default: replace DATA)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@quiet_option
+@json_option
+def prepare_unknowns(data: str, out: str | None, force: bool, quiet: bool, as_json: bool) -> None:
+    """Add unknown-class queries to every stored episode set of a DATA file that has none: per episode, as many
+    queries as it has, from as many classes of its split outside the episode (seeded by the episode seed, so they
+    equal those prepare --unknowns stores). A new file replaces DATA (or is written to OUT) by one rename.
+
+    Example: fsltool prepare unknowns data/omniglot.h5 --out data/omniglot-open.h5
+    """
+    from fsltool.data.unknowns import add_unknowns
+
+    report = add_unknowns(data, out, force=force)
+    if as_json:
+        _echo_json({"path": str(report.path), "added": report.added, "present": report.present})
+    elif not quiet:
+        from fsltool.console import console
+
+        console.print(f"wrote {report.path}: unknown-class queries added to {len(report.added)} episode sets"
+                      f"{f', {len(report.present)} had them already' if report.present else ''}", highlight=False)
+
+
 # ---------------------------------------------------------------- meta-train and recipes
 
 
@@ -492,10 +523,14 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--method", "classifier", default=None,
               help="score with another classifier over the run's backbone, e.g. baseline or baseline++ on a pretraining run")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (auto: CUDA where torch sees a GPU)")
+@click.option("--calibration", is_flag=True, help="also NLL and expected calibration error (15 bins) before and after the run's temperature (fsltool calibrate)")
+@click.option("--open-set", is_flag=True, help="also AUROC of known against stored unknown-class queries and the accept/reject trade-off")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="what embeds the images: PyTorch, or ONNX Runtime (methods that embed each image once; same scores to float rounding)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
-             device: str, quiet: bool) -> None:
+             device: str, calibration: bool, open_set: bool, runtime: str, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -506,18 +541,24 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
-    from fsltool.device import resolve_device
+    from fsltool.device import prepare_device, resolve_device
     from fsltool.evaluate import evaluate as run_evaluation
     from fsltool.loop import autocast_for
 
     if episodes is not None and episodes < 1:
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
+    confidence = calibration or open_set
+    if confidence and (untrained or classifier or by_instance or sample_seed is not None):
+        raise FsltoolError("--calibration and --open-set evaluate the run's own trained method on stored episodes: they do not "
+                           "go with --untrained, --method, --by-instance or --sample-seed")
     target = resolve_device(device, "--device")
+    prepare_device(target, repeating_shapes=False)
     trained = load_trained(run, which)
     method = untrained_like(trained) if untrained else trained.method
     method = (with_classifier(method, classifier) if classifier else method).to(target)
     method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
+    report: dict[str, Any] = {}  # --calibration / --open-set
     with FewShotData(data_path or trained.recipe.data) as data:
         if by_instance:
             from fsltool.by_instance import accuracy_by_instance
@@ -527,9 +568,13 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
                                                "data": data.path}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
-            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
+        if confidence:
+            from fsltool.calibration import confidence_report
+
+            report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
-               "method": method_name, "precision": trained.recipe.precision}
+               "method": method_name, "precision": trained.recipe.precision, **report}
     if json_out == "-":
         _write_json("-", payload)
         return
@@ -541,6 +586,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         console.print(table)
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
                f"{'transductive' if result.transductive else 'non-transductive'})")
+    if report:
+        _print_confidence(report, f"{split}, {len(result.accuracies)} stored {episode_shape} episodes", quiet)
     if json_out:
         _write_json(json_out, payload)
 
@@ -565,6 +612,89 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, str], json_out
         _write_json(json_out, payload)
 
 
+# ---------------------------------------------------------------- calibrate
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--shape", default=None, help="stored validation episode shape (default: the recipe's test_shape)")
+@click.option("--episodes", type=click.IntRange(min=1), default=None, help="the first N stored validation episodes (default all)")
+@click.option("--data", "data_path", default=None, help="data file (default: the recipe's)")
+@click.option("--reject-rate", type=float, default=None,
+              help="also fit an open-set threshold: the fraction of unknown-class validation queries it lets through "
+                   "(false-accept rate), e.g. 0.05; needs stored unknowns (prepare --unknowns / prepare unknowns)")
+@click.option("--open-set-score", type=click.Choice(["score", "probability"]), default="score", show_default=True,
+              help="what the threshold compares: the method's top raw score (ProtoNet: minus the squared distance to the "
+                   "nearest prototype), or the calibrated top probability (depends on how many classes compete)")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@quiet_option
+@json_option
+def calibrate(run: str, which: str, shape: str | None, episodes: int | None, data_path: str | None, reject_rate: float | None,
+              open_set_score: str, device: str, quiet: bool, as_json: bool) -> None:
+    """Fit a RUN's softmax temperature on its stored validation episodes (and, with --reject-rate, a "none of
+    these" threshold) into RUN/calibration.json; export, enroll and predict then use it.
+
+    Example: fsltool calibrate runs/omniglot/protonet-5w1s --reject-rate 0.05
+    """
+    from fsltool.calibration import calibrate as fit_calibration
+    from fsltool.checkpoint import load_trained
+    from fsltool.data.episodes import EpisodeShape
+    from fsltool.data.store import FewShotData
+    from fsltool.device import resolve_device
+
+    target = resolve_device(device, "--device")
+    trained = load_trained(run, which)
+    trained.method.to(target)
+    episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
+    with FewShotData(data_path or trained.recipe.data) as data:
+        fit = fit_calibration(trained, data, episode_shape, episodes=episodes, reject_rate=reject_rate, open_set_score=open_set_score)
+    if as_json:
+        _echo_json({"file": str(fit.path), **fit.record, **fit.calibration.to_json()})
+        return
+    _print_confidence({"calibration": fit.record["validation"]}, f"validation, {fit.record['fitted_on']['episodes']} stored {episode_shape} episodes", quiet)
+    open_set = fit.record["validation"]["open_set"]
+    if open_set is not None:
+        click.echo(f"open-set threshold {fit.calibration.open_set.threshold:.6g} on the {open_set_score}: accepts "
+                   f"{100 * open_set['unknown_accepted']:.2f}% of {open_set['unknown_queries']} unknown and rejects "
+                   f"{100 * open_set['known_rejected']:.2f}% of known validation queries")
+    click.echo(f"temperature {fit.calibration.temperature:.4f} written to {fit.path}")
+
+
+def _print_confidence(report: dict[str, Any], title: str, quiet: bool) -> None:
+    """Tables of evaluate --calibration / --open-set and of calibrate: NLL and ECE before and after the temperature;
+    AUROC and the accept/reject trade-off."""
+    from rich.table import Table
+
+    from fsltool.console import console
+
+    calibration, open_set = report.get("calibration"), report.get("open_set")
+    if calibration is not None:
+        table = Table(title=f"calibration, {title} ({calibration['queries']} queries, ECE over {calibration['ece_bins']} bins)")
+        for column in ("", "NLL", "ECE (%)"):
+            table.add_column(column)
+        for row, label in (("before", "softmax(scores)"), ("after", f"softmax(scores / {calibration['temperature']:.4f})")):
+            table.add_row(label, f"{calibration[row]['nll']:.4f}", f"{100 * calibration[row]['ece']:.2f}")
+        if not quiet:
+            console.print(table)
+    if open_set is None:
+        return
+    auroc = ", ".join(f"{value:.4f} by top {name}" for name, value in open_set["auroc"].items())
+    click.echo(f"open set, {title}: AUROC {auroc} ({open_set['known_queries']} known, {open_set['unknown_queries']} unknown queries, "
+               f"temperature {open_set['temperature']:.4f})")
+    table = Table(title=f"accept/reject trade-off by the top {open_set['score']} (accuracy without rejection {100 * open_set['accuracy']:.2f}%)")
+    for column in ("threshold set by", "threshold", "unknown accepted (%)", "known rejected (%)", "accuracy on accepted (%)", "open-set accuracy (%)"):
+        table.add_column(column)
+    stored = open_set["stored_threshold"]
+    rows = ([(f"stored (val, {stored['false_accept_rate']:.0%})", stored)] if stored else []) + [
+        (f"{row['target_unknown_accepted']:.0%} of unknowns", row) for row in open_set["trade_off"]]
+    for label, row in rows:
+        table.add_row(label, f"{row['threshold']:.6g}", f"{100 * row['unknown_accepted']:.2f}", f"{100 * row['known_rejected']:.2f}",
+                      f"{100 * row['accuracy_accepted']:.2f}", f"{100 * row['open_set_accuracy']:.2f}")
+    if not quiet:
+        console.print(table)
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -574,7 +704,7 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, str], json_out
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--verify-episodes", default=100, show_default=True, help="stored test episodes to check ONNX Runtime against PyTorch on (0: skip)")
 @click.option("--data", "data_path", default=None, help="data file for verification (default: the recipe's)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="ONNX Runtime device for verification")
+@click.option("--device", default="auto", show_default=True, help="ONNX Runtime device for verification: auto | cpu | cuda | cuda:N")
 @quiet_option
 @json_option
 def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data_path: str | None, device: str, quiet: bool, as_json: bool) -> None:
@@ -584,7 +714,9 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
     """
     from fsltool.console import console
     from fsltool.export import export_run
+    from fsltool.runtime import device_index
 
+    device_index(device)  # a bad name is refused before the export, not after it
     report = export_run(run, out_dir, which=which, data_path=data_path, verify_episodes=verify_episodes, device=device)
     check = report.verification
     if check is not None and check.agreement < 0.999:
@@ -609,7 +741,7 @@ def export(run: str, out_dir: str | None, which: str, verify_episodes: int, data
 @click.argument("model", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(), metavar="[SUPPORT] QUERIES...")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True, help="with a run folder")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="with an export or enrolled folder")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N, with an export or enrolled folder (ONNX Runtime)")
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="also list the K best classes of each query")
 @json_option
 @quiet_option
@@ -623,7 +755,9 @@ def predict(model: str, inputs: tuple[str, ...], which: str, device: str, top: i
     Example: fsltool predict runs/omniglot/protonet-5w1s/export my_support/ query1.png query_folder/
     """
     from fsltool.predict import is_enrolled, predict_enrolled, predict_onnx, predict_torch
+    from fsltool.runtime import device_index
 
+    device_index(device)
     if is_enrolled(model):
         predictions, provider = predict_enrolled(model, list(inputs), device, top)
     elif len(inputs) < 2:
@@ -637,7 +771,8 @@ def predict(model: str, inputs: tuple[str, ...], which: str, device: str, top: i
         return
     for p in predictions:
         ranked = "".join(f"\t{r.label}\t{r.probability:.4f}" for r in p.top[1:])
-        click.echo(f"{p.query}\t{p.label}\t{p.probability:.4f}{ranked}")
+        nearest = f"\t(nearest {p.nearest})" if p.unknown else ""  # below the model's open-set threshold
+        click.echo(f"{p.query}\t{p.label or 'unknown'}\t{p.probability:.4f}{nearest}{ranked}")
     if quiet:
         return
     from fsltool.console import console

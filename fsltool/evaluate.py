@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels, stack_episodes
-from fsltool.device import device_of
+from fsltool.device import device_of, work_sizes
 from fsltool.data.store import FewShotData
+from fsltool.data.transfer import upload
+from fsltool.errors import FsltoolError
 from fsltool.methods import Method
 
-EMBED_BATCH = 128  # Conv-4 on 2 CPU cores runs fastest at about 100-200 images per call (cache-sized)
-SCORE_BATCH_ELEMENTS = 2**24  # cap on episodes x queries x way x feature size per scoring call (memory)
 SUPPORT_ORDER_SEED = 0  # with the episode's index, seeds the support order an order-sensitive method is shown
 CLASS_SORTED, SHUFFLED = "class-sorted", "shuffled (seeded per episode)"  # EvalResult.support_order
 
@@ -32,6 +32,7 @@ class EvalResult:
     episodes_from: str  # "stored" or "sampled (seed N)"
     transductive: bool = False  # True when queries of an episode influence each other's scores (BatchNorm)
     support_order: str = CLASS_SORTED  # the order the support set was shown in: CLASS_SORTED or SHUFFLED
+    runtime: str = "torch"  # what embedded the images: a key of RUNTIMES
 
     @property
     def accuracy(self) -> float:
@@ -55,6 +56,7 @@ class EvalResult:
             "episodes_from": self.episodes_from,
             "transductive": self.transductive,
             "support_order": self.support_order,
+            "runtime": self.runtime,
         }
 
 
@@ -73,13 +75,30 @@ def inference_copy(network: nn.Module, example: torch.Tensor) -> Callable[[torch
         return network
 
 
+def onnx_copy(network: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ONNX Runtime copy (fsltool.export.onnx_inference_copy), imported when asked for: onnx and onnxruntime
+    would add their import time to every command that evaluates (training's validation too)."""
+    from fsltool.export import onnx_inference_copy
+
+    return onnx_inference_copy(network, example)
+
+
+# What embeds the images in evaluation (``evaluate --runtime``): the network and a first batch -> a copy to call.
+RUNTIMES: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "torch": inference_copy,
+    "onnx": onnx_copy,
+}
+
+
 @torch.inference_mode()
-def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True) -> torch.Tensor:
-    """Embeddings of the images at ``indices`` (eval mode), computed in cache-sized batches on the method's device."""
+def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True, runtime: str = "torch") -> torch.Tensor:
+    """Embeddings of the images at ``indices`` (eval mode), computed on the method's device in batches of its
+    ``work_sizes`` (on the CPU cache-sized: Conv-4 on 2 cores runs fastest at about 100-200 images per call)."""
     device = device_of(method)
-    batches = (data.images(indices[i : i + EMBED_BATCH]).to(device) for i in range(0, len(indices), EMBED_BATCH))
+    size = work_sizes(device).embed_images
+    batches = (data.images(indices[i : i + size], device) for i in range(0, len(indices), size))
     first = next(batches)
-    embed = inference_copy(method.embedding_network(), first) if frozen else method.embed
+    embed = RUNTIMES[runtime](method.embedding_network(), first) if frozen else method.embed
     return torch.cat([embed(first), *(embed(batch) for batch in batches)])
 
 
@@ -92,40 +111,42 @@ def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
 
 
 def episode_accuracies(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch"
 ) -> np.ndarray:
     """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs."""
     query_labels = episode_labels(shape)[1]
-    scores = episode_scores(method, data, shape, support, query)
+    scores = episode_scores(method, data, shape, support, query, runtime)
     return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
 
 
 def episode_scores(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch"
 ) -> torch.Tensor:
     """Scores (episodes, queries, way) on the CPU. ``query`` may hold more images per episode than ``shape``
     lays out (e.g. unknown-class queries after the known ones): each is scored against the support set (their
     labels are not read).
-    Episode-independent embeddings are computed once per distinct image; other methods score
+    Episode-independent embeddings are computed once per distinct image, by the copy ``runtime`` names (a key of
+    RUNTIMES: any runtime can run this one network, and the scores stay in PyTorch); other methods score
     ``method.episodes_per_call`` episodes per call under no_grad, which a method that adapts at test time (MAML)
     may re-enable.
 
     Stored and sampled episodes are laid out class by class. An ``order_sensitive`` method (MANN, SNAIL: trained on
     shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
     in the seeded order of ``support_orders``, episode i of ``support`` taking order i."""
+    check_runtime(method, runtime)
     support_labels = np.tile(episode_labels(shape)[0].numpy(), (len(support), 1))
     if method.order_sensitive:
         order = support_orders(np.arange(len(support)), support.shape[1])
         support, support_labels = np.take_along_axis(support, order, 1), np.take_along_axis(support_labels, order, 1)
-    labels = torch.from_numpy(support_labels)
+    labels = upload(torch.from_numpy(support_labels), device_of(method))
     was_training = method.training
     method.eval()
     try:
         if method.embeds_independently:
-            return _scores_from_embeddings(method, data, shape, support, labels, query)
+            return _scores_from_embeddings(method, data, shape, support, labels, query, runtime)
         scores, device, step = [], device_of(method), method.episodes_per_call
         for start in range(0, len(support), step):
-            episodes = [replace(data.episode(s, q, shape), support_labels=s_labels).to(device)
+            episodes = [replace(data.episode(s, q, shape, device), support_labels=s_labels)
                         for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
             stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
             with torch.no_grad():
@@ -135,20 +156,29 @@ def episode_scores(
         method.train(was_training)
 
 
+def check_runtime(method: Method, runtime: str) -> None:
+    """Only the torch runtime runs a whole method; the others run an embedding network computed once per image."""
+    if runtime not in RUNTIMES:
+        raise FsltoolError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "torch" and not method.embeds_independently:
+        raise FsltoolError(f"--runtime {runtime}: method {method.name!r} does not embed each image once, independently "
+                           "of its episode, so it evaluates with --runtime torch only")
+
+
 @torch.inference_mode()
 def _scores_from_embeddings(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, support_labels: torch.Tensor,
-    query: np.ndarray,
+    query: np.ndarray, runtime: str,
 ) -> torch.Tensor:
     device = device_of(method)
     support_labels = support_labels.to(device)
     unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
-    embeddings = embed_all(method, data, unique)  # (images, *feature shape): vectors or feature maps
+    embeddings = embed_all(method, data, unique, runtime=runtime)  # (images, *feature shape): vectors or feature maps
     feature_shape = embeddings.shape[1:]
     inverse = torch.from_numpy(inverse).to(device)
     support_emb = embeddings[inverse[: support.size]].view(*support.shape, *feature_shape)
     query_emb = embeddings[inverse[support.size :]].view(*query.shape, *feature_shape)
-    per_call = max(1, SCORE_BATCH_ELEMENTS // (query.shape[1] * shape.way * feature_shape.numel()))
+    per_call = max(1, work_sizes(device).score_elements // (query.shape[1] * shape.way * feature_shape.numel()))
     scores = []
     for i in range(0, len(support), per_call):
         s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
@@ -178,10 +208,11 @@ def evaluate(
     *,
     episodes: int | None = None,
     sample_seed: int | None = None,
+    runtime: str = "torch",
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
-    ``sample_seed`` when given (any shape the split can supply)."""
+    ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``."""
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
-    accuracies = episode_accuracies(method, data, shape, support, query)
+    accuracies = episode_accuracies(method, data, shape, support, query, runtime)
     return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)),
-                      SHUFFLED if method.order_sensitive else CLASS_SORTED)
+                      SHUFFLED if method.order_sensitive else CLASS_SORTED, runtime)

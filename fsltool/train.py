@@ -18,8 +18,8 @@ from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import Episode, EpisodeShape
-from fsltool.data.store import FewShotData
-from fsltool.device import resolve_device
+from fsltool.data.store import FewShotData, open_for_run
+from fsltool.device import prepare_device, resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import FolderLock
@@ -48,6 +48,7 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     """Meta-train ``recipe``: in this process, or, under torchrun, as one of WORLD_SIZE data-parallel processes
     (fsltool.distributed) of which rank 0 alone writes the run folder and validates."""
     device = resolve_device(recipe.device, "recipe key 'device'")
+    prepare_device(device, repeating_shapes=True)  # one training episode shape, step after step
     group = join(device)
     try:
         with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
@@ -90,15 +91,14 @@ def build_for_training(recipe: Recipe, data: FewShotData, device: torch.device, 
 
 def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
     share = group.share(recipe.train.meta_batch)
-    data = FewShotData(recipe.data)
+    data = open_for_run(recipe.data, recipe.data_on_device, device)
     train_shape = EpisodeShape.parse(recipe.train.shape)
     val_shape = stored_shapes_needed(recipe, data)
     method, config = build_for_training(recipe, data, device, resume=resume)
     if not method.meta_trainable:
         raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "
                            "(recipe method: " + recipe.method + ") or meta-train protonet")
-    if group.world > 1:
-        method.task_share = TaskShare(share.start, recipe.train.meta_batch)
+    task_share = TaskShare(share.start, recipe.train.meta_batch) if group.world > 1 else None  # handed to every meta_step
     parameters = trainable_parameters(method)
     optimizer, scheduler = make_optimizer(recipe.train, parameters, recipe.train.episodes)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -127,7 +127,8 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
             run.truncate_metrics("episode", start)
     if group.writer:
         run.save_recipe(recipe)
-    batches = MetaBatches(data, sampler, recipe.train.meta_batch, share, recipe.train.episodes - start, prefetch=recipe.train.prefetch)
+    batches = MetaBatches(data, sampler, recipe.train.meta_batch, share, recipe.train.episodes - start, prefetch=recipe.train.prefetch,
+                          device=device)
 
     def checkpoint_at(episode: int) -> Callable[[Path, float], None]:
         def write(path: Path, elapsed: float) -> None:
@@ -140,7 +141,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         return write
 
     def next_batch(episode: int) -> list[Episode]:
-        batch = [task.to(device) for task in batches.next()]
+        batch = batches.next()
         if recipe.train.augment.kind == "none":  # no per-episode generator is built when augmentation is off
             return batch
         return [augment_episode(task, recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
@@ -151,7 +152,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(method)
         with autocast_for(recipe.precision, device, method):
-            outputs: list[StepOutput] = method.meta_step(batch)
+            outputs: list[StepOutput] = method.meta_step(batch, task_share)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
         loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
         correct = torch.stack([(output.scores.argmax(-1) == one.query_labels).sum() for output, one in zip(outputs, batch)]).sum()

@@ -53,8 +53,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from fsltool.data.episodes import Episode, stack_episodes
+from fsltool.device import device_of, work_sizes
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, StepOutput, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
+from fsltool.methods.base import ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
 from fsltool.methods.protonet import prototype_scores
 from fsltool.models.backbones import Backbone
 
@@ -127,16 +128,34 @@ def normalized_by_rows(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     return normalized if bias is None else normalized + bias.view(mean.shape)
 
 
+def normalized_by_groups(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:
+    """Batch normalisation of ``groups`` sets of images, each with its own batch statistics, the sets interleaved
+    (image i * groups + g belongs to set g): one native F.batch_norm over the (N / groups, groups * C, ...) view,
+    in which set g's channel c is channel g * C + c. groups = 1 is plain batch normalisation."""
+    shape = x.shape
+    grouped = x.reshape(shape[0] // groups, groups * shape[1], *shape[2:])
+    weight, bias = (None if p is None else p.repeat(groups) for p in (weight, bias))
+    return F.batch_norm(grouped, None, None, weight, bias, training=True, eps=eps).reshape(shape)
+
+
+def normalized(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: int | None, groups: int, eps: float) -> torch.Tensor:
+    """Batch normalisation with the statistics of the first ``rows`` images, or (None) of each of ``groups`` sets."""
+    if rows is None:
+        return normalized_by_groups(x, weight, bias, groups, eps)
+    return normalized_by_rows(x, weight, bias, rows, eps)
+
+
 BATCH_NORM = inspect.signature(F.batch_norm)
 
 
-class RowStatistics(TorchFunctionMode):
+class BatchStatistics(TorchFunctionMode):
     """While active, every F.batch_norm (the forward of every nn.BatchNorm layer) normalises its whole input with
-    the statistics of its first ``rows`` images, and leaves the running statistics alone."""
+    the statistics of its first ``rows`` images, or (rows None) of each of its ``groups`` interleaved sets of
+    images (``normalized``), and leaves the running statistics alone."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int | None, groups: int) -> None:
         super().__init__()
-        self.rows = rows
+        self.rows, self.groups = rows, groups
 
     def __torch_function__(
         self, func: Callable[..., Any], types: object, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
@@ -145,7 +164,8 @@ class RowStatistics(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         call = BATCH_NORM.bind(*args, **(kwargs or {}))
         call.apply_defaults()
-        return normalized_by_rows(call.arguments["input"], call.arguments["weight"], call.arguments["bias"], self.rows, call.arguments["eps"])
+        arguments = call.arguments
+        return normalized(arguments["input"], arguments["weight"], arguments["bias"], self.rows, self.groups, arguments["eps"])
 
 
 @contextmanager
@@ -193,30 +213,33 @@ class TaskNetwork:
         return [p.unsqueeze(0).expand(tasks, *p.shape) for p in self.parameters]
 
     def logits(
-        self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, track: bool = False,
-        norms: NormOverride | None = None,
+        self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
+        track: bool = False, norms: NormOverride | None = None,
     ) -> torch.Tensor:
         """(T, N, C, H, W) images -> (T, N, way) logits.
 
-        BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images (all
-        of them when None). ``track`` folds those statistics into the BatchNorm running averages, task by task
-        in order, as T separate training passes would (only on passes normalised with all their images): those
-        of the layers' stand-ins in ``norms`` where given, the layers' own otherwise."""
-        if track and stats_rows is not None:
+        BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images, or
+        (None) each of ``stat_groups`` interleaved sets of them with the set's own statistics (image i *
+        stat_groups + g is in set g; 1: all N images together). ``track`` folds those statistics into the
+        BatchNorm running averages, task by task in order, as T separate training passes would (only on passes
+        normalised with all their images): those of the layers' stand-ins in ``norms`` where given, the layers'
+        own otherwise."""
+        if track and (stats_rows is not None or stat_groups > 1):
             raise ValueError("BatchNorm running statistics are tracked on passes normalised with all their images only")
         tasks, n = images.shape[:2]
         x = self.backbone.normalize(images.flatten(0, 1)).unflatten(0, (tasks, n))
         *body, weight, bias = params
         layers = chain_layers(self.backbone.features)
         if layers is None:
-            features = self._per_task_features(body, x, stats_rows, track, norms or {})
+            features = self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
         else:
-            features = self._grouped_features(layers, body, x, stats_rows, track, norms or {})
+            features = self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {})
         return torch.einsum("tnd,tkd->tnk", features, weight) + bias.unsqueeze(1)
 
     @staticmethod
     def _grouped_features(
-        layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, track: bool, norms: NormOverride
+        layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool,
+        norms: NormOverride,
     ) -> torch.Tensor:
         """(T, N, C, H, W) -> (T, N, D) pooled features, the T tasks as one grouped network (module docstring)."""
         tasks, n = x.shape[:2]
@@ -229,11 +252,9 @@ class TaskNetwork:
                 weight, bias = (params[i].flatten() for i in layer.params)
                 if track:
                     track_grouped_statistics(x, module)
-                if rows is None:  # the native op keeps fewer tensors for backward: on the 32-task second-order MAML step,
-                    # less time and ~40% less peak memory than the elementary ops (scripts/benchmark_maml_libraries.py)
-                    x = F.batch_norm(x, None, None, weight, bias, training=True, eps=module.eps)
-                else:
-                    x = normalized_by_rows(x, weight, bias, rows, module.eps)
+                # Without rows, native F.batch_norm: it keeps fewer tensors for backward (on the 32-task second-order
+                # MAML step, less time and ~40% less peak memory than elementary ops, scripts/benchmark_maml_libraries.py)
+                x = normalized(x, weight, bias, rows, groups, module.eps)
             elif isinstance(module, nn.ReLU):
                 x = F.relu(x)
             else:
@@ -241,9 +262,12 @@ class TaskNetwork:
                 x = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
         return x.mean((-2, -1)).view(n, tasks, -1).transpose(0, 1)
 
-    def _per_task_features(self, params: Params, x: torch.Tensor, rows: int | None, track: bool, norms: NormOverride) -> torch.Tensor:
+    def _per_task_features(
+        self, params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool, norms: NormOverride
+    ) -> torch.Tensor:
         """(T, N, C, H, W) -> (T, N, D) pooled features: the feature layers' own forward once per task, with that
-        task's parameters, BatchNorm on batch statistics (of the first ``rows`` images with a RowStatistics mode).
+        task's parameters, BatchNorm on batch statistics (of the first ``rows`` images or of each of ``groups``
+        sets, with a BatchStatistics mode).
         The stand-ins' buffers replace those of the layers in ``norms`` (a tracked pass updates them in place).
         A pass that does not ``track`` runs on copies of the buffers, so it leaves the running statistics alone."""
         features = self.backbone.features
@@ -254,7 +278,7 @@ class TaskNetwork:
             for name, buffer in norms[layer].named_buffers(recurse=False)
         }
         pooled = []
-        with batch_statistics(features), (RowStatistics(rows) if rows is not None else nullcontext()):
+        with batch_statistics(features), (BatchStatistics(rows, groups) if rows is not None or groups > 1 else nullcontext()):
             for task in range(x.shape[0]):
                 state = {name: p[task] for name, p in zip(names, params)}
                 state.update(stand_in_buffers)
@@ -272,20 +296,26 @@ class TaskNetwork:
             return self.logits(params, query, norms=norms)
         return self.logits(params, torch.cat([support, query], 1), stats_rows=support.shape[1], norms=norms)[:, support.shape[1] :]
 
-    def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, tasks_per_pass: int = 128) -> torch.Tensor:
+    def per_query_logits(self, params: Params, support: torch.Tensor, query: torch.Tensor, images_per_pass: int) -> torch.Tensor:
         """(T, S, ...) support, (T, Q, ...) query -> (T, Q, way), each query normalised with the BatchNorm statistics
         of the support set plus itself (Reptile's reference code without ``--transductive``): still
-        non-transductive, since no query sees another. Each (task, query) pair is a task of S+1 images,
-        ``tasks_per_pass`` pairs per pass (each pass holds that many copies of the parameters)."""
-        tasks, count = query.shape[:2]
-        task_of = torch.arange(tasks).repeat_interleave(count)  # pair -> its task
-        queries = query.flatten(0, 1)
-        logits = []
-        for start in range(0, tasks * count, tasks_per_pass):
-            pairs = task_of[start : start + tasks_per_pass]
-            images = torch.cat([support[pairs], queries[start : start + tasks_per_pass].unsqueeze(1)], 1)
-            logits.append(self.logits([p[pairs] for p in params], images)[:, -1])
-        return torch.cat(logits).view(tasks, count, -1)
+        non-transductive, since no query sees another.
+
+        Each (task, query) pair is a set of S+1 images with statistics of its own. A task's pairs run in one batch
+        with the task's parameters, interleaved (the S support images, each repeated once per pair, then the
+        pairs' queries: ``stat_groups`` = pairs), so that each BatchNorm layer is one native call; passes of at
+        most ``images_per_pass`` images (whole tasks side by side, or one task's queries in chunks)."""
+        tasks, count, shots = query.shape[0], query.shape[1], support.shape[1]
+        pairs = max(1, images_per_pass // (shots + 1))
+        tasks_per_pass, queries_per_pass = max(1, pairs // count), min(count, pairs)
+
+        def pass_logits(rows: slice, first: int) -> torch.Tensor:
+            queries = query[rows, first : first + queries_per_pass]
+            images = torch.cat([support[rows].repeat_interleave(queries.shape[1], 1), queries], 1)
+            return self.logits([p[rows] for p in params], images, stat_groups=queries.shape[1])[:, -queries.shape[1] :]
+
+        return torch.cat([torch.cat([pass_logits(slice(start, start + tasks_per_pass), first) for first in range(0, count, queries_per_pass)], 1)
+                          for start in range(0, tasks, tasks_per_pass)])
 
 
 def track_grouped_statistics(x: torch.Tensor, module: nn.BatchNorm2d) -> None:
@@ -350,8 +380,12 @@ class AdaptiveMethod(Method):
     """
 
     embeds_independently = False
-    episodes_per_call = 64  # evaluation hands over this many episodes; they adapt side by side (TaskNetwork)
-    images_per_pass = 4096  # ... of at most this many images each (support + queries), which bounds the activations
+    images_per_pass: int | None = None  # images adapted side by side per pass (None: the device's work_sizes().adapt_images)
+
+    @property
+    def episodes_per_call(self) -> int:  # type: ignore[override]
+        """Evaluation hands over this many episodes; they adapt side by side (TaskNetwork), as many as the device takes."""
+        return work_sizes(device_of(self)).adapt_episodes
 
     def __init__(self, backbone: Backbone, way: int, transductive_bn: bool) -> None:
         super().__init__(backbone)
@@ -382,11 +416,15 @@ class AdaptiveMethod(Method):
         """Episodes adapted side by side in groups of at most ``images_per_pass`` images (evaluating 600 stored
         Reptile episodes: 234.5 -> 81.1 s, scripts/benchmark_methods.py, README)."""
         self.episode_way(support_labels)
-        per_pass = max(1, self.images_per_pass // (support.shape[1] + query.shape[1]))
+        per_pass = max(1, self.pass_images(support.device) // (support.shape[1] + query.shape[1]))
         with self.grad_context(False):
             support, support_labels, query = inputs_for_autograd((support, support_labels, query))
             return torch.cat([self.adapted_scores(support[i : i + per_pass], support_labels[i : i + per_pass], query[i : i + per_pass])
                               for i in range(0, support.shape[0], per_pass)])
+
+    def pass_images(self, device: torch.device) -> int:
+        """Images per evaluation pass, which bounds the activations: ``images_per_pass``, or the device's."""
+        return self.images_per_pass or work_sizes(device).adapt_images
 
     @abstractmethod
     def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -417,21 +455,22 @@ class AdaptiveMethod(Method):
     def step(self, episode: Episode) -> StepOutput:
         return self.meta_step([episode])[0]
 
-    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: Sequence[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """A meta-batch's tasks together (TaskNetwork calls for all of them) when the episodes share a shape (and
         ``group_tasks``), else episode by episode; the training loop averages the losses and backpropagates."""
         for episode in episodes:
             self.check_way(episode.shape.way)
         stacked = self.stack(episodes) if self.group_tasks else None
         if stacked is not None:
-            return self._steps(*stacked)
-        return [self._steps(*self.stack([episode]))[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
+            return self._steps(*stacked, share)
+        return [self._steps(*self.stack([episode]), share)[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
 
     @abstractmethod
     def _steps(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+        share: TaskShare | None,
     ) -> list[StepOutput]:
-        """The method's losses for stacked tasks (T, ...) of one shape."""
+        """The method's losses for stacked tasks (T, ...) of one shape; ``share`` as in Method.meta_step."""
 
     def exported_classifier(self) -> nn.Module:
         """The PyTorch module the exported "classifier" graph computes: prototype classification on the body's

@@ -25,8 +25,8 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class TaskShare:
-    """The tasks a meta_step computes within its meta-batch: ``total`` tasks, of which those from ``start`` on (a
-    data-parallel process's slice; see fsltool.distributed)."""
+    """Where the episodes a meta_step computes sit in their meta-batch: ``total`` tasks, of which those from ``start``
+    on (a data-parallel process's slice, handed in by the training loop; see fsltool.distributed)."""
 
     start: int
     total: int
@@ -56,9 +56,6 @@ class Method(nn.Module, ABC):
     # Reads the support set as a sequence (MANN, SNAIL) and is trained on shuffled orders: evaluation then shows it
     # a seeded shuffled order (fsltool.evaluate.support_orders), not the stored class-by-class layout.
     order_sensitive: ClassVar[bool] = False
-    # Set by a data-parallel training loop: a method that draws random numbers per task in meta_step draws them for
-    # the whole meta-batch and keeps its share's, so the global RNG advances as in one process (None: all tasks).
-    task_share: TaskShare | None = None
     episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
     meta_trainable: ClassVar[bool] = True  # False: the backbone comes from supervised pretraining; train refuses the method
 
@@ -86,9 +83,13 @@ class Method(nn.Module, ABC):
         scores = self(episode.support, episode.support_labels, episode.query)
         return StepOutput(F.cross_entropy(scores, episode.query_labels), scores)
 
-    def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """One meta-update's worth of episodes (recipe ``train.meta_batch``); the loop backpropagates the mean
-        loss. Methods that can process a meta-batch faster than episode by episode override this."""
+        loss. Methods that can process a meta-batch faster than episode by episode override this.
+
+        ``share``: the episodes are a data-parallel process's part of a larger meta-batch (None: the whole of it).
+        A method that draws random numbers per task draws them for the whole meta-batch and keeps its share's, so
+        the global RNG advances as in one process."""
         return [self.step(episode) for episode in episodes]
 
     def embedding_network(self) -> nn.Module:

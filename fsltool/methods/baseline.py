@@ -39,6 +39,7 @@ from fsltool.methods.base import (
     ExportGraph,
     Method,
     StepOutput,
+    TaskShare,
     class_onehot,
     option_error,
     register_method,
@@ -265,7 +266,7 @@ class EpisodeHeadMethod(Method):
     def step(self, episode: Episode) -> StepOutput:
         raise self.not_meta_trained()
 
-    def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         raise self.not_meta_trained()
 
     def not_meta_trained(self) -> FsltoolError:

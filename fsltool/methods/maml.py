@@ -7,6 +7,9 @@ The network is the recipe's backbone (conv4-strided is MAML's Omniglot network) 
 outputs on the spatially averaged feature maps; see fsltool.methods.adaptation for the head's zero
 initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch's tasks run together (one grouped
 network for a chain backbone such as conv4-strided, per-task passes of the module's own forward otherwise).
+Meta-training runs a meta-batch as ``method_options.step`` says: ``grouped`` (the default: several tasks per
+pass, the fastest) or ``lean`` (one task at a time, each task's graphs freed before the next: the least memory);
+both compute the same meta-gradient (tested). A backbone that is no chain runs one task at a time in either.
 
 MAML++ (Antoniou et al. 2019, "How to train your MAML"), as options, each usable alone and off by default. The
 details follow the authors' code, AntreasAntoniou/HowToTrainYourMAMLPytorch: few_shot_learning_system.py
@@ -42,26 +45,36 @@ a ``test_inner_steps`` above ``inner_steps``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from fsltool.data.episodes import Episode
+from fsltool.device import WorkSizes, work_sizes
 from fsltool.methods.adaptation import (
     AdaptiveMethod,
     NormOverride,
     Params,
     batch_norm_layers,
+    chain_layers,
     inputs_for_autograd,
     require_bool,
     require_positive_float,
     task_losses,
 )
-from fsltool.methods.base import StepOutput, option_error, register_method, require_positive_int
+from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_positive_int
 from fsltool.models.backbones import Backbone
 
 MSL_FLOOR = 0.03  # the reference's floor on a non-final step's weight, times N (min_value_for_non_final_losses)
+
+# method_options.step: tasks per inner-loop pass and per query pass of a meta-training step, from the device's
+# work sizes. grouped: the fast step, tasks side by side as one grouped network; lean: one task at a time, its
+# graphs freed before the next is built, the least memory (scripts/benchmark_maml_libraries.py measured both).
+STEPS: dict[str, Callable[[WorkSizes], tuple[int, int]]] = {
+    "grouped": lambda sizes: (sizes.inner_loop_tasks, sizes.query_tasks),
+    "lean": lambda sizes: (1, 1),
+}
 
 
 def multi_step_loss_weights(steps: int, done: int, anneal: int) -> list[float]:
@@ -82,13 +95,16 @@ class MAML(AdaptiveMethod):
     Options: ``way`` (the head's outputs: the episodes' way), ``inner_steps`` (SGD steps in meta-training),
     ``test_inner_steps`` (at evaluation), ``inner_lr``, ``first_order``, ``transductive_bn`` (False: queries are
     normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
-    as the paper's code, transductive); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
+    as the paper's code, transductive); ``step`` (how meta-training runs a meta-batch: ``grouped``, the fast
+    step, or ``lean``, the least memory; STEPS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
     ``per_step_bn``, ``learn_inner_lr``, ``first_order_until``.
     """
 
     group_tasks = True  # run a meta-batch's tasks together (same results as episode by episode; grouped: faster)
-    task_chunk = 8  # tasks per inner loop in meta-training; bounds the memory of the kept inner-loop graphs
-    query_chunk = 4  # tasks per query pass (scripts/benchmark_maml_libraries.py measured the pair)
+    # Tasks per inner loop in meta-training (bounds the memory of the kept inner-loop graphs) and per query pass;
+    # None: the step's (STEPS; grouped on the CPU: 8 and 4, the pair scripts/benchmark_maml_libraries.py measured).
+    task_chunk: int | None = None
+    query_chunk: int | None = None
 
     def __init__(
         self,
@@ -104,8 +120,11 @@ class MAML(AdaptiveMethod):
         per_step_bn: bool = False,
         learn_inner_lr: bool = False,
         first_order_until: int = 0,
+        step: str = "grouped",
     ) -> None:
         super().__init__(backbone, way, transductive_bn)
+        if step not in STEPS:
+            raise option_error(self.name, "step", f"must be one of {', '.join(STEPS)}, got {step!r}")
         require_positive_int(self.name, "inner_steps", inner_steps)
         require_positive_int(self.name, "test_inner_steps", test_inner_steps)
         for key, flag in (("first_order", first_order), ("multi_step_loss", multi_step_loss), ("per_step_bn", per_step_bn),
@@ -131,6 +150,7 @@ class MAML(AdaptiveMethod):
         self.per_step_bn = per_step_bn
         self.learn_inner_lr = learn_inner_lr
         self.first_order_until = first_order_until
+        self.step_mode = step  # (self.step is the one-episode training step)
         position = {id(p): i for i, p in enumerate(self.network.parameters)}
         # Where each BatchNorm scale and shift sits in the network's parameter list, in step_norms' order.
         self.norm_positions = [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)] if per_step_bn else []
@@ -241,44 +261,66 @@ class MAML(AdaptiveMethod):
     def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         return self.adapted_query_logits(None, support, support_labels, query, differentiable=False)
 
-    def meta_step(self, episodes: Sequence[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: Sequence[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """The meta-batch's losses; a training meta-step (autograd on) then advances ``meta_steps_done``."""
-        outputs = super().meta_step(episodes)
+        outputs = super().meta_step(episodes, share)
         if hasattr(self, "meta_steps_done") and torch.is_grad_enabled():
             self.meta_steps_done += 1
         return outputs
 
+    def tasks_per_pass(self, device: torch.device) -> tuple[int, int]:
+        """Tasks per inner-loop pass and per query pass in meta-training: the step's (STEPS), or ``task_chunk`` and
+        ``query_chunk`` where set. One and one on a backbone that is no chain (ResNet-12): it runs task by task
+        whatever the pass, so more tasks per pass would only hold their graphs together (first-order ResNet-12 at
+        84 px peaked at 14.7 GB with 4 tasks' query passes held; docs/speed.md)."""
+        if chain_layers(self.backbone.features) is None:
+            return 1, 1
+        inner, query = STEPS[self.step_mode](work_sizes(device))
+        return self.task_chunk or inner, self.query_chunk or query
+
     def _steps(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+        share: TaskShare | None,
     ) -> list[StepOutput]:
-        """Without autograd (a validation loss): the query losses. With it: the meta-gradient is computed here,
-        ``task_chunk`` tasks at a time, each chunk's graph freed before the next is built (peak memory: one chunk's
-        graph, not the meta-batch's), and each task's loss carries its own meta-gradient (see meta_gradient_losses)."""
+        """Without autograd (a validation loss): the query losses. With it: each task's query loss L_t (MSL:
+        sum_i w_i L_t,i), and the meta-gradient G = sum_t dL_t/dtheta with respect to the meta-parameters theta
+        (meta_tensors), computed here a pass of tasks at a time (tasks_per_pass), each pass's graphs freed before
+        the next is built, and summed into one tensor per meta-tensor, allocated first (long-lived blocks made
+        between the passes' large transient ones would fragment the heap: the lean step's resident peak was 2x its
+        live tensors' with one gradient kept per task). Each returned loss is L_t + (<theta, G> - <theta, G>.detach())
+        / T: the value of L_t, and 1/T of G, so that any equal weighting w of the T tasks (the training loop's mean,
+        a data-parallel process's share of the global sum) backpropagates w G = sum_t w dL_t/dtheta."""
         if not torch.is_grad_enabled():
             logits = self.adapted_query_logits(None, support, support_labels, query, differentiable=False)
             return [StepOutput(loss, scores) for loss, scores in zip(task_losses(logits, query_labels), logits)]
-        outputs: list[StepOutput] = []
-        for start in range(0, support.shape[0], self.task_chunk):
-            chunk = slice(start, start + self.task_chunk)
-            outputs += self.meta_gradient_losses(support[chunk], support_labels[chunk], query[chunk], query_labels[chunk])
-        return outputs
+        theta = self.meta_tensors()
+        gradient = [torch.zeros_like(p) for p in theta]
+        inner_tasks, query_tasks = self.tasks_per_pass(support.device)
+        losses, logits = [], []
+        for start in range(0, support.shape[0], inner_tasks):
+            chunk = slice(start, start + inner_tasks)
+            chunk_losses, chunk_logits = self.add_meta_gradient(
+                gradient, support[chunk], support_labels[chunk], query[chunk], query_labels[chunk], query_tasks)
+            losses.append(chunk_losses)
+            logits.append(chunk_logits)
+        surrogate = sum((p * g).sum() for p, g in zip(theta, gradient))
+        assert isinstance(surrogate, torch.Tensor)
+        carried = (surrogate - surrogate.detach()) / support.shape[0]
+        return [StepOutput(loss + carried, scores) for loss, scores in zip(torch.cat(losses), torch.cat(logits))]  # scores: after the last step
 
-    def meta_gradient_losses(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
-    ) -> list[StepOutput]:
-        """Per task t: a loss whose value is the query loss L_t (MSL: sum_i w_i L_t,i) and whose gradient with
-        respect to the meta-parameters theta (meta_tensors) is dL_t/dtheta, computed now by autograd through the
-        inner loop.
+    def add_meta_gradient(
+        self, gradient: Params, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+        query_tasks: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add these T tasks' meta-gradients sum_t dL_t/dtheta to ``gradient`` (meta_tensors order); return their
+        query losses L_t (T,) and the query logits after the last step (T, Q, way), both detached.
 
-        The inner loops start from per-task leaves (T, *shape) that alias theta, so every task gets its own
-        meta-gradient G_t (a task's loss reaches only its own slice). The chain rule is applied in two halves:
-        g_t = dL_t/dphi_t at the adapted parameters phi_t (after each weighted step), from query passes whose
-        graphs are freed as soon as they are differentiated (``query_chunk`` tasks at a time), then
-        G_t = (dphi_t/dtheta)^T g_t through the inner loop's graph, which only holds the support passes (first
-        order: dphi_t/dtheta is the identity, plus the learned learning rates' constant factors). Peak memory is
-        the inner-loop graph plus one query chunk, never both graphs of all tasks. The returned loss is
-        L_t + <theta, G_t> - <theta, G_t>.detach(): the value of L_t, the gradient G_t, for whatever weighting of
-        the tasks the training loop backpropagates."""
+        The inner loops start from per-task leaves (T, *shape) that alias theta (a task's loss reaches only its own
+        slice). The chain rule is applied in two halves: g_t = dL_t/dphi_t at the adapted parameters phi_t (after
+        each weighted step), from query passes whose graphs are freed as soon as they are differentiated
+        (``query_tasks`` tasks at a time), then G_t = (dphi_t/dtheta)^T g_t through the inner loop's graph, which
+        only holds the support passes (first order: dphi_t/dtheta is the identity, plus the learned learning rates'
+        constant factors). Peak memory is the inner-loop graph plus one query pass, never both graphs of all tasks."""
         theta = self.meta_tensors()
         leaves = [p.detach().unsqueeze(0).expand(support.shape[0], *p.shape).requires_grad_() for p in theta]
         weights = {step: weight for step, weight in enumerate(self.step_loss_weights()) if weight}
@@ -286,25 +328,27 @@ class MAML(AdaptiveMethod):
         total_loss: torch.Tensor | float = 0.0
         outputs, output_grads = [], []
         for step, weight in weights.items():
-            losses, logits, grads = self.weighted_query_gradients(after[step], self.norm_override(step), weight, support, query, query_labels)
+            losses, logits, grads = self.weighted_query_gradients(after[step], self.norm_override(step), weight, support, query, query_labels,
+                                                                  query_tasks)
             total_loss = total_loss + losses
             outputs += after[step]
             output_grads += grads
         # materialize_grads: zeros for a meta-tensor no weighted loss reaches (first order: earlier steps' BatchNorm).
         grads = torch.autograd.grad(outputs, leaves, grad_outputs=output_grads, allow_unused=True, materialize_grads=True)
-        surrogate = sum((p.unsqueeze(0) * g).flatten(1).sum(1) for p, g in zip(theta, grads))
-        assert isinstance(surrogate, torch.Tensor) and isinstance(total_loss, torch.Tensor)
-        total = total_loss + (surrogate - surrogate.detach())
-        return [StepOutput(loss, scores) for loss, scores in zip(total, logits)]  # scores: after the last step
+        for total, task_grads in zip(gradient, grads):
+            total += task_grads.sum(0)
+        assert isinstance(total_loss, torch.Tensor)
+        return total_loss, logits
 
     def weighted_query_gradients(
-        self, adapted: Params, norms: NormOverride | None, weight: float, support: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+        self, adapted: Params, norms: NormOverride | None, weight: float, support: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+        per_pass: int,
     ) -> tuple[torch.Tensor, torch.Tensor, Params]:
         """weight * the query losses at ``adapted`` (T,), the query logits (T, Q, way), both detached, and the
-        weighted losses' gradients with respect to ``adapted``, ``query_chunk`` tasks per query pass."""
+        weighted losses' gradients with respect to ``adapted``, ``per_pass`` tasks per query pass."""
         losses, logits, query_grads = [], [], []
-        for start in range(0, support.shape[0], self.query_chunk):
-            chunk = slice(start, start + self.query_chunk)
+        for start in range(0, support.shape[0], per_pass):
+            chunk = slice(start, start + per_pass)
             ends = [a[chunk].detach().requires_grad_() for a in adapted]
             chunk_logits = self.network.query_logits(ends, support[chunk], query[chunk], self.transductive, norms)
             chunk_losses = weight * task_losses(chunk_logits, query_labels[chunk])

@@ -32,6 +32,7 @@ from fsltool.data.episodes import Episode
 from fsltool.methods.base import (
     ExportGraph,
     StepOutput,
+    TaskShare,
     class_onehot,
     method_options,
     option_error,
@@ -214,15 +215,15 @@ class MANN(SequenceMethod):
         self.check_episode(embeddings.shape[-1], way)
         return first_columns(self.sequence_logits(embeddings, class_onehot(labels, self.way, embeddings.dtype))[1], way)
 
-    def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """With ``sequence_training``: each episode's images (support and queries) in one random order, a
         cross-entropy at every step, and the meta-batch's sequences run as one batch through one recurrence.
         The scores returned (for the training log) are those at the query images' steps, in the episode's order."""
         if not self.sequence_training:
-            return super().meta_step(episodes)
+            return super().meta_step(episodes, share)
         first = episodes[0]
         labels = torch.cat([first.support_labels, first.query_labels]).expand(len(episodes), -1)
-        order = self.random_orders(len(episodes), labels.shape[1])
+        order = self.random_orders(len(episodes), labels.shape[1], share)
         images = torch.stack([torch.cat([e.support, e.query]) for e in episodes])
         images = images[torch.arange(len(episodes)).unsqueeze(1), order]
         labels = labels.gather(1, order)

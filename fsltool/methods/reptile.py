@@ -137,17 +137,18 @@ class Reptile(AdaptiveMethod):
                                         track=False, same_order=True)
         with torch.no_grad():
             if self.per_query_bn:
-                return self.network.per_query_logits(adapted, support, query)
+                return self.network.per_query_logits(adapted, support, query, self.pass_images(support.device))
             return self.network.query_logits(adapted, support, query, self.transductive)
 
     def _steps(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+        share: TaskShare | None,
     ) -> list[StepOutput]:
         """Per task: the inner loop on the episode's support and query images, then the surrogate loss
         0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
         on: a training accuracy, not a held-out one)."""
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
-        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=self.task_share)
+        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=share)
         losses = sum(0.5 * (p.unsqueeze(0) - a).pow(2).flatten(1).sum(1) for p, a in zip(self.network.parameters, adapted))
         with torch.no_grad():
             scores = self.network.query_logits(adapted, support, query, self.transductive)

@@ -90,20 +90,21 @@ class SequenceMethod(Method):
         logits = self.query_logits(support, class_onehot(support_labels, self.way, support.dtype), query)
         return first_columns(logits, way)
 
-    def random_orders(self, count: int, length: int) -> torch.Tensor:
+    @staticmethod
+    def random_orders(count: int, length: int, share: TaskShare | None) -> torch.Tensor:
         """(count, length) random orders for a meta-step's episodes, drawn for the whole meta-batch and this
-        process's rows kept (``task_share``), so data-parallel training draws what one process would."""
-        share = self.task_share or TaskShare(0, count)
+        process's rows kept (``share``, see Method.meta_step), so data-parallel training draws what one process would."""
+        share = share or TaskShare(0, count)
         return torch.stack([torch.randperm(length) for _ in range(share.total)])[share.start : share.start + count]
 
     def step(self, episode: Episode) -> StepOutput:
         return self.meta_step([episode])[0]
 
-    def meta_step(self, episodes: list[Episode]) -> list[StepOutput]:
+    def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """Cross-entropy on the queries, with the support set in a new random order every time: a sequence model
         would otherwise learn the class-by-class layout of stored episodes rather than to read any order."""
         outputs = []
-        for episode, order in zip(episodes, self.random_orders(len(episodes), len(episodes[0].support_labels))):
+        for episode, order in zip(episodes, self.random_orders(len(episodes), len(episodes[0].support_labels), share)):
             scores = self(episode.support[order], episode.support_labels[order], episode.query)
             outputs.append(StepOutput(F.cross_entropy(scores, episode.query_labels), scores))
         return outputs

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fsltool.checkpoint import load_trained
-from fsltool.data.episodes import EpisodeShape
+from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.errors import FsltoolError
 from fsltool.export import ExportReport
 from fsltool.methods import build_method
@@ -150,13 +150,20 @@ def test_exported_classifier_has_dynamic_sequence_length(exported: tuple[Path, E
     assert_exported_classifier_matches(exported[0], load_trained(run).method, way, shot, query)
 
 
-def test_a_data_parallel_share_draws_the_support_orders_one_process_would() -> None:
+def test_a_data_parallel_share_computes_what_one_process_computes_for_its_episodes() -> None:
+    """The training loop hands a process its share of the meta-batch: its episodes get the support orders, and so
+    the losses, that one process computing the whole meta-batch gives them (without the share they would not)."""
     method = fresh()
+    support, labels, query = random_episode(5, 1, 5)
+    episodes = [Episode(support + 0.1 * i, labels, query, labels, EpisodeShape(5, 1, 1)) for i in range(4)]
     torch.manual_seed(0)
-    whole = method.random_orders(4, 5)
-    method.task_share = TaskShare(2, 4)
+    whole = [output.loss for output in method.meta_step(episodes)][2:]
     torch.manual_seed(0)
-    torch.testing.assert_close(method.random_orders(2, 5), whole[2:])
+    shared = [output.loss for output in method.meta_step(episodes[2:], TaskShare(2, 4))]
+    torch.manual_seed(0)
+    alone = [output.loss for output in method.meta_step(episodes[2:])]
+    torch.testing.assert_close(shared, whole)
+    assert not torch.allclose(torch.stack(alone), torch.stack(whole))
 
 
 def test_more_ways_than_label_slots_is_a_clear_error() -> None:
