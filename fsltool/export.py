@@ -146,7 +146,7 @@ def onnx_inference_copy(network: nn.Module, example: torch.Tensor) -> Callable[[
     with _quiet_exporter():
         torch.onnx.export(network, (example[:2],), buffer, dynamo=False, input_names=["images"], output_names=["outputs"],
                           dynamic_axes={"images": {0: "batch"}})
-    model = OnnxModel(buffer.getvalue(), str(example.device))
+    model = OnnxModel(buffer.getvalue(), str(example.device), spinning=False)  # PyTorch scores between the calls
     if example.is_cuda and model.device != "cuda":
         raise FsltoolError(f"--runtime onnx: ONNX Runtime cannot run on {example.device} here (it offers {model.provider} "
                            "alone): use --device cpu or --runtime torch")

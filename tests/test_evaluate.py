@@ -229,3 +229,21 @@ def test_evaluate_cli_runtime_option(trained_run: Path) -> None:
     assert payload["runtime"] == "onnx" and payload["episodes"] == 8
     code, _, err = run_cli("evaluate", str(trained_run), "--runtime", "tvm")
     assert code == 2 and "'tvm' is not one of 'torch', 'onnx'" in err
+
+
+def test_sessions_spin_unless_told_not_to() -> None:
+    """Evaluation's ONNX Runtime copy is built with spinning=False (PyTorch works between its calls); other sessions
+    keep ONNX Runtime's default (spinning, for the lowest latency of back-to-back predictions)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fsltool.runtime import create_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    entry = "session.intra_op.allow_spinning"
+    assert create_session(model, "cpu", spinning=False).get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(Exception):  # never set: ONNX Runtime's default applies
+        create_session(model, "cpu").get_session_options().get_session_config_entry(entry)
+    onnx.checker.check_model(onnx.load_from_string(model))
