@@ -171,7 +171,6 @@ def _scores_from_embeddings(
     query: np.ndarray, runtime: str,
 ) -> torch.Tensor:
     device = device_of(method)
-    support_labels = support_labels.to(device)
     unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
     embeddings = embed_all(method, data, unique, runtime=runtime)  # (images, *feature shape): vectors or feature maps
     feature_shape = embeddings.shape[1:]
