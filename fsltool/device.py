@@ -60,6 +60,7 @@ class WorkSizes:
     passes are fastest there; see docs/speed.md); a GPU wants wide passes to fill it and has the memory for them."""
 
     embed_images: int  # images per embedding pass in evaluation
+    gather_bytes: int  # ... read (as float32 pixels) a block of at most this many bytes at a time, then embedded
     score_elements: int  # episodes x queries x way x feature size per scoring call (memory)
     adapt_episodes: int  # episodes evaluation hands a test-time-adapting method (MAML, Reptile) per call
     adapt_images: int  # ... adapted side by side in groups of at most this many images (support + queries)
@@ -70,9 +71,9 @@ class WorkSizes:
 
 # The CUDA values are a GPU's usual widths, not yet measured on one (docs/gpu.md).
 WORK_SIZES = {
-    "cpu": WorkSizes(embed_images=128, score_elements=2**24, adapt_episodes=64, adapt_images=4096, sequences=64,
+    "cpu": WorkSizes(embed_images=64, gather_bytes=16 * 2**20, score_elements=2**24, adapt_episodes=64, adapt_images=4096, sequences=64,
                      inner_loop_tasks=8, query_tasks=4),
-    "cuda": WorkSizes(embed_images=1024, score_elements=2**27, adapt_episodes=256, adapt_images=32768, sequences=512,
+    "cuda": WorkSizes(embed_images=1024, gather_bytes=256 * 2**20, score_elements=2**27, adapt_episodes=256, adapt_images=32768, sequences=512,
                       inner_loop_tasks=32, query_tasks=32),
 }
 

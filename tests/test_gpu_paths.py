@@ -6,6 +6,7 @@ not what a GPU does with them (scripts/gpu_check.py does that on a GPU machine).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,22 @@ def test_work_sizes_follow_the_device(data: FewShotData, monkeypatch: pytest.Mon
     count = 2 * WORK_SIZES["cpu"].embed_images + 7
     embed_all(method, data, np.arange(count), frozen=False)
     assert sizes == [WORK_SIZES["cpu"].embed_images] * 2 + [7]
+
+
+def test_embedding_reads_blocks_and_embeds_their_passes_back_to_back(data: FewShotData, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation reads images a block of gather_bytes at a time (whole passes) and embeds the block's passes
+    with nothing read between them; the embeddings are those of one call on all the images."""
+    image_bytes = 4 * int(np.prod(data.image_shape))
+    monkeypatch.setitem(WORK_SIZES, "cpu", dataclasses.replace(WORK_SIZES["cpu"], embed_images=4, gather_bytes=9 * image_bytes))
+    method = build_method("protonet", build_backbone("conv4", 1, [0.5], [0.5], hidden=4), {}).eval()
+    events: list[tuple[str, int]] = []
+    read, embed = data.images, method.embed
+    monkeypatch.setattr(data, "images", lambda indices, device=None: events.append(("read", len(indices))) or read(indices, device))
+    monkeypatch.setattr(method, "embed", lambda images: events.append(("embed", len(images))) or embed(images))
+    embeddings = embed_all(method, data, np.arange(19), frozen=False)
+    assert events == [("read", 8), ("embed", 4), ("embed", 4), ("read", 8), ("embed", 4), ("embed", 4), ("read", 3), ("embed", 3)]
+    with torch.inference_mode():
+        assert torch.allclose(embeddings, embed(read(np.arange(19))), atol=1e-6)
 
 
 def test_onnx_runtime_cuda_provider_options(monkeypatch: pytest.MonkeyPatch) -> None:
