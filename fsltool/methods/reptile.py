@@ -11,9 +11,15 @@ surrogate: half the squared distance the inner loop moved the parameters.
 The inner loop follows the reference code (supervised-reptile): ``inner_steps`` minibatches of ``inner_batch``
 images drawn without replacement from the task's images (support and query together, the paper's training
 "shots"), reshuffled when used up; Adam with beta1 = 0 (the reference's ``AdamOptimizer(beta1=0)``) or plain SGD.
-One deviation: the reference keeps one Adam state across all tasks (its moment estimates are never reset); here
-each task starts a fresh optimizer, so tasks stay independent and a meta-batch's tasks can run together (one
-grouped network for a chain backbone; see fsltool.methods.adaptation).
+The reference keeps ONE Adam state for all tasks: its second-moment estimate and step count are never reset
+between tasks, and evaluation fine-tunes from the state training left (restoring it after each episode). With
+``inner_adam_state: fresh`` (the default) each task starts a new Adam instead, whose first steps are sign-like
+(every coordinate moves by about the learning rate, however small its gradient). ``shared`` keeps the reference's
+state as method buffers, saved with the checkpoints: each task of a meta-batch starts from it (the meta-batch's
+tasks run side by side, so a task does not see the moments its predecessors in the batch added, the one
+difference from the reference's task-by-task loop), and after the meta-step it absorbs every task's additions in
+the reference's order, decayed as a sequential loop would have decayed them; evaluation starts each episode from
+it and leaves it unchanged.
 
 Evaluation fine-tunes on the support set alone (``test_inner_steps`` minibatches of ``test_inner_batch``, drawn
 with a fixed seed so an episode's score is reproducible), then classifies the queries: BatchNorm statistics from
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 
 import torch
+from torch import nn
 
 from fsltool.methods.adaptation import (
     AdaptiveMethod,
@@ -39,6 +46,8 @@ from fsltool.methods.base import StepOutput, TaskShare, option_error, register_m
 from fsltool.models.backbones import Backbone
 
 INNER_OPTIMIZERS = ("adam", "sgd")
+ADAM_STATES = ("fresh", "shared")
+ADAM_BETAS = (0.0, 0.999)  # the reference's AdamOptimizer(beta1=0)
 EVAL_SEED = 0  # the evaluation fine-tuning's minibatch order: the same episode always gets the same score
 
 
@@ -58,7 +67,8 @@ class Reptile(AdaptiveMethod):
     Options: ``way`` (the head's outputs: the episodes' way), ``inner_steps`` / ``inner_batch`` (meta-training:
     minibatches per task and images per minibatch, from the episode's support and query images),
     ``test_inner_steps`` / ``test_inner_batch`` (evaluation, from the support set), ``inner_lr``,
-    ``inner_optimizer`` (adam | sgd), ``transductive_bn`` (False: queries are normalised with support-set
+    ``inner_optimizer`` (adam | sgd), ``inner_adam_state`` (fresh: a new Adam per task; shared: the reference
+    code's one Adam state across tasks and into evaluation), ``transductive_bn`` (False: queries are normalised with support-set
     BatchNorm statistics, non-transductive; True: with the query batch's, transductive), ``per_query_bn``
     (evaluation, non-transductive only: each query with the statistics of the support set plus itself, as the
     paper's non-transductive numbers; the training log's scores keep the support-set statistics).
@@ -76,6 +86,7 @@ class Reptile(AdaptiveMethod):
         test_inner_batch: int = 5,
         inner_lr: float = 0.001,
         inner_optimizer: str = "adam",
+        inner_adam_state: str = "fresh",
         transductive_bn: bool = False,
         per_query_bn: bool = False,
     ) -> None:
@@ -93,25 +104,72 @@ class Reptile(AdaptiveMethod):
         self.test_inner_steps, self.test_inner_batch = test_inner_steps, test_inner_batch
         self.inner_lr = require_positive_float(self.name, "inner_lr", inner_lr)
         self.inner_optimizer = inner_optimizer
+        if inner_adam_state not in ADAM_STATES:
+            raise option_error(self.name, "inner_adam_state", f"must be one of {', '.join(ADAM_STATES)}, got {inner_adam_state!r}")
+        if inner_adam_state == "shared" and inner_optimizer != "adam":
+            raise option_error(self.name, "inner_adam_state", "shared is Adam's state: it needs inner_optimizer: adam")
+        self.shared_adam = inner_adam_state == "shared"
+        if self.shared_adam:
+            for i, parameter in enumerate(self.network.parameters):
+                self.register_buffer(f"inner_adam_sq_{i}", torch.zeros_like(parameter))
+            self.register_buffer("inner_adam_steps", torch.zeros((), dtype=torch.float64))
+            self.register_load_state_dict_post_hook(Reptile._read_adam_steps)
+        self._adam_steps = 0  # inner_adam_steps on the host: read once when loaded, so a step never waits on a device
+
+    @staticmethod
+    def _read_adam_steps(module: nn.Module, incompatible_keys: object) -> None:
+        assert isinstance(module, Reptile)
+        module._adam_steps = int(module.inner_adam_steps)
+
+    def _adam_squares(self) -> list[torch.Tensor]:
+        return [getattr(self, f"inner_adam_sq_{i}") for i in range(len(self.network.parameters))]
+
+    def _inner_optimizer(self, params: Params) -> torch.optim.Optimizer:
+        """The task copies' optimizer: SGD, a fresh Adam, or Adam starting from the shared state (each task's
+        copy of the second moments, the shared step count; beta1 = 0 leaves no first moment to carry)."""
+        if self.inner_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.inner_lr)
+        optimizer = torch.optim.Adam(params, lr=self.inner_lr, betas=ADAM_BETAS, eps=1e-8)
+        if self.shared_adam:
+            for param, squares in zip(params, self._adam_squares()):
+                optimizer.state[param] = {"step": torch.tensor(float(self._adam_steps)), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": squares.expand_as(param).clone()}
+        return optimizer
+
+    @torch.no_grad()
+    def _absorb_adam_state(self, optimizer: torch.optim.Optimizer, params: Params, steps: int) -> None:
+        """Fold the tasks' second-moment additions into the shared state as the reference's task-by-task loop
+        would: task t's additions decay by the steps of the tasks after it. Non-finite values (a step the
+        training loop will skip) leave the state as it was."""
+        tasks = params[0].shape[0]
+        decay = ADAM_BETAS[1] ** steps
+        weights = decay ** torch.arange(tasks - 1, -1, -1, dtype=torch.float64, device=params[0].device)
+        for param, squares in zip(params, self._adam_squares()):
+            added = optimizer.state[param]["exp_avg_sq"] - decay * squares
+            updated = decay**tasks * squares + (weights.to(squares.dtype).view(-1, *[1] * squares.dim()) * added).sum(0)
+            squares.copy_(torch.where(torch.isfinite(updated), updated, squares))
+        self._adam_steps += steps * tasks
+        self.inner_adam_steps.fill_(self._adam_steps)
 
     def train_copies(
         self, images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, generator: torch.Generator | None, track: bool,
-        share: TaskShare | None = None, same_order: bool = False,
+        share: TaskShare | None = None, same_order: bool = False, absorb: bool = False,
     ) -> Params:
         """Train one copy of the meta-parameters per task on (T, n, ...) images, (T, n) labels; returns the trained
         copies (T, *shape), detached. Each task's loss reaches only its own copy, so summing them trains each copy
         on its own mean loss, and Adam (element-wise) or SGD on the stacked copies is the per-task optimiser.
         With a ``share`` the minibatch order is drawn for the share's whole meta-batch and its rows kept; with
-        ``same_order`` one order is drawn and every task uses it."""
+        ``same_order`` one order is drawn and every task uses it. ``absorb``: fold the tasks' Adam moments into
+        the shared state (meta-training; the whole meta-batch must be here)."""
         tasks, count = labels.shape
         share = share or TaskShare(0, tasks)
+        if absorb and self.shared_adam and share.total != tasks:
+            raise option_error(self.name, "inner_adam_state", "shared needs the whole meta-batch in one process: it cannot "
+                               "run data-parallel (use fresh)")
         with self.grad_context(False):
             images, labels = inputs_for_autograd((images, labels))
             params = self.network.meta_parameters(tasks, detach=True)
-            if self.inner_optimizer == "adam":
-                optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.inner_lr, betas=(0.0, 0.999), eps=1e-8)
-            else:
-                optimizer = torch.optim.SGD(params, lr=self.inner_lr)
+            optimizer = self._inner_optimizer(params)
             if same_order:
                 order = minibatch_order(1, count, steps, batch, generator).expand(tasks, -1, -1)
             else:
@@ -123,6 +181,8 @@ class Reptile(AdaptiveMethod):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            if absorb and self.shared_adam:
+                self._absorb_adam_state(optimizer, params, steps)
         return [p.detach() for p in params]
 
     def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -148,7 +208,8 @@ class Reptile(AdaptiveMethod):
         0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
         on: a training accuracy, not a held-out one)."""
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
-        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=share)
+        adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=share,
+                                    absorb=self.training)
         losses = sum(0.5 * (p.unsqueeze(0) - a).pow(2).flatten(1).sum(1) for p, a in zip(self.network.parameters, adapted))
         with torch.no_grad():
             scores = self.network.query_logits(adapted, support, query, self.transductive)

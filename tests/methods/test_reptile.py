@@ -13,6 +13,7 @@ from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods import build_method
 from fsltool.methods.adaptation import PooledBody
+from fsltool.methods.base import TaskShare
 from fsltool.methods.protonet import prototype_scores
 from fsltool.methods import reptile as reptile_module
 from fsltool.methods.reptile import Reptile, minibatch_order
@@ -186,6 +187,8 @@ def test_export_graphs_are_the_body_and_prototype_classification() -> None:
         ({"transductive_bn": "no"}, r"method_options.transductive_bn must be true or false, got 'no'"),
         ({"per_query_bn": 1}, r"method_options.per_query_bn must be true or false, got 1"),
         ({"per_query_bn": True, "transductive_bn": True}, r"method_options.per_query_bn is a non-transductive mode"),
+        ({"inner_adam_state": "global"}, r"method_options.inner_adam_state must be one of fresh, shared, got 'global'"),
+        ({"inner_adam_state": "shared", "inner_optimizer": "sgd"}, r"method_options.inner_adam_state shared is Adam's state: it needs inner_optimizer: adam"),
     ],
 )
 def test_bad_options_are_named(options: dict[str, object], message: str) -> None:
@@ -208,3 +211,111 @@ def test_shipped_recipes_make_the_loops_step_the_reptile_update(path: Path) -> N
     assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.0, 0.0)
     assert EpisodeShape.parse(train.shape).per_class == 10  # the reference's 10 training shots per class
     assert train.lr_schedule == "linear"  # the paper's epsilon, annealed linearly to 0
+
+
+def stacked(episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, n, ...) images and (T, n) labels: each episode's support and query together, as meta-training uses them."""
+    return (torch.stack([torch.cat([e.support, e.query]) for e in episodes]),
+            torch.stack([torch.cat([e.support_labels, e.query_labels]) for e in episodes]))
+
+
+def adam_from(params: list[torch.Tensor], squares: list[torch.Tensor], steps: int) -> torch.optim.Adam:
+    """torch's Adam (beta1 = 0) over ``params``, its state loaded through its own load_state_dict."""
+    optimizer = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999))
+    state = {i: {"step": torch.tensor(float(steps)), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()}
+             for i, (p, v) in enumerate(zip(params, squares))}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return optimizer
+
+
+def train_reference(method: Reptile, optimizer: torch.optim.Adam, params: list[torch.Tensor], images: torch.Tensor,
+                    labels: torch.Tensor, order: torch.Tensor) -> None:
+    body = PooledBody(method.backbone)
+    for chosen in order:
+        optimizer.zero_grad()
+        F.cross_entropy(method.head(body(images[chosen])), labels[chosen]).backward()
+        optimizer.step()
+
+
+def test_shared_adam_state_task_by_task_is_the_references_one_adam_across_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """inner_adam_state: shared, tasks one at a time: two meta-steps of 3 tasks train the same copies as ONE
+    torch Adam whose state runs on across all six tasks (the reference code's), parameters reset per task; the
+    shared state ends as that Adam's second moments and step count."""
+    method = tiny_reptile(inner_adam_state="shared")
+    method.group_tasks = False
+    reference = copy.deepcopy(method).train()
+    params = list(reference.parameters())
+    optimizer = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999))
+    orders = minibatch_order(6, 10, 3, 4, torch.Generator().manual_seed(3))
+    rows = iter(orders.split(1))
+    monkeypatch.setattr(reptile_module, "minibatch_order", lambda *args: next(rows))
+    for meta_step in range(2):
+        episodes = tiny_episodes(3 + meta_step)[:3]
+        theta = [p.detach().clone() for p in method.parameters()]
+        losses = [o.loss.detach() for o in method.meta_step(episodes)]
+        images, labels = stacked(episodes)
+        for task in range(3):
+            with torch.no_grad():
+                for p, start in zip(params, theta):
+                    p.copy_(start)
+            train_reference(reference, optimizer, params, images[task], labels[task], orders[3 * meta_step + task])
+            distance = sum(0.5 * (start - p.detach()).pow(2).sum() for start, p in zip(theta, params))
+            torch.testing.assert_close(losses[task], distance, rtol=1e-10, atol=1e-14)
+    for squares, p in zip(method._adam_squares(), params):
+        torch.testing.assert_close(squares, optimizer.state[p]["exp_avg_sq"], rtol=1e-10, atol=1e-20)
+    assert method._adam_steps == 18 and float(method.inner_adam_steps) == 18.0
+
+
+def test_shared_adam_state_grouped_starts_each_task_from_it_and_absorbs_them_in_order() -> None:
+    """Side by side, each task trains from the shared state (torch's Adam loaded with it gives the same copy),
+    and the state then takes every task's second-moment additions, task t's decayed by the later tasks' steps."""
+    method = tiny_reptile(inner_adam_state="shared")
+    images, labels = stacked(tiny_episodes(3))
+    method.train_copies(images, labels, 3, 4, torch.Generator().manual_seed(1), track=False, absorb=True)  # a state to start from
+    start_squares, start_steps = [s.clone() for s in method._adam_squares()], method._adam_steps
+    assert start_steps == 9 and all(s.abs().sum() > 0 for s in start_squares)
+    copies = method.train_copies(images, labels, 3, 4, torch.Generator().manual_seed(2), track=False, absorb=True)
+    order = minibatch_order(3, labels.shape[1], 3, 4, torch.Generator().manual_seed(2))
+    decay = 0.999**3
+    expected = [decay**3 * s for s in start_squares]
+    for task in range(3):
+        reference = copy.deepcopy(method).train()
+        params = list(reference.parameters())
+        optimizer = adam_from(params, start_squares, start_steps)
+        train_reference(reference, optimizer, params, images[task], labels[task], order[task])
+        for got, p in zip(copies, params):
+            torch.testing.assert_close(got[task], p.detach(), rtol=1e-9, atol=1e-12)
+        for i, (p, s) in enumerate(zip(params, start_squares)):
+            expected[i] = expected[i] + decay ** (2 - task) * (optimizer.state[p]["exp_avg_sq"] - decay * s)
+    for got, want in zip(method._adam_squares(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-20)
+    assert method._adam_steps == 18
+
+
+def test_shared_adam_state_is_used_by_evaluation_left_unchanged_and_saved() -> None:
+    """Evaluation fine-tunes from the shared state (other scores than from a zero state) without changing it;
+    the state travels in the state_dict, step count included."""
+    method = tiny_reptile(inner_adam_state="shared", way=5)
+    images, labels = stacked(tiny_episodes(2, way=5))
+    method.train_copies(images, labels, 3, 4, torch.Generator().manual_seed(1), track=False, absorb=True)
+    method.eval()
+    support, support_labels, query = random_episode(5, 1, 4)
+    support, query = support.double(), query.double()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    with torch.no_grad():
+        scores = method(support, support_labels, query)
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in state.items())
+    reloaded = tiny_reptile(inner_adam_state="shared", way=5).eval()
+    reloaded.load_state_dict(state)
+    assert reloaded._adam_steps == 6  # 2 tasks x 3 steps
+    zeroed = tiny_reptile(inner_adam_state="shared", way=5).eval()
+    zeroed.load_state_dict({**state, **{k: torch.zeros_like(v) for k, v in state.items() if "inner_adam" in k}})
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(support, support_labels, query), scores, rtol=0, atol=0)
+        assert not torch.allclose(zeroed(support, support_labels, query), scores, atol=1e-6)
+
+
+def test_shared_adam_state_refuses_a_data_parallel_share() -> None:
+    images, labels = stacked(tiny_episodes(2))
+    with pytest.raises(FsltoolError, match=r"inner_adam_state.*cannot run data-parallel"):
+        tiny_reptile(inner_adam_state="shared").train_copies(images, labels, 3, 4, None, track=False, share=TaskShare(0, 4), absorb=True)
