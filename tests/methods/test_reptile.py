@@ -211,6 +211,7 @@ def test_shipped_recipes_make_the_loops_step_the_reptile_update(path: Path) -> N
     assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.0, 0.0)
     assert EpisodeShape.parse(train.shape).per_class == 10  # the reference's 10 training shots per class
     assert train.lr_schedule == "linear"  # the paper's epsilon, annealed linearly to 0
+    assert recipe.method_options["inner_adam_state"] == "shared"  # the reference code's one Adam state
 
 
 def stacked(episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
