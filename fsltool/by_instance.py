@@ -21,7 +21,7 @@ from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import work_sizes
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import embed_all, episode_indices
+from fsltool.evaluate import check_runtime, embed_all, episode_indices
 from fsltool.methods import Method
 
 ORDER_SEED = 0  # the permutation of every episode's sequence: fixed, so all runs see the same sequences
@@ -33,6 +33,7 @@ class InstanceResult:
     shape: EpisodeShape
     accuracies: np.ndarray  # (episodes, instances): fraction of the classes whose k-th presentation was right
     episodes_from: str
+    runtime: str = "torch"  # what embedded the images
 
     def ci95(self) -> np.ndarray:
         return 1.96 * self.accuracies.std(0, ddof=1) / math.sqrt(len(self.accuracies)) * 100
@@ -47,6 +48,7 @@ class InstanceResult:
             "episodes": len(self.accuracies),
             "split": self.split,
             "episodes_from": f"{self.episodes_from} {self.shape}",
+            "runtime": self.runtime,
             "by_instance": {str(k + 1): {"accuracy": round(float(m), 4), "ci95": round(float(c), 4)} for k, (m, c) in enumerate(zip(means, cis))},
         }
 
@@ -69,10 +71,13 @@ def accuracy_by_instance(
     instances: int = 10,
     episodes: int | None = None,
     sample_seed: int | None = None,
+    runtime: str = "torch",
 ) -> InstanceResult:
-    """Per-episode accuracy at each instance number 1..``instances`` on sequences built from ``shape``'s episodes."""
+    """Per-episode accuracy at each instance number 1..``instances`` on sequences built from ``shape``'s episodes;
+    each distinct image embedded once by ``runtime`` (as ``evaluate --runtime``), the sequence read by PyTorch."""
     if not hasattr(method, "sequence_scores"):
         raise FsltoolError(f"method {method.name!r} does not predict along labelled sequences; --by-instance needs 'mann'")
+    check_runtime(method, runtime)
     if shape.per_class < instances:
         raise FsltoolError(f"--by-instance shows each class {instances} times, but {shape} episodes have {shape.per_class} images per class")
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
@@ -84,7 +89,7 @@ def accuracy_by_instance(
     method.eval()
     try:
         unique, inverse = np.unique(images, return_inverse=True)
-        embeddings = embed_all(method, data, unique)  # on the method's device
+        embeddings = embed_all(method, data, unique, runtime=runtime)  # on the method's device
         embeddings = embeddings[torch.from_numpy(inverse.reshape(images.shape)).to(embeddings.device)]
         per_call = work_sizes(embeddings.device).sequences  # the recurrence is step by step: wide batches amortise it
         predictions = torch.cat([
@@ -97,4 +102,4 @@ def accuracy_by_instance(
     instance = (onehot.cumsum(1) * onehot).sum(-1) - 1  # (episodes, steps): how many times the class was seen before
     correct = (predictions == labels).double()
     accuracies = torch.zeros(len(images), instances, dtype=torch.float64).scatter_add_(1, instance, correct) / shape.way
-    return InstanceResult(split, shape, accuracies.numpy(), origin)
+    return InstanceResult(split, shape, accuracies.numpy(), origin, runtime)

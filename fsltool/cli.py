@@ -563,7 +563,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         if by_instance:
             from fsltool.by_instance import accuracy_by_instance
 
-            by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed)
+            by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
                                                "data": data.path}, json_out)
             return

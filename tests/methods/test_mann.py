@@ -14,6 +14,7 @@ from fsltool.cli import main
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
+from fsltool.evaluate import RUNTIMES
 from fsltool.export import ExportReport
 from fsltool.methods import build_method
 from fsltool.methods.mann import MANN, ControllerCell, MemoryCell, content_weights, least_used
@@ -210,6 +211,23 @@ def test_by_instance_evaluation_through_the_cli(run: Path, tmp_path: Path) -> No
         direct = accuracy_by_instance(method, data, "test", EpisodeShape(5, 5, 5))
     assert payload["by_instance"]["1"]["accuracy"] == round(float(direct.accuracies[:, 0].mean() * 100), 4)
     assert all(row["ci95"] >= 0 for row in payload["by_instance"].values())
+
+
+def test_by_instance_embeds_through_the_runtime_asked_for(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--by-instance --runtime onnx embeds the images with ONNX Runtime: the same table as PyTorch's (predictions
+    agree; the scores differ by float rounding), and the JSON says which runtime ran."""
+    built: list[str] = []
+    for name, make in list(RUNTIMES.items()):
+        monkeypatch.setitem(RUNTIMES, name, lambda network, example, name=name, make=make: built.append(name) or make(network, example))
+    tables = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / f"{runtime}.json"
+        result = CliRunner().invoke(main, ["evaluate", str(run), "--shape", "5w5s5q", "--by-instance", "--runtime", runtime, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        payload = json.loads(out.read_text())
+        assert payload["runtime"] == runtime
+        tables[runtime] = payload["by_instance"]
+    assert tables["onnx"] == tables["torch"] and built == ["torch", "onnx"]
 
 
 def test_by_instance_refuses_other_methods_and_short_episodes(run: Path, synthetic_file: Path) -> None:
