@@ -353,14 +353,27 @@ class PooledBody(nn.Module):
 
 
 class PrototypeClassifier(nn.Module):
-    """Prototype classification (Snell et al.) on the body's embeddings: the exported "classifier" graph."""
+    """Prototype classification (Snell et al.) on the body's embeddings: the exported "classifier" graph. It embeds
+    each image alone, so it offers ``embed`` and ``scores_from_embeddings`` as a Method does: ``fsltool enroll``
+    keeps class prototypes of the body with them and scores as this forward does."""
+
+    embeds_independently = True
 
     def __init__(self, body: PooledBody) -> None:
         super().__init__()
         self.body = body
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return prototype_scores(self.body(support), support_labels, self.body(query), support_labels.max() + 1)
+        return self.scores_from_embeddings(self.embed(support), support_labels, self.embed(query), support_labels.max() + 1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def scores_from_embeddings(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
+    ) -> torch.Tensor:
+        """(..., S, D), (..., S), (..., Q, D) -> (..., Q, way)."""
+        return prototype_scores(support, support_labels, query, way)
 
 
 def inputs_for_autograd(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
