@@ -234,9 +234,11 @@ class EnrolledClasses:
     def __init__(self, run: RunModel) -> None:
         from fsltool.enroll import Enrolment, class_state_rule
 
-        class_state_rule(run.trained)  # a method that keeps nothing of a class is refused before any image is read
+        rule = class_state_rule(run.trained)  # a method that keeps nothing of a class is refused before any image is read
         self.run = run
         self._enrolment = Enrolment()
+        # as the saved graph: the run's calibration only where these are the scores it was fitted on (not MAML's, Reptile's)
+        self.calibration = run.calibration if rule.other_scores is None else None
 
     @property
     def classes(self) -> list[str]:
@@ -265,7 +267,7 @@ class EnrolledClasses:
         query, names = preprocess(queries, self.run.contract)
         with torch.inference_mode():
             scores = enrolled_classifier(self.run.trained, self._enrolment)(torch.from_numpy(query)).numpy()
-        return _predictions(self.classes, names, scores, top, self.run.calibration)
+        return _predictions(self.classes, names, scores, top, self.calibration)
 
     def save(self, folder: str | Path, *, add: bool = False, force: bool = False) -> EnrolReport:
         """Write an enrolled folder (ONNX + TorchScript graph, class states, manifest), as ``fsltool enroll``: a new

@@ -86,10 +86,16 @@ def calibration_file(trained: TrainedModel) -> Path:
     return trained.path.parent.parent / CALIBRATION_FILE
 
 
+def fitted_calibration_file(trained: TrainedModel) -> Path | None:
+    """RUN/calibration.json when the run has one (unread), None otherwise (or for a loose checkpoint)."""
+    path = calibration_file(trained) if trained.path.parent.name == "checkpoints" else None
+    return path if path is not None and path.is_file() else None
+
+
 def load_calibration(trained: TrainedModel) -> Calibration | None:
     """The run's calibration if it has one (None otherwise), refused when fitted to other weights than these."""
-    path = calibration_file(trained) if trained.path.parent.name == "checkpoints" else None
-    if path is None or not path.is_file():
+    path = fitted_calibration_file(trained)
+    if path is None:
         return None
     try:
         payload = json.loads(path.read_text())

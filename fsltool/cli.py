@@ -808,13 +808,16 @@ def enroll(model: str, support: str | None, out_dir: str, add: bool, remove: tup
     report = run_enrolment(model, support, out_dir, add=add, remove=remove, force=force, which=which)
     if as_json:
         _echo_json({"out": str(report.out_dir), "classes": report.classes, "added": report.added, "removed": report.removed,
-                    "kept_per_class": report.kept, "files": [str(p) for p in report.files]})
+                    "kept_per_class": report.kept, "calibration_left_out": report.calibration_left_out,
+                    "files": [str(p) for p in report.files]})
         return
     if not quiet:
         from fsltool.console import console
 
         changes = [f"{verb} {len(names)}" for verb, names in (("added", report.added), ("removed", report.removed)) if names]
         console.print(f"{', '.join(changes)}; {len(report.classes)} classes enrolled, each kept as its {report.kept}", highlight=False)
+        if report.calibration_left_out:
+            console.print(f"note: {report.calibration_left_out}", highlight=False)
     click.echo(f"enrolled classifier: {report.out_dir / 'classifier.onnx'}")
 
 

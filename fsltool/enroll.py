@@ -1,12 +1,15 @@
 """Enrolled classifiers: keep what a method keeps of a support set (ProtoNet's class prototypes, Matching Networks'
-support embeddings, Relation Networks' class feature maps), once, and write one graph ``images -> scores`` with that
-state as constants, so an application classifies a stream of images without re-embedding its support set on every
-call (``fsltool predict ENROLLED_DIR QUERIES``, ONNX Runtime alone).
+support embeddings, Relation Networks' class feature maps, SNAIL's and MANN's support embeddings; for MAML and
+Reptile the class prototypes of the meta-learned body that ``fsltool export`` classifies with), once, and write one
+graph ``images -> scores`` with that state as constants, so an application classifies a stream of images without
+re-embedding its support set on every call (``fsltool predict ENROLLED_DIR QUERIES``, ONNX Runtime alone).
 
 The state is kept per class in ``classes.safetensors`` (one tensor per class), so classes are added (``add``) or
 removed (``remove``) without recomputing the others; every change rewrites the folder as a whole
 (fsltool.atomic.atomic_directory). The graph scores queries with the method's own ``scores_from_embeddings``
-against the kept state; the tests check it against the method's forward on the same support set.
+against the kept state (MAML, Reptile: with export's prototype classifier), the items shown in the order
+evaluation would show them; the tests check it against the method's forward (export's classifier) on the same
+support set in that order.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,13 +28,16 @@ from safetensors.numpy import load_file, save
 from torch import nn
 
 from fsltool.atomic import atomic_directory, atomic_write
-from fsltool.calibration import calibration_metadata
+from fsltool.calibration import calibration_metadata, fitted_calibration_file
 from fsltool.checkpoint import TrainedModel, load_trained, model_digest
 from fsltool.errors import FsltoolError
+from fsltool.evaluate import support_orders
 from fsltool.export import export_onnx, export_torchscript, preprocessing_contract
+from fsltool.methods.adaptation import AdaptiveMethod, PrototypeClassifier
 from fsltool.methods.base import ExportGraph, Method
 from fsltool.methods.protonet import class_prototypes
 from fsltool.methods.relationnet import class_maps
+from fsltool.methods.sequence import SequenceMethod
 from fsltool.predict import ENROLLED_FILE, load_batch, read_support
 
 FORMAT = "fsltool-enrolled-1"
@@ -43,29 +50,68 @@ def _single_class(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.zeros(len(embeddings), dtype=torch.int64)
 
 
+def _prototype(embeddings: torch.Tensor) -> torch.Tensor:
+    return class_prototypes(embeddings, _single_class(embeddings), 1)
+
+
+# What an enrolled graph runs: ``embed`` on each image alone, then ``scores_from_embeddings`` against the kept items.
+Scoring = Method | PrototypeClassifier
+
+
+def _the_method(method: Method) -> Scoring:
+    return method
+
+
+def _exported_classifier(method: Method) -> Scoring:
+    """MAML's and Reptile's ``fsltool export`` classifier: prototypes of the meta-learned body (no adaptation)."""
+    assert isinstance(method, AdaptiveMethod)
+    classifier = method.exported_classifier()
+    assert isinstance(classifier, PrototypeClassifier)
+    return classifier
+
+
+def _label_slots(method: Method) -> int:
+    """The sequence methods' one-hot label size (method_options.way, fixed by training): at most that many classes."""
+    assert isinstance(method, SequenceMethod)
+    return method.way
+
+
 @dataclass(frozen=True)
 class ClassState:
-    """What a method keeps of one class's support embeddings (K, *F) -> (items, *F): the items its
-    ``scores_from_embeddings`` then reads as a support set with one label per class."""
+    """What a method keeps of one class's support embeddings (K, *F) -> (items, *F): the items its scoring's
+    ``scores_from_embeddings`` then reads as a support set with one label per class.
+
+    ``scoring``: what embeds and scores (the method, or what stands for it in ``fsltool export``); ``other_scores``:
+    what the graph scores when that is not the method's own scores (the run's calibration, fitted on those, is then
+    left out); ``label_slots``: the most classes the scoring reads, when it has a fixed number."""
 
     kept: str
     of_class: Callable[[torch.Tensor], torch.Tensor]
+    scoring: Callable[[Method], Scoring] = _the_method
+    other_scores: str | None = None
+    label_slots: Callable[[Method], int] | None = None
 
+
+BODY_PROTOTYPE = ClassState(
+    "class prototype of the meta-learned body (mean pooled embedding), as fsltool export's classifier", _prototype,
+    _exported_classifier, "prototype scores of the meta-learned body, not the scores of the network adapted to each support set")
+SUPPORT_SEQUENCE = ClassState("support embeddings, read as one sequence in a seeded order (support_order)", lambda e: e,
+                              label_slots=_label_slots)
 
 # The methods that score queries against a fixed support set from per-image embeddings, and the rule each applies to
 # a class (the same helper its forward uses). A new method of that kind is enrolled by adding it here.
 CLASS_STATES: dict[str, ClassState] = {
-    "protonet": ClassState("class prototype (mean support embedding)", lambda e: class_prototypes(e, _single_class(e), 1)),
+    "protonet": ClassState("class prototype (mean support embedding)", _prototype),
     "matchingnet": ClassState("support embeddings", lambda e: e),
     "relationnet": ClassState("class feature map (sum of the support maps)", lambda e: class_maps(e, _single_class(e), 1)),
+    "maml": BODY_PROTOTYPE,
+    "reptile": BODY_PROTOTYPE,
+    "snail": SUPPORT_SEQUENCE,
+    "mann": SUPPORT_SEQUENCE,
 }
 
 # Why the other built-in methods keep nothing that outlives one support set.
 NOT_ENROLLABLE: dict[str, str] = {
-    "maml": "it adapts its parameters to each support set by gradient steps at test time",
-    "reptile": "it adapts its parameters to each support set by gradient steps at test time",
-    "snail": "it reads the support set as a sequence together with each query",
-    "mann": "it reads the support set as a sequence together with each query",
     "baseline": "it fits a new classifier head on each support set",
     "baseline++": "it fits a new classifier head on each support set",
 }
@@ -105,22 +151,23 @@ class EnrolReport:
     removed: list[str]
     files: list[Path]
     kept: str  # what is stored per class
+    calibration_left_out: str | None  # why the run's calibration is not carried, when it is not
 
 
 class EnrolledClassifier(nn.Module):
-    """images -> scores (N, classes): the method's embedding network, then its own scoring against the kept
-    items as a fixed support set (buffers, so they become constants of the exported graphs)."""
+    """images -> scores (N, classes): the scoring's embedding network, then its scoring against the kept items as
+    a fixed support set (buffers, so they become constants of the exported graphs)."""
 
-    def __init__(self, method: Method, items: torch.Tensor, item_labels: torch.Tensor, classes: int) -> None:
+    def __init__(self, scoring: Scoring, items: torch.Tensor, item_labels: torch.Tensor, classes: int) -> None:
         super().__init__()
-        self.method = method
+        self.scoring = scoring
         self.register_buffer("items", items)
         self.register_buffer("item_labels", item_labels)
         self.classes = classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        queries = self.method.embed(images)
-        return self.method.scores_from_embeddings(self.items[None], self.item_labels[None], queries[None], self.classes)[0]
+        queries = self.scoring.embed(images)
+        return self.scoring.scores_from_embeddings(self.items[None], self.item_labels[None], queries[None], self.classes)[0]
 
 
 def class_state_rule(trained: TrainedModel) -> ClassState:
@@ -129,16 +176,18 @@ def class_state_rule(trained: TrainedModel) -> ClassState:
     if name not in CLASS_STATES:
         reason = NOT_ENROLLABLE.get(name, "fsltool.enroll has no per-class state for it")
         raise FsltoolError(f"method {name!r} cannot be enrolled: {reason} (enrollable: {', '.join(sorted(CLASS_STATES))})")
-    if not trained.method.embeds_independently:
+    rule = CLASS_STATES[name]
+    if not rule.scoring(trained.method).embeds_independently:
         raise FsltoolError(f"method {name!r} cannot be enrolled with its method_options: an image's embedding depends on the "
                            "whole support set (matchingnet's fce), so no class can be kept on its own")
-    return CLASS_STATES[name]
+    return rule
 
 
 def class_states(trained: TrainedModel, class_images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The kept state of each class from its images (K, C, H, W) float32 in [0, 1], preprocessed by the contract.
     Each class is embedded on its own, in fixed chunks, so its state is the same whatever else is enrolled."""
     rule = class_state_rule(trained)
+    scoring = rule.scoring(trained.method)
     expected = tuple(trained.config["image_shape"])
     states = {}
     with torch.inference_mode():
@@ -146,17 +195,62 @@ def class_states(trained: TrainedModel, class_images: Mapping[str, np.ndarray]) 
             if images.ndim != 4 or images.shape[1:] != expected or len(images) == 0:
                 raise FsltoolError(f"class {name!r}: images of shape {tuple(images.shape)}, expected (K, {', '.join(map(str, expected))}) with K >= 1")
             batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-            embeddings = torch.cat([trained.method.embed(chunk) for chunk in batch.split(EMBED_CHUNK)])
+            embeddings = torch.cat([scoring.embed(chunk) for chunk in batch.split(EMBED_CHUNK)])
             states[name] = rule.of_class(embeddings).numpy()
     return states
 
 
+def item_order(method: Method, count: int) -> np.ndarray:
+    """The order in which ``count`` enrolled items, laid out class by class (classes sorted by name, each class's
+    items in enrolment order), are shown to the scoring: as laid out, or for an ``order_sensitive`` method (SNAIL,
+    MANN: trained on shuffled support sequences, which would read the layout as a cue) the seeded order evaluation
+    shows stored episode 0 of that length (fsltool.evaluate.support_orders). It depends on the count alone, so
+    enrolling in steps gives the sequence of enrolling at once."""
+    return support_orders(np.zeros(1, dtype=np.int64), count)[0] if method.order_sensitive else np.arange(count)
+
+
+def check_label_slots(trained: TrainedModel, rule: ClassState, classes: int) -> None:
+    """A sequence method reads at most method_options.way classes (its one-hot label size, fixed by training)."""
+    if rule.label_slots is not None and classes > (slots := rule.label_slots(trained.method)):
+        raise FsltoolError(f"{classes} classes to enrol, but method {trained.config['method']!r} reads at most "
+                           f"method_options.way = {slots} (its label slots, fixed by training): enrol at most {slots}")
+
+
 def enrolled_classifier(trained: TrainedModel, enrolment: Enrolment) -> EnrolledClassifier:
-    """The enrolled classes' states stacked as one support set (items labelled by class, in sorted class order)."""
+    """The enrolled classes' states stacked as one support set (items labelled by class, in sorted class order),
+    shown in ``item_order``."""
+    rule = class_state_rule(trained)
     classes = enrolment.classes
+    check_label_slots(trained, rule, len(classes))
     items = torch.cat([torch.from_numpy(enrolment.states[name]) for name in classes])
     labels = torch.cat([torch.full((len(enrolment.states[name]),), c, dtype=torch.int64) for c, name in enumerate(classes)])
-    return EnrolledClassifier(trained.method, items, labels, len(classes)).eval()
+    order = torch.from_numpy(item_order(trained.method, len(labels)))
+    return EnrolledClassifier(rule.scoring(trained.method), items[order], labels[order], len(classes)).eval()
+
+
+def support_order(trained: TrainedModel, enrolment: Enrolment) -> dict[str, list[tuple[str, int]]]:
+    """For an order-sensitive method, the sequence the graph reads: (class, index of its image), in order."""
+    if not trained.method.order_sensitive:
+        return {}
+    items = [(name, i) for name in enrolment.classes for i in range(len(enrolment.states[name]))]
+    return {"support_order": [items[j] for j in item_order(trained.method, len(items))]}
+
+
+def calibration_left_out(trained: TrainedModel, rule: ClassState) -> str | None:
+    """Why the run's calibration is not carried, when it has one and the graph computes ``other_scores`` (MAML,
+    Reptile): a temperature and a threshold fitted on the method's own scores would mislead on other scores."""
+    path = fitted_calibration_file(trained) if rule.other_scores is not None else None
+    return None if path is None else (f"{path} not carried: it was fitted on the method's own scores, but this graph computes "
+                                      f"{rule.other_scores}; predict gives an uncalibrated softmax and no open-set threshold")
+
+
+def carried_calibration(trained: TrainedModel, rule: ClassState) -> dict[str, Any]:
+    """The metadata entry ``calibration`` when the graph computes the scores it was fitted on; otherwise none, and a
+    ``calibration_left_out`` note when the run has one."""
+    if rule.other_scores is None:
+        return calibration_metadata(trained)
+    note = calibration_left_out(trained, rule)
+    return {} if note is None else {"calibration_left_out": note}
 
 
 def _class_key(name: str) -> str:
@@ -223,8 +317,8 @@ def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> l
     graph, check = (ExportGraph(module, (torch.rand(batch, *image_shape, generator=generator),), ["images"], ["scores"],
                                 {"images": {0: "batch"}}) for batch in (3, 5))
     contract = preprocessing_contract(trained)
-    metadata = {**contract, **calibration_metadata(trained), "graph": "enrolled classifier", "inputs": ["images"],
-                "outputs": ["scores"], "classes": classes, "class_state": rule.kept}
+    metadata = {**contract, **carried_calibration(trained, rule), "graph": "enrolled classifier", "inputs": ["images"],
+                "outputs": ["scores"], "classes": classes, "class_state": rule.kept, **support_order(trained, enrolment)}
     manifest = {**metadata, "format": FORMAT, "class_images": {name: enrolment.images[name] for name in classes},
                 "state_file": STATE_FILE, "model": {"checkpoint": str(trained.path), "digest": model_digest(trained)}}
     names = [*GRAPH_FILES, STATE_FILE, ENROLLED_FILE]
@@ -264,7 +358,8 @@ def save_enrolment(
         enrolment.remove(name)
     enrolment.add(new.states, new.images, str(out))
     files = write_enrolment(trained, enrolment, out)
-    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, class_state_rule(trained).kept)
+    rule = class_state_rule(trained)
+    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, rule.kept, calibration_left_out(trained, rule))
 
 
 def enroll_images(
