@@ -68,16 +68,20 @@ def preprocessing_contract(trained: TrainedModel) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """torch's exporters print progress lines and deprecation warnings; a CLI command should not."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch's exporters print progress lines and deprecation warnings, and onnxscript's optimizer logs what it
+    cannot fold (an enrolled SNAIL's constant support sequence: "Skipping constant folding for op Split"); a CLI
+    command should not."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_other_sizes(model: onnx.ModelProto, graph: ExportGraph, check: ExportGraph, path: Path) -> None:

@@ -195,7 +195,8 @@ def test_add_keeps_each_class_state_and_removing_the_added_classes_restores_the_
     --remove of the added classes gives back the first enrolment's scores exactly."""
     run, images = str(runs[case]), query_images(folders)
     at_once, in_steps = tmp_path / "at-once", tmp_path / "in-steps"
-    assert run_cli("enroll", run, str(folders["all"]), "--out", str(at_once), "-q")[0] == 0
+    code, _, stderr = run_cli("enroll", run, str(folders["all"]), "--out", str(at_once))
+    assert code == 0 and "folding" not in stderr  # the exporter's optimizer is quiet on a constant support sequence
     assert run_cli("enroll", run, str(folders["first"]), "--out", str(in_steps), "-q")[0] == 0
     first_states, first_scores = load_file(str(in_steps / "classes.safetensors")), onnx_scores(in_steps, images)
     first_manifest = json.loads((in_steps / "enrolled.json").read_text())
