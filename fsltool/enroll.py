@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save
 from torch import nn
 
 from fsltool.atomic import atomic_directory, atomic_write
-from fsltool.calibration import calibration_metadata, fitted_calibration_file
+from fsltool.calibration import calibration_left_out, carried_calibration
 from fsltool.checkpoint import TrainedModel, load_trained, model_digest
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import support_orders
@@ -94,7 +94,7 @@ class ClassState:
 
 BODY_PROTOTYPE = ClassState(
     "class prototype of the meta-learned body (mean pooled embedding), as fsltool export's classifier", _prototype,
-    _exported_classifier, "prototype scores of the meta-learned body, not the scores of the network adapted to each support set")
+    _exported_classifier, AdaptiveMethod.exported_scores)
 SUPPORT_SEQUENCE = ClassState("support embeddings, read as one sequence in a seeded order (support_order)", lambda e: e,
                               label_slots=_label_slots)
 
@@ -236,23 +236,6 @@ def support_order(trained: TrainedModel, enrolment: Enrolment) -> dict[str, list
     return {"support_order": [items[j] for j in item_order(trained.method, len(items))]}
 
 
-def calibration_left_out(trained: TrainedModel, rule: ClassState) -> str | None:
-    """Why the run's calibration is not carried, when it has one and the graph computes ``other_scores`` (MAML,
-    Reptile): a temperature and a threshold fitted on the method's own scores would mislead on other scores."""
-    path = fitted_calibration_file(trained) if rule.other_scores is not None else None
-    return None if path is None else (f"{path} not carried: it was fitted on the method's own scores, but this graph computes "
-                                      f"{rule.other_scores}; predict gives an uncalibrated softmax and no open-set threshold")
-
-
-def carried_calibration(trained: TrainedModel, rule: ClassState) -> dict[str, Any]:
-    """The metadata entry ``calibration`` when the graph computes the scores it was fitted on; otherwise none, and a
-    ``calibration_left_out`` note when the run has one."""
-    if rule.other_scores is None:
-        return calibration_metadata(trained)
-    note = calibration_left_out(trained, rule)
-    return {} if note is None else {"calibration_left_out": note}
-
-
 def _class_key(name: str) -> str:
     """Names a user cannot tell apart (case, Unicode composition) are the same class."""
     return unicodedata.normalize("NFC", name).casefold()
@@ -317,7 +300,7 @@ def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> l
     graph, check = (ExportGraph(module, (torch.rand(batch, *image_shape, generator=generator),), ["images"], ["scores"],
                                 {"images": {0: "batch"}}) for batch in (3, 5))
     contract = preprocessing_contract(trained)
-    metadata = {**contract, **carried_calibration(trained, rule), "graph": "enrolled classifier", "inputs": ["images"],
+    metadata = {**contract, **carried_calibration(trained, rule.other_scores), "graph": "enrolled classifier", "inputs": ["images"],
                 "outputs": ["scores"], "classes": classes, "class_state": rule.kept, **support_order(trained, enrolment)}
     manifest = {**metadata, "format": FORMAT, "class_images": {name: enrolment.images[name] for name in classes},
                 "state_file": STATE_FILE, "model": {"checkpoint": str(trained.path), "digest": model_digest(trained)}}
@@ -359,7 +342,7 @@ def save_enrolment(
     enrolment.add(new.states, new.images, str(out))
     files = write_enrolment(trained, enrolment, out)
     rule = class_state_rule(trained)
-    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, rule.kept, calibration_left_out(trained, rule))
+    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, rule.kept, calibration_left_out(trained, rule.other_scores))
 
 
 def enroll_images(

@@ -20,7 +20,7 @@ from torch import nn
 
 from fsltool import __version__
 from fsltool.atomic import atomic_write
-from fsltool.calibration import calibration_metadata
+from fsltool.calibration import carried_calibration
 from fsltool.checkpoint import TrainedModel, load_trained
 from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
 from fsltool.data.store import FewShotData
@@ -191,7 +191,7 @@ def export_run(
 
 
 def _export_into(trained: TrainedModel, out: Path, data_path: str | None, verify_episodes: int, device: str) -> ExportReport:
-    contract = {**preprocessing_contract(trained), **calibration_metadata(trained)}  # the run's calibration, if fitted
+    contract = {**preprocessing_contract(trained), **carried_calibration(trained, trained.method.exported_scores)}
     image_shape = trained.config["image_shape"]
     graphs = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(3, 2, 2)))
     checks = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(6, 3, 1)))

@@ -239,7 +239,7 @@ def test_enrolled_prediction_needs_no_torch_and_matches_the_support_folder(
     assert code == 0 and all(len(line.split("\t")) == 5 for line in text.splitlines())
 
 
-def test_a_calibration_fitted_on_the_adapted_network_is_not_carried_into_a_maml_enrolment(
+def test_a_calibration_fitted_on_the_adapted_network_is_not_carried_into_a_maml_enrolment_or_export(
     runs: dict[str, Path], folders: dict[str, Path], synthetic_file: Path, tmp_path: Path
 ) -> None:
     """MAML's calibration is fitted on its adapted network's scores; its enrolled graph computes prototype scores on
@@ -272,6 +272,10 @@ def test_a_calibration_fitted_on_the_adapted_network_is_not_carried_into_a_maml_
         assert prediction["score"] == pytest.approx(float(row.max()), rel=1e-6)
     in_memory = fsltool.load(run).enroll({p.name: p for p in sorted(folders["all"].iterdir())})
     np.testing.assert_allclose([p.probability for p in in_memory.predict(folders["queries"])], plain.max(-1), rtol=1e-4)
+    # fsltool export writes the same body-prototype classifier: the calibration stays out of it too
+    code, _, _ = run_cli("export", str(run), "--out", str(tmp_path / "export"), "--verify-episodes", "0")
+    sidecar = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert code == 0 and "calibration" not in sidecar and sidecar["calibration_left_out"] == note
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

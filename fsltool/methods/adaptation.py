@@ -393,6 +393,7 @@ class AdaptiveMethod(Method):
     """
 
     embeds_independently = False
+    exported_scores = "prototype scores of the meta-learned body, not the scores of the network adapted to each support set"
     images_per_pass: int | None = None  # images adapted side by side per pass (None: the device's work_sizes().adapt_images)
 
     @property

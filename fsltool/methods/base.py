@@ -56,6 +56,9 @@ class Method(nn.Module, ABC):
     # Reads the support set as a sequence (MANN, SNAIL) and is trained on shuffled orders: evaluation then shows it
     # a seeded shuffled order (fsltool.evaluate.support_orders), not the stored class-by-class layout.
     order_sensitive: ClassVar[bool] = False
+    # What `fsltool export`'s classifier scores when it is not the method's own forward (MAML, Reptile), else None:
+    # a calibration fitted on the method's scores is then not carried into the exported or enrolled graphs.
+    exported_scores: ClassVar[str | None] = None
     episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
     meta_trainable: ClassVar[bool] = True  # False: the backbone comes from supervised pretraining; train refuses the method
 
