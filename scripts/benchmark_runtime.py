@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="where every runtime runs: cpu | cuda | cuda:N | auto")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--export", default=None, help="the run's export folder (fsltool export) to time, instead of exporting it again")
     args = parser.parse_args()
 
     device = resolve_device(args.device, "--device")
@@ -95,8 +96,9 @@ def main() -> None:
     image_shape = load_trained(args.run).config["image_shape"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
-        export_run(args.run, folder, verify_episodes=0)
-        runtimes = backends(args.run, Path(folder), device)
+        if args.export is None:
+            export_run(args.run, folder, verify_episodes=0)
+        runtimes = backends(args.run, Path(args.export or folder), device)
         results: dict[str, dict[str, Any]] = {}
         for name, calls in runtimes.items():
             try:
