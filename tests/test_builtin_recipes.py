@@ -58,6 +58,11 @@ def test_check_by_name_validates_against_the_data(synthetic_file: Path) -> None:
     assert code == 0 and "recipe is valid" in err
     code, _, err = invoke("recipes", "check", "synthetic/protonet-quick", f"data={synthetic_file}", *shapes[:2], "train.shape=500w1s5q")
     assert code == 2 and err.count("\n") == 1 and "500" in err
+    # the model is built as training builds it: a bad method or backbone option fails the check, not the run
+    for bad, message in (("method_options.distance=bogus", "method_options.distance must be one of euclidean, cosine, got 'bogus'"),
+                         ("backbone_options.hidden=-3", "backbone_options.hidden must be a positive integer, got -3")):
+        code, _, err = invoke("recipes", "check", "synthetic/protonet-quick", f"data={synthetic_file}", *shapes, bad)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_the_wheel_ships_every_recipe_folder() -> None:

@@ -122,12 +122,14 @@ class Backbone(nn.Module):
 def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
     1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``."""
+    hidden = _positive_int("hidden", hidden)
     blocks = [conv_block(channels if i == 0 else hidden, hidden) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
 def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
     """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling."""
+    hidden = _positive_int("hidden", hidden)
     blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
@@ -136,6 +138,7 @@ def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *
                    **layout: Any) -> Backbone:
     """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
     first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28)."""
+    hidden = _positive_int("hidden", hidden)
     blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, **layout)
 
@@ -275,6 +278,12 @@ def resnet18(channels: int, mean: Sequence[float], std: Sequence[float], *, pool
         layers.add_module(f"layer{index + 1}", nn.Sequential(BasicBlock(in_channels, width, stride), BasicBlock(width, width, 1)))
         in_channels = width
     return Backbone(Normalize(mean, std), layers, pool=pool, **layout)
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FsltoolError(f"backbone_options.{key} must be a positive integer, got {value!r}")
+    return value
 
 
 def _positive_ints(key: str, values: object, *, length: int) -> list[int]:
