@@ -156,8 +156,8 @@ def episode_scores(
                         for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
             stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
             with torch.no_grad():
-                scores.append(method.score_episodes(stacked_support, stacked_labels, stacked_query).float().cpu())
-        return torch.cat(scores)
+                scores.append(method.score_episodes(stacked_support, stacked_labels, stacked_query).float())
+        return torch.cat(scores).cpu()  # one copy to the host: no wait on the device per chunk
     finally:
         method.train(was_training)
 
@@ -187,8 +187,8 @@ def _scores_from_embeddings(
     scores = []
     for i in range(0, len(support), per_call):
         s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
-        scores.append(method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way).float().cpu())
-    return torch.cat(scores)
+        scores.append(method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way).float())
+    return torch.cat(scores).cpu()
 
 
 def episode_indices(
