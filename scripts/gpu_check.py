@@ -338,7 +338,8 @@ def check_runtime(run: Path, export_dir: Path, out: Path, device: str, repeats: 
         return failure("benchmark_runtime", bench)
     report = json.loads(path.read_text())
     failed = [name for name, figures in report["results"].items() if "error" in figures]
-    return {"ok": not failed, "failed_runtimes": failed, "onnx_over_eager_batch100": report["onnx_over_eager_batch100"],
+    ratio = report["onnx_over_eager_batch100"]
+    return {"ok": not failed, "failed_runtimes": failed, "onnx_over_eager_batch100": round(ratio, 3) if ratio is not None else None,
             "results": report["results"], "seconds": seconds}
 
 
