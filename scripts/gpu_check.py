@@ -203,9 +203,10 @@ def collective(device: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from fsltool.device import resolve_device
     from fsltool.distributed import BACKENDS
 
-    where = torch.device(device)
+    where = resolve_device(device)  # "cuda" with its index: torch.cuda.set_device refuses a device without one
     backend = BACKENDS[where.type]
     try:
         if where.type == "cuda":
