@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -86,9 +87,16 @@ def fsltool(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     return command([sys.executable, "-m", "fsltool", *args])
 
 
+RANK_PREFIX = r"^(?:\[(?:rank|default)\d+\]:\s*)?"  # torchrun may prefix a worker's lines with its rank
+
+
 def failure(step: str, done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    lines = (done.stderr.strip() or done.stdout.strip() or "(no output)").splitlines()
-    return {"ok": False, "failed": step, "error": lines[-1]}
+    """The line that says why: fsltool's one-line error, else an exception's last line (a worker's, under torchrun,
+    not the launcher's summary after it), else the last line written."""
+    lines = [line.strip() for line in f"{done.stderr}\n{done.stdout}".splitlines() if line.strip()] or ["(no output)"]
+    ours = [line for line in lines if re.match(RANK_PREFIX + "error: ", line)]
+    raised = [line for line in lines if re.match(RANK_PREFIX + r"[\w.]+(?:Error|Exception): \S", line)]
+    return {"ok": False, "failed": step, "error": (ours or raised or lines)[-1]}
 
 
 def free_port() -> int:

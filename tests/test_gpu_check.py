@@ -104,3 +104,15 @@ def test_a_bf16_refusal_is_not_applicable_and_an_unavailable_runtime_is_no_failu
     assert not module.failed({"ok": True, "not_applicable": "why"})
     assert not module.failed({"ok": False, "unavailable": "this onnxruntime has no CUDAExecutionProvider"})
     assert module.failed({"ok": False, "failed": "export", "error": "boom"})
+
+
+def test_a_failure_is_reported_by_the_line_that_says_why() -> None:
+    module = gpu_check()
+
+    def error(stderr: str, stdout: str = "") -> str:
+        return str(module.failure("step", subprocess.CompletedProcess([], 1, stdout, stderr))["error"])
+
+    assert error("warming up\nerror: recipe key 'device': 'cuda' asked for\n") == "error: recipe key 'device': 'cuda' asked for"
+    torchrun = "[rank0]: Traceback (most recent call last):\n[rank0]: RuntimeError: NCCL error\nChildFailedError: \n=====\n  rank : 0\n"
+    assert error(torchrun) == "[rank0]: RuntimeError: NCCL error"  # the worker's, not the launcher's summary
+    assert error("", "only this\n") == "only this" and error("") == "(no output)"
