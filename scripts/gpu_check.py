@@ -31,7 +31,8 @@ and an ONNX Runtime row on CUDA where this onnxruntime has no CUDA provider (rec
     PYTHONPATH=. python3 scripts/gpu_check.py --data data/omniglot.h5 --out "$OUT"     # under 8 minutes on one GPU
 
 The device machines hold torch, h5py, click, rich, pyyaml, pillow, safetensors, onnx, onnxscript and onnxruntime
-already; carry data/omniglot.h5 (prepared here: `fsltool prepare omniglot ../shared/data/omniglot data/omniglot.h5`).
+already (its CPU build: the ONNX Runtime rows on CUDA come back unavailable, see docs/gpu.md); carry
+data/omniglot.h5 (prepared here: `fsltool prepare omniglot ../shared/data/omniglot data/omniglot.h5`).
 """
 
 from __future__ import annotations
