@@ -27,13 +27,14 @@ class Normalize(nn.Module):
         return (images - self.mean) / self.std
 
 
-def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True, relu: bool = True) -> nn.Sequential:
     """conv3x3 -> BatchNorm -> ReLU (-> maxpool 2x2). The conv has no bias: BatchNorm's shift replaces it."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
     ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
@@ -119,11 +120,16 @@ class Backbone(nn.Module):
         return self
 
 
-def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
+def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, final_relu: bool = True,
+          **layout: Any) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
-    1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``."""
+    1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``. ``final_relu: false``
+    leaves the last block's ReLU out: an embedding that can be negative, so cosine similarities (Matching Networks)
+    span [-1, 1] instead of [0, 1]; the parameters are the same."""
     hidden = _positive_int("hidden", hidden)
-    blocks = [conv_block(channels if i == 0 else hidden, hidden) for i in range(4)]
+    if not isinstance(final_relu, bool):
+        raise FsltoolError(f"backbone_options.final_relu must be true or false, got {final_relu!r}")
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 

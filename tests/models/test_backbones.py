@@ -95,6 +95,27 @@ def test_bad_options_are_one_line_errors(options: dict, message: str) -> None:
         build_backbone("resnet12", 3, MEAN, STD, image_size=32, **options)
 
 
+def test_conv4_without_its_final_relu_has_signed_features_and_the_same_parameters() -> None:
+    """final_relu: false leaves out only the last block's ReLU: the same parameter names and values give the
+    default network's features before that ReLU (so some are negative), for Matching Networks' cosines."""
+    torch.manual_seed(0)
+    default = build_backbone("conv4", 1, [0.5], [0.2], hidden=8)
+    signed = build_backbone("conv4", 1, [0.5], [0.2], hidden=8, final_relu=False)
+    signed.load_state_dict(default.state_dict())
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        features = signed.eval()(images)
+        default.eval()
+        before_relu = default.features[3][:2](default.features[:3](default.normalize(images)))  # last conv + BN
+        expected = torch.nn.functional.max_pool2d(before_relu, 2).flatten(1)
+    assert (features < 0).any() and (default(images) >= 0).all()
+    torch.testing.assert_close(features, expected)
+    with pytest.raises(FsltoolError, match=r"backbone_options.final_relu must be true or false, got 'no'"):
+        build_backbone("conv4", 1, [0.5], [0.2], final_relu="no")
+    with pytest.raises(FsltoolError, match=r"backbone_options.hidden must be a positive integer, got 0"):
+        build_backbone("conv4", 1, [0.5], [0.2], hidden=0)
+
+
 def test_too_small_images_are_refused() -> None:
     with pytest.raises(FsltoolError, match="too small"):
         build_backbone("conv4", 1, [0.5], [0.2], image_size=8)
