@@ -234,11 +234,11 @@ class EnrolledClasses:
     def __init__(self, run: RunModel) -> None:
         from fsltool.enroll import Enrolment, class_state_rule
 
-        rule = class_state_rule(run.trained)  # a method that keeps nothing of a class is refused before any image is read
+        class_state_rule(run.trained)  # a method that keeps nothing of a class is refused before any image is read
         self.run = run
         self._enrolment = Enrolment()
         # as the saved graph: the run's calibration only where these are the scores it was fitted on (not MAML's, Reptile's)
-        self.calibration = run.calibration if rule.other_scores is None else None
+        self.calibration = run.calibration if run.trained.method.exported_scores is None else None
 
     @property
     def classes(self) -> list[str]:

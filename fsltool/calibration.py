@@ -124,21 +124,23 @@ def calibration_metadata(trained: TrainedModel) -> dict[str, Any]:
     return {} if calibration is None else {"calibration": calibration.to_json()}
 
 
-def calibration_left_out(trained: TrainedModel, other_scores: str | None) -> str | None:
-    """Why the run's calibration is not carried into a graph that computes ``other_scores`` than the method's own
-    (MAML's and Reptile's body prototypes): a temperature and a threshold fitted on the method's scores would
-    mislead on other scores. None when it is carried or the run has none."""
+def calibration_left_out(trained: TrainedModel) -> str | None:
+    """Why the run's calibration is not carried into its exported or enrolled graph: that graph computes other
+    scores than the method's own (``Method.exported_scores``: MAML's and Reptile's body prototypes), and a
+    temperature and a threshold fitted on the method's scores would mislead on them. None when it is carried or the
+    run has none."""
+    other_scores = trained.method.exported_scores
     path = fitted_calibration_file(trained) if other_scores is not None else None
     return None if path is None else (f"{path} not carried: it was fitted on the method's own scores, but this graph computes "
                                       f"{other_scores}; predict gives an uncalibrated softmax and no open-set threshold")
 
 
-def carried_calibration(trained: TrainedModel, other_scores: str | None) -> dict[str, Any]:
-    """The metadata entry ``calibration`` when the graph computes the scores it was fitted on (``other_scores``
-    None); otherwise none, and a ``calibration_left_out`` note when the run has one."""
-    if other_scores is None:
+def carried_calibration(trained: TrainedModel) -> dict[str, Any]:
+    """The metadata entry ``calibration`` when the exported or enrolled graph computes the scores it was fitted on;
+    otherwise none, and a ``calibration_left_out`` note when the run has one."""
+    if trained.method.exported_scores is None:
         return calibration_metadata(trained)
-    note = calibration_left_out(trained, other_scores)
+    note = calibration_left_out(trained)
     return {} if note is None else {"calibration_left_out": note}
 
 

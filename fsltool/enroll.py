@@ -81,20 +81,19 @@ class ClassState:
     """What a method keeps of one class's support embeddings (K, *F) -> (items, *F): the items its scoring's
     ``scores_from_embeddings`` then reads as a support set with one label per class.
 
-    ``scoring``: what embeds and scores (the method, or what stands for it in ``fsltool export``); ``other_scores``:
-    what the graph scores when that is not the method's own scores (the run's calibration, fitted on those, is then
-    left out); ``label_slots``: the most classes the scoring reads, when it has a fixed number."""
+    ``scoring``: what embeds and scores (the method, or what stands for it in ``fsltool export``: then the run's
+    calibration is left out, see fsltool.calibration.carried_calibration); ``label_slots``: the most classes the
+    scoring reads, when it has a fixed number."""
 
     kept: str
     of_class: Callable[[torch.Tensor], torch.Tensor]
     scoring: Callable[[Method], Scoring] = _the_method
-    other_scores: str | None = None
     label_slots: Callable[[Method], int] | None = None
 
 
 BODY_PROTOTYPE = ClassState(
     "class prototype of the meta-learned body (mean pooled embedding), as fsltool export's classifier", _prototype,
-    _exported_classifier, AdaptiveMethod.exported_scores)
+    _exported_classifier)
 SUPPORT_SEQUENCE = ClassState("support embeddings, read as one sequence in a seeded order (support_order)", lambda e: e,
                               label_slots=_label_slots)
 
@@ -300,7 +299,7 @@ def write_enrolment(trained: TrainedModel, enrolment: Enrolment, out: Path) -> l
     graph, check = (ExportGraph(module, (torch.rand(batch, *image_shape, generator=generator),), ["images"], ["scores"],
                                 {"images": {0: "batch"}}) for batch in (3, 5))
     contract = preprocessing_contract(trained)
-    metadata = {**contract, **carried_calibration(trained, rule.other_scores), "graph": "enrolled classifier", "inputs": ["images"],
+    metadata = {**contract, **carried_calibration(trained), "graph": "enrolled classifier", "inputs": ["images"],
                 "outputs": ["scores"], "classes": classes, "class_state": rule.kept, **support_order(trained, enrolment)}
     manifest = {**metadata, "format": FORMAT, "class_images": {name: enrolment.images[name] for name in classes},
                 "state_file": STATE_FILE, "model": {"checkpoint": str(trained.path), "digest": model_digest(trained)}}
@@ -342,7 +341,7 @@ def save_enrolment(
     enrolment.add(new.states, new.images, str(out))
     files = write_enrolment(trained, enrolment, out)
     rule = class_state_rule(trained)
-    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, rule.kept, calibration_left_out(trained, rule.other_scores))
+    return EnrolReport(out, enrolment.classes, new.classes, list(remove), files, rule.kept, calibration_left_out(trained))
 
 
 def enroll_images(

@@ -191,7 +191,7 @@ def export_run(
 
 
 def _export_into(trained: TrainedModel, out: Path, data_path: str | None, verify_episodes: int, device: str) -> ExportReport:
-    contract = {**preprocessing_contract(trained), **carried_calibration(trained, trained.method.exported_scores)}
+    contract = {**preprocessing_contract(trained), **carried_calibration(trained)}
     image_shape = trained.config["image_shape"]
     graphs = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(3, 2, 2)))
     checks = trained.method.export_graphs(_example_episode(image_shape, EpisodeShape(6, 3, 1)))
