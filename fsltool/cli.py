@@ -527,10 +527,13 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
 @click.option("--open-set", is_flag=True, help="also AUROC of known against stored unknown-class queries and the accept/reject trade-off")
 @click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="what embeds the images: PyTorch, or ONNX Runtime (methods that embed each image once; same scores to float rounding)")
+@click.option("--transductive", is_flag=True,
+              help="normalise each episode's support set and its query batch with their own BatchNorm statistics, as the "
+                   "Relation Network and MAML papers' code does (each query's score then depends on the others; labelled transductive)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
-             device: str, calibration: bool, open_set: bool, runtime: str, quiet: bool) -> None:
+             device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -551,6 +554,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if confidence and (untrained or classifier or by_instance or sample_seed is not None):
         raise FsltoolError("--calibration and --open-set evaluate the run's own trained method on stored episodes: they do not "
                            "go with --untrained, --method, --by-instance or --sample-seed")
+    if transductive and (confidence or by_instance):
+        raise FsltoolError("--transductive reports accuracy only: it does not go with --calibration, --open-set or --by-instance")
     target = resolve_device(device, "--device")
     prepare_device(target, repeating_shapes=False)
     trained = load_trained(run, which)
@@ -568,7 +573,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
                                                "data": data.path}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
-            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
+            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
+                                    query_batch_statistics=transductive)
         if confidence:
             from fsltool.calibration import confidence_report
 

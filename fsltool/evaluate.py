@@ -19,6 +19,7 @@ from fsltool.data.store import FewShotData
 from fsltool.data.transfer import upload
 from fsltool.errors import FsltoolError
 from fsltool.methods import Method
+from fsltool.methods.adaptation import batch_statistics
 
 SUPPORT_ORDER_SEED = 0  # with the episode's index, seeds the support order an order-sensitive method is shown
 CLASS_SORTED, SHUFFLED = "class-sorted", "shuffled (seeded per episode)"  # EvalResult.support_order
@@ -117,12 +118,37 @@ def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
 
 
 def episode_accuracies(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch"
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch",
+    query_batch_statistics: bool = False,
 ) -> np.ndarray:
     """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs."""
     query_labels = episode_labels(shape)[1]
-    scores = episode_scores(method, data, shape, support, query, runtime)
+    if query_batch_statistics:
+        scores = query_batch_scores(method, data, shape, support, query)
+    else:
+        scores = episode_scores(method, data, shape, support, query, runtime)
     return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
+
+
+@torch.inference_mode()
+def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray) -> torch.Tensor:
+    """Scores (episodes, queries, way) on the CPU under the transductive protocol of the Relation Network and MAML
+    papers' code: every BatchNorm layer normalises an episode's support set with the support set's batch
+    statistics and its queries with the query batch's (the relation module: with all the episode's pairs), so
+    each query's score depends on the other queries. Runs on a copy of the method, whose running statistics the
+    batch-statistics passes would otherwise move."""
+    if not method.embeds_independently:
+        raise FsltoolError(f"--transductive: method {method.name!r} does not embed each image on its own; its BatchNorm "
+                           "mode is a method option (method_options.transductive_bn)")
+    copy_of_method = copy.deepcopy(method).eval()
+    labels, device = episode_labels(shape)[0].to(device_of(method)), device_of(method)
+    scores = []
+    with batch_statistics(copy_of_method):
+        for support_indices, query_indices in zip(support, query):
+            support_emb = copy_of_method.embed(data.images(support_indices, device))
+            query_emb = copy_of_method.embed(data.images(query_indices, device))
+            scores.append(copy_of_method.scores_from_embeddings(support_emb[None], labels[None], query_emb[None], shape.way)[0].float())
+    return torch.stack(scores).cpu()
 
 
 def episode_scores(
@@ -214,10 +240,14 @@ def evaluate(
     episodes: int | None = None,
     sample_seed: int | None = None,
     runtime: str = "torch",
+    query_batch_statistics: bool = False,
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
-    ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``."""
+    ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``, or, with
+    ``query_batch_statistics``, by PyTorch under the transductive protocol of ``query_batch_scores``."""
+    if query_batch_statistics and runtime != "torch":
+        raise FsltoolError(f"--transductive embeds with batch statistics in PyTorch: it does not go with --runtime {runtime}")
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
-    accuracies = episode_accuracies(method, data, shape, support, query, runtime)
-    return EvalResult(split, shape, accuracies, origin, bool(getattr(method, "transductive", False)),
+    accuracies = episode_accuracies(method, data, shape, support, query, runtime, query_batch_statistics)
+    return EvalResult(split, shape, accuracies, origin, query_batch_statistics or bool(getattr(method, "transductive", False)),
                       SHUFFLED if method.order_sensitive else CLASS_SORTED, runtime)

@@ -247,3 +247,55 @@ def test_sessions_spin_unless_told_not_to() -> None:
     with pytest.raises(Exception):  # never set: ONNX Runtime's default applies
         create_session(model, "cpu").get_session_options().get_session_config_entry(entry)
     onnx.checker.check_model(onnx.load_from_string(model))
+
+
+def test_transductive_protocol_normalises_support_and_query_batches_apart(trained_run: Path, synthetic_file: Path) -> None:
+    """--transductive: support set and query batch each through BatchNorm with their own batch statistics; a query's
+    score then depends on the other queries, and the model's running statistics stay as they were."""
+    import copy
+
+    from fsltool.evaluate import episode_scores, query_batch_scores
+
+    method = load_trained(trained_run).method
+    running = {name: buffer.clone() for name, buffer in method.named_buffers()}
+    shape = EpisodeShape(5, 1, 5)
+    with FewShotData(synthetic_file) as data:
+        support, query = data.stored_episodes("test", shape)
+        support, query = support[:4], query[:4]
+        got = query_batch_scores(method, data, shape, support, query)
+        expected = []
+        reference = copy.deepcopy(method).train()  # every BatchNorm on batch statistics
+        with torch.no_grad():
+            for s, q in zip(support, query):
+                episode = data.episode(s, q, shape)
+                prototypes = reference.backbone(episode.support).view(5, 1, -1).mean(1)
+                expected.append(-torch.cdist(reference.backbone(episode.query), prototypes).pow(2))
+        torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, episode_scores(method, data, shape, support, query), atol=1e-3)
+        # the first query's score moves when the last query is another image: the protocol is transductive
+        changed = query.copy()
+        changed[:, -1] = support[:, 0]
+        assert not torch.allclose(query_batch_scores(method, data, shape, support, changed)[:, 0], got[:, 0])
+        result = evaluate(method, data, "test", shape, episodes=4, query_batch_statistics=True)
+        assert result.transductive and result.to_json()["transductive"] is True
+        assert not evaluate(method, data, "test", shape, episodes=4).transductive
+    for name, buffer in method.named_buffers():
+        assert torch.equal(buffer, running[name]), name
+
+
+def test_transductive_protocol_refuses_what_it_cannot_run(trained_run: Path, synthetic_file: Path) -> None:
+    from fsltool.methods import build_method
+    from fsltool.models import build_backbone
+
+    from tests.conftest import run_cli
+
+    reptile = build_method("reptile", build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4), {"way": 5})
+    with FewShotData(synthetic_file) as data:
+        with pytest.raises(FsltoolError, match=r"--transductive: method 'reptile' does not embed each image on its own.*transductive_bn"):
+            evaluate(reptile, data, "test", EpisodeShape(5, 1, 5), query_batch_statistics=True)
+    code, _, err = run_cli("evaluate", str(trained_run), "--transductive", "--runtime", "onnx")
+    assert code == 2 and "--transductive embeds with batch statistics in PyTorch: it does not go with --runtime onnx" in err
+    code, _, err = run_cli("evaluate", str(trained_run), "--transductive", "--calibration")
+    assert code == 2 and "--transductive reports accuracy only" in err
+    code, out, err = run_cli("evaluate", str(trained_run), "--transductive", "--episodes", "3")
+    assert code == 0 and "3 stored test episodes, transductive)" in out, err
