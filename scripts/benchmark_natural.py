@@ -4,7 +4,8 @@ child process so its peak memory is its own:
 - ProtoNet with Conv-4 (flattened, 1600-d) and ResNet-12 at 5w1s15q and 5w5s15q: seconds per training step of
   fsltool's training loop (`meta_train`, its own metrics.jsonl, validation excluded) against the same step written as
   a plain PyTorch loop (sample indices, gather images, one backbone pass, prototypes, cross-entropy, Adam) on the
-  same data file, alternating rounds; the peak resident memory of each;
+  same data file, alternating rounds (which side goes first alternates too), each in a fresh process with the
+  allocator settings of fsltool's commands; the peak resident memory of each;
 - seconds to evaluate the 600 stored test episodes of each shape (`fsltool.evaluate`, embedding each image once);
 - first-order MAML with ResNet-12, 5w1s: seconds per meta-step and peak memory.
 
@@ -118,10 +119,27 @@ def fomaml_resnet12(data: str, steps: int) -> dict[str, float]:
     return {"meta_step_s": 1 / speed, "meta_batch": recipe.train.meta_batch, "peak_mib": _peak_mib()}
 
 
+def _tuned(function: Any, *args: Any) -> dict[str, float]:
+    """``function`` under the allocator settings every fsltool command runs with (fsltool.platform_tuning)."""
+    from fsltool.platform_tuning import tune_allocator
+
+    tune_allocator()
+    return function(*args)
+
+
 def in_child(function: Any, *args: Any) -> dict[str, float]:
-    """Run ``function`` in a fresh process: its own peak memory, no warm caches from the other side."""
+    """Run ``function`` in a fresh process, allocator tuned as the CLI's: its own peak memory, no warm caches from
+    the other side."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+        return pool.apply(_tuned, (function, *args))
+
+
+def alternating_round(index: int, *sides: tuple[Any, ...]) -> list[dict[str, float]]:
+    """One measurement of each side, in children, the side that goes first alternating between rounds; results
+    in the order given."""
+    order = list(range(len(sides)))[:: 1 if index % 2 == 0 else -1]
+    results = {i: in_child(*sides[i]) for i in order}
+    return [results[i] for i in range(len(sides))]
 
 
 def main() -> None:
@@ -139,8 +157,8 @@ def main() -> None:
         "data": args.data, "rows": []}
     for backbone in args.backbones.split(","):
         for shape in SHAPES:
-            rounds = [(in_child(fsltool_steps, args.data, backbone, shape, args.steps), in_child(plain_steps, args.data, backbone, shape, args.steps))
-                      for _ in range(args.rounds)]
+            rounds = [alternating_round(i, (fsltool_steps, args.data, backbone, shape, args.steps), (plain_steps, args.data, backbone, shape, args.steps))
+                      for i in range(args.rounds)]
             row = {"backbone": backbone, "shape": shape,
                    "fsltool_step_s": [round(a["step_s"], 3) for a, _ in rounds],
                    "plain_step_s": [round(b["step_s"], 3) for _, b in rounds],
