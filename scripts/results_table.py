@@ -4,7 +4,7 @@
     python scripts/results_table.py results --curves   # each row's validation curve (accuracy vs episodes, minutes)
 
 Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
-recipe.yaml give the training budget and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
+recipe.yaml give the training budget (episodes and the splits trained on) and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
 where there is one, the exported body's prototype accuracy on the same stored episodes (MAML, Reptile). A
 transductive result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
 """
@@ -48,6 +48,7 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
         budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
+        budget += " on " + "+".join(recipe["train"].get("splits", ["train"]))  # runs from before train.splits: train alone
         paper = PAPER.get(method, {}).get(setting, "")
         measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (" (transductive)" if result.get("transductive") else "")
         export = root / f"omniglot-{run.name}-export.json"
