@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating fsltool / plain rounds per configuration")
     parser.add_argument("--fomaml-steps", type=int, default=2, help="0: leave the first-order MAML row out")
     parser.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated: which backbones' rows to run")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: which episode shapes' rows to run")
     parser.add_argument("--no-evaluation", action="store_true", help="leave out the 600-episode evaluation timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "data": args.data, "rows": []}
     for backbone in args.backbones.split(","):
-        for shape in SHAPES:
+        for shape in args.shapes.split(","):
             rounds = [alternating_round(i, (fsltool_steps, args.data, backbone, shape, args.steps), (plain_steps, args.data, backbone, shape, args.steps))
                       for i in range(args.rounds)]
             row = {"backbone": backbone, "shape": shape,
