@@ -96,8 +96,14 @@ class Group:
         if self.world > 1 and before.modules:
             _merge_running_stats(self, before)
 
-    def leave(self) -> None:
+    def leave(self, finished: bool) -> None:
+        """Tear the process group down. A run that ``finished`` waits at a barrier first: rank 0 still validates and
+        checkpoints after the last step, and a process that tore its group down meanwhile was seen to abort (gloo,
+        "terminate called without an active exception"). After an error nobody waits: the other processes may
+        never arrive."""
         if self.world > 1 and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -102,11 +102,14 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
     device = resolve_device(recipe.device, "recipe key 'device'")
     prepare_device(device, repeating_shapes=True)  # one batch size, step after step
     group = join(device)
+    finished = False
     try:
         with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
-            return _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+            result = _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+        finished = True
+        return result
     finally:
-        group.leave()
+        group.leave(finished)
 
 
 def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> PretrainResult:

@@ -50,11 +50,14 @@ def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, qui
     device = resolve_device(recipe.device, "recipe key 'device'")
     prepare_device(device, repeating_shapes=True)  # one training episode shape, step after step
     group = join(device)
+    finished = False
     try:
         with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
-            return _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+            result = _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
+        finished = True
+        return result
     finally:
-        group.leave()
+        group.leave(finished)
 
 
 def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> None:
