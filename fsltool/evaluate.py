@@ -140,15 +140,26 @@ def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, s
     if not method.embeds_independently:
         raise FsltoolError(f"--transductive: method {method.name!r} does not embed each image on its own; its BatchNorm "
                            "mode is a method option (method_options.transductive_bn)")
-    copy_of_method = copy.deepcopy(method).eval()
-    labels, device = episode_labels(shape)[0].to(device_of(method)), device_of(method)
+    copy_of_method, device = copy.deepcopy(method).eval(), device_of(method)
+    support, support_labels = shown_support(method, shape, support)
+    labels = torch.from_numpy(support_labels).to(device)
     scores = []
     with batch_statistics(copy_of_method):
-        for support_indices, query_indices in zip(support, query):
+        for support_indices, shown_labels, query_indices in zip(support, labels, query):
             support_emb = copy_of_method.embed(data.images(support_indices, device))
             query_emb = copy_of_method.embed(data.images(query_indices, device))
-            scores.append(copy_of_method.scores_from_embeddings(support_emb[None], labels[None], query_emb[None], shape.way)[0].float())
+            scores.append(copy_of_method.scores_from_embeddings(support_emb[None], shown_labels[None], query_emb[None], shape.way)[0].float())
     return torch.stack(scores).cpu()
+
+
+def shown_support(method: Method, shape: EpisodeShape, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The support indices and labels (episodes, S) in the order the method is shown them: as stored (class by
+    class), or, for an ``order_sensitive`` method, in the seeded order of ``support_orders``."""
+    support_labels = np.tile(episode_labels(shape)[0].numpy(), (len(support), 1))
+    if method.order_sensitive:
+        order = support_orders(np.arange(len(support)), support.shape[1])
+        support, support_labels = np.take_along_axis(support, order, 1), np.take_along_axis(support_labels, order, 1)
+    return support, support_labels
 
 
 def episode_scores(
@@ -166,10 +177,7 @@ def episode_scores(
     shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
     in the seeded order of ``support_orders``, episode i of ``support`` taking order i."""
     check_runtime(method, runtime)
-    support_labels = np.tile(episode_labels(shape)[0].numpy(), (len(support), 1))
-    if method.order_sensitive:
-        order = support_orders(np.arange(len(support)), support.shape[1])
-        support, support_labels = np.take_along_axis(support, order, 1), np.take_along_axis(support_labels, order, 1)
+    support, support_labels = shown_support(method, shape, support)
     labels = upload(torch.from_numpy(support_labels), device_of(method))
     was_training = method.training
     method.eval()
