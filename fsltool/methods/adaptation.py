@@ -52,7 +52,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from fsltool.data.episodes import Episode, stack_episodes
+from fsltool.data.episodes import Episode
 from fsltool.device import device_of, work_sizes
 from fsltool.errors import FsltoolError
 from fsltool.methods.base import ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
@@ -451,11 +451,8 @@ class AdaptiveMethod(Method):
         return way
 
     @staticmethod
-    def stack(episodes: Sequence[Episode]) -> tuple[torch.Tensor, ...] | None:
-        """(support, support labels, query, query labels) stacked over episodes of one shape, or None."""
-        if len({(e.support.shape, e.query.shape) for e in episodes}) != 1:
-            return None
-        return stack_episodes(episodes)
+    def same_shape(episodes: Sequence[Episode]) -> bool:
+        return len({(e.support.shape, e.query.shape) for e in episodes}) == 1
 
     @staticmethod
     def grad_context(differentiable: bool) -> ExitStack:
@@ -474,17 +471,14 @@ class AdaptiveMethod(Method):
         ``group_tasks``), else episode by episode; the training loop averages the losses and backpropagates."""
         for episode in episodes:
             self.check_way(episode.shape.way)
-        stacked = self.stack(episodes) if self.group_tasks else None
-        if stacked is not None:
-            return self._steps(*stacked, share)
-        return [self._steps(*self.stack([episode]), share)[0] for episode in episodes]  # type: ignore[misc]  (one episode stacks)
+        if self.group_tasks and self.same_shape(episodes):
+            return self._steps(episodes, share)
+        return [self._steps([episode], share)[0] for episode in episodes]
 
     @abstractmethod
-    def _steps(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-        share: TaskShare | None,
-    ) -> list[StepOutput]:
-        """The method's losses for stacked tasks (T, ...) of one shape; ``share`` as in Method.meta_step."""
+    def _steps(self, episodes: Sequence[Episode], share: TaskShare | None) -> list[StepOutput]:
+        """The method's losses for episodes of one shape (stacked where the method needs them: stack_episodes);
+        ``share`` as in Method.meta_step."""
 
     def exported_classifier(self) -> nn.Module:
         """The PyTorch module the exported "classifier" graph computes: prototype classification on the body's

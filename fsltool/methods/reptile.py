@@ -31,9 +31,12 @@ reference code's non-transductive mode, behind the paper's non-transductive rows
 from __future__ import annotations
 
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from fsltool.data.episodes import Episode, stack_episodes
 from fsltool.methods.adaptation import (
     AdaptiveMethod,
     Params,
@@ -200,13 +203,11 @@ class Reptile(AdaptiveMethod):
                 return self.network.per_query_logits(adapted, support, query, self.pass_images(support.device))
             return self.network.query_logits(adapted, support, query, self.transductive)
 
-    def _steps(
-        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-        share: TaskShare | None,
-    ) -> list[StepOutput]:
+    def _steps(self, episodes: Sequence[Episode], share: TaskShare | None) -> list[StepOutput]:
         """Per task: the inner loop on the episode's support and query images, then the surrogate loss
         0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
         on: a training accuracy, not a held-out one)."""
+        support, support_labels, query, query_labels = stack_episodes(episodes)
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
         adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=share,
                                     absorb=self.training)
