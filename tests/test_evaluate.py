@@ -82,6 +82,12 @@ class RecordingSequenceStub(Method):
         super().__init__(nn.Flatten())  # type: ignore[arg-type]
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def __deepcopy__(self, memo: dict[int, object]) -> "RecordingSequenceStub":
+        """--transductive scores on a copy: the copy records into the same list."""
+        twin = RecordingSequenceStub()
+        twin.embeds_independently, twin.seen = self.embeds_independently, self.seen
+        return twin
+
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         self.seen.append((support.flatten(1), support_labels.clone()))
         return torch.zeros(len(query), int(support_labels.max()) + 1)
@@ -103,16 +109,16 @@ def test_support_orders_are_seeded_per_episode() -> None:
 
 
 def test_sequence_methods_see_the_seeded_shuffled_support(synthetic_file: Path) -> None:
-    """Both evaluation paths show an order-sensitive method the same non-sorted orders, run after run, with every
-    support image still carrying its own class's label."""
+    """All three evaluation paths (embeddings, whole episodes, --transductive) show an order-sensitive method the
+    same non-sorted orders, run after run, with every support image still carrying its own class's label."""
     shape = EpisodeShape(5, 5, 5)
     runs = []
     with FewShotData(synthetic_file) as data:
         support, _ = data.stored_episodes("test", shape)
-        for embeds_independently in (True, True, False):
+        for embeds_independently, transductive in ((True, False), (True, False), (False, False), (True, True)):
             stub = RecordingSequenceStub()
             stub.embeds_independently = embeds_independently
-            result = evaluate(stub, data, "test", shape)
+            result = evaluate(stub, data, "test", shape, query_batch_statistics=transductive)
             assert result.support_order == SHUFFLED and result.to_json()["support_order"] == "shuffled (seeded per episode)"
             runs.append(stub.seen)
         stored_pixels = [data.images(episode).flatten(1) for episode in support]
