@@ -529,7 +529,8 @@ def _write_json(target: str, payload: dict[str, Any]) -> None:
               help="what embeds the images: PyTorch, or ONNX Runtime (methods that embed each image once; same scores to float rounding)")
 @click.option("--transductive", is_flag=True,
               help="normalise each episode's support set and its query batch with their own BatchNorm statistics, as the "
-                   "Relation Network and MAML papers' code does (each query's score then depends on the others; labelled transductive)")
+                   "Relation Network and MAML papers' code does (MAML, Reptile: after the inner loop, their transductive_bn mode; "
+                   "each query's score then depends on the others; labelled transductive)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,

@@ -136,10 +136,14 @@ def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, s
     papers' code: every BatchNorm layer normalises an episode's support set with the support set's batch
     statistics and its queries with the query batch's (the relation module: with all the episode's pairs), so
     each query's score depends on the other queries. Runs on a copy of the method, whose running statistics the
-    batch-statistics passes would otherwise move."""
+    batch-statistics passes would otherwise move. Methods that adapt to each episode (MAML, Reptile) run their
+    own ``transductive_bn`` mode on a copy (Method.transductive_copy)."""
     if not method.embeds_independently:
-        raise FsltoolError(f"--transductive: method {method.name!r} does not embed each image on its own; its BatchNorm "
-                           "mode is a method option (method_options.transductive_bn)")
+        adapting = method.transductive_copy()  # MAML, Reptile: their own transductive_bn mode
+        if adapting is None:
+            raise FsltoolError(f"--transductive: method {method.name!r} neither embeds each image on its own nor has a "
+                               "transductive BatchNorm mode")
+        return episode_scores(adapting, data, shape, support, query)
     copy_of_method, device = copy.deepcopy(method).eval(), device_of(method)
     support, support_labels = shown_support(method, shape, support)
     labels = torch.from_numpy(support_labels).to(device)

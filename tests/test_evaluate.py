@@ -12,7 +12,7 @@ from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import CLASS_SORTED, SHUFFLED, EvalResult, episode_accuracies, evaluate, support_orders
+from fsltool.evaluate import CLASS_SORTED, SHUFFLED, EvalResult, episode_accuracies, episode_scores, evaluate, query_batch_scores, support_orders
 from fsltool.methods import Method
 
 
@@ -260,8 +260,6 @@ def test_transductive_protocol_normalises_support_and_query_batches_apart(traine
     score then depends on the other queries, and the model's running statistics stay as they were."""
     import copy
 
-    from fsltool.evaluate import episode_scores, query_batch_scores
-
     method = load_trained(trained_run).method
     running = {name: buffer.clone() for name, buffer in method.named_buffers()}
     shape = EpisodeShape(5, 1, 5)
@@ -289,16 +287,44 @@ def test_transductive_protocol_normalises_support_and_query_batches_apart(traine
         assert torch.equal(buffer, running[name]), name
 
 
+@pytest.mark.parametrize("name, options", [
+    ("reptile", {"test_inner_steps": 2, "per_query_bn": True}),
+    ("maml", {"inner_steps": 1, "test_inner_steps": 2}),
+])
+def test_transductive_protocol_runs_the_adapting_methods_own_mode(synthetic_file: Path, name: str, options: dict) -> None:
+    """MAML and Reptile under --transductive score as the same weights built with transductive_bn: true (Reptile:
+    without per_query_bn), on a copy: the method's own options stay."""
+    from fsltool.methods import build_method
+    from fsltool.models import build_backbone
+
+    def built(**extra: object) -> Method:
+        torch.manual_seed(0)
+        return build_method(name, build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4), {"way": 5, **options, **extra})
+
+    method = built()
+    reference = built(transductive_bn=True, per_query_bn=False) if name == "reptile" else built(transductive_bn=True)
+    reference.load_state_dict(method.state_dict())
+    shape = EpisodeShape(5, 1, 5)
+    with FewShotData(synthetic_file) as data:
+        support, query = data.stored_episodes("test", shape)
+        support, query = support[:3], query[:3]
+        got = query_batch_scores(method, data, shape, support, query)
+        torch.testing.assert_close(got, episode_scores(reference, data, shape, support, query))
+        assert not torch.allclose(got, episode_scores(method, data, shape, support, query), atol=1e-4)
+        assert evaluate(method, data, "test", shape, episodes=3, query_batch_statistics=True).transductive
+    assert not method.transductive and getattr(method, "per_query_bn", True)
+
+
 def test_transductive_protocol_refuses_what_it_cannot_run(trained_run: Path, synthetic_file: Path) -> None:
     from fsltool.methods import build_method
     from fsltool.models import build_backbone
 
     from tests.conftest import run_cli
 
-    reptile = build_method("reptile", build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4), {"way": 5})
+    fce = build_method("matchingnet", build_backbone("conv4", 1, [0.1], [0.3], hidden=4), {"fce": True})
     with FewShotData(synthetic_file) as data:
-        with pytest.raises(FsltoolError, match=r"--transductive: method 'reptile' does not embed each image on its own.*transductive_bn"):
-            evaluate(reptile, data, "test", EpisodeShape(5, 1, 5), query_batch_statistics=True)
+        with pytest.raises(FsltoolError, match=r"--transductive: method 'matchingnet' neither embeds each image on its own nor has a transductive"):
+            evaluate(fce, data, "test", EpisodeShape(5, 1, 5), query_batch_statistics=True)
     code, _, err = run_cli("evaluate", str(trained_run), "--transductive", "--runtime", "onnx")
     assert code == 2 and "--transductive embeds with batch statistics in PyTorch: it does not go with --runtime onnx" in err
     code, _, err = run_cli("evaluate", str(trained_run), "--transductive", "--calibration")

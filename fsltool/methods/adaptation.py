@@ -38,6 +38,8 @@ are those of every nn.BatchNorm layer (other layers, such as dropout, keep the m
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -413,6 +415,13 @@ class AdaptiveMethod(Method):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.network = TaskNetwork(backbone, self.head)
+
+    def transductive_copy(self) -> AdaptiveMethod:
+        """A copy with ``transductive_bn``: the MAML and Reptile papers' evaluation, the queries normalised with the
+        query batch's statistics after the inner loop."""
+        twin = copy.deepcopy(self)
+        twin.transductive = True
+        return twin
 
     def check_way(self, way: int) -> None:
         if way != self.way:

@@ -70,6 +70,12 @@ class Method(nn.Module, ABC):
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (queries, way), with way = support_labels.max() + 1."""
 
+    def transductive_copy(self) -> Method | None:
+        """A copy that normalises each episode's query batch with its own BatchNorm statistics, for a method whose
+        BatchNorm mode is its own option (``evaluate --transductive``); None where evaluation sets the mode itself
+        (methods that embed each image on their own) or the method has no such mode."""
+        return None
+
     def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Evaluation, batched over episodes of one shape: (E, S, ...), (E, S), (E, Q, ...) -> (E, Q, way), the same
         scores as ``forward`` on each episode. Methods that can score several episodes at once set

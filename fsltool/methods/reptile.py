@@ -188,6 +188,12 @@ class Reptile(AdaptiveMethod):
                 self._absorb_adam_state(optimizer, params, steps)
         return [p.detach() for p in params]
 
+    def transductive_copy(self) -> Reptile:
+        twin = super().transductive_copy()
+        assert isinstance(twin, Reptile)
+        twin.per_query_bn = False  # a non-transductive mode, which takes precedence over transductive_bn
+        return twin
+
     def adapted_scores(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Fine-tune a copy per task on its support set (eval mode: ``test_inner_steps`` x ``test_inner_batch``,
         every task with the minibatch order of the fixed seed, so an episode scores the same alone or beside
