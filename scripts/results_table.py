@@ -49,6 +49,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
         budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
         budget += " on " + "+".join(recipe["train"].get("splits", ["train"]))  # runs from before train.splits: train alone
+        if recipe.get("init"):
+            budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
         measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (" (transductive)" if result.get("transductive") else "")
         export = root / f"omniglot-{run.name}-export.json"
