@@ -4,8 +4,13 @@
 # scripts/reproduce_omniglot.sh, each model is tested at 5 and 20 ways), evaluate everything on the 600 stored
 # test episodes, and score the pretrained backbone alone as ProtoNet, Baseline and Baseline++ (Chen et al. 2019).
 # Results: results/omniglot-transfer-*.json. Safe to rerun: a finished stage is kept, a cut one is resumed.
+# METHODS names the meta-fine-tuned methods (default protonet); fomaml and maml run their
+# omniglot/<method>-pretrained-<setting> recipes for each of SETTINGS (default all four), each tested
+# non-transductively and with --transductive (their papers' protocol) into results/omniglot-<method>-<setting>-pretrained[-transductive].json,
+# with the run's recipe.yaml and metrics.jsonl copied to results/runs/<run>/ as the evidence.
 #
 #   OMP_NUM_THREADS=1 bash scripts/transfer_omniglot.sh
+#   METHODS="fomaml maml" SETTINGS="5w1s 5w5s" bash scripts/transfer_omniglot.sh
 #   OVERRIDES="train.episodes=1500" bash scripts/transfer_omniglot.sh      # key=value for the fine-tuning runs
 #   TAG=8ep PRETRAIN_OVERRIDES="pretrain.epochs=8" bash scripts/transfer_omniglot.sh   # a variant beside the default
 #   # Snell et al.'s protocol: train+val for the budgets chosen on train, the last checkpoints tested
@@ -17,6 +22,8 @@ FSLTOOL=${FSLTOOL:-.venv/bin/fsltool}
 OMNIGLOT=${OMNIGLOT:-../shared/data/omniglot}
 read -r -a OVERRIDES <<< "${OVERRIDES:-}"
 read -r -a PRETRAIN_OVERRIDES <<< "${PRETRAIN_OVERRIDES:-}"
+read -r -a METHODS <<< "${METHODS:-protonet}"
+read -r -a SETTINGS <<< "${SETTINGS:-5w1s 5w5s 20w1s 20w5s}"
 CHECKPOINT=${CHECKPOINT:-best}  # which checkpoint is tested: best (by validation) or last (validation trained on)
 TAG=${TAG:+-$TAG}  # a variant's run folders and results files carry it
 mkdir -p data results
@@ -34,17 +41,40 @@ stage() {  # COMMAND RECIPE OUTPUT [key=value...]: start the run, resume a cut o
 
 PRETRAINED=runs/omniglot/pretrain-conv4$TAG
 stage pretrain omniglot/pretrain-conv4 "$PRETRAINED" output="$PRETRAINED" "${PRETRAIN_OVERRIDES[@]}"
-for method in protonet baseline baseline++; do
-  for shape in 5w1s 5w5s 20w1s 20w5s; do
-    "$FSLTOOL" evaluate "$PRETRAINED" --checkpoint "$CHECKPOINT" --method "$method" --shape "$shape" -q \
-      --json "results/omniglot-transfer$TAG-pretrained-$method-$shape.json"
+protonet() {  # the backbone alone under three classifiers, then ProtoNet meta-fine-tuned, each model at 5 and 20 ways
+  for method in protonet baseline baseline++; do
+    for shape in 5w1s 5w5s 20w1s 20w5s; do
+      "$FSLTOOL" evaluate "$PRETRAINED" --checkpoint "$CHECKPOINT" --method "$method" --shape "$shape" -q \
+        --json "results/omniglot-transfer$TAG-pretrained-$method-$shape.json"
+    done
   done
-done
-for shot in 1 5; do
-  run="runs/omniglot/protonet-pretrained$TAG-5w${shot}s"
-  stage meta-train "omniglot/protonet-pretrained-5w${shot}s" "$run" output="$run" init="$PRETRAINED" "${OVERRIDES[@]}"
-  for way in 5 20; do
-    "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --shape "${way}w${shot}s" -q \
-      --json "results/omniglot-transfer$TAG-protonet-pretrained-5w${shot}s-at-${way}w${shot}s.json"
+  for shot in 1 5; do
+    run="runs/omniglot/protonet-pretrained$TAG-5w${shot}s"
+    stage meta-train "omniglot/protonet-pretrained-5w${shot}s" "$run" output="$run" init="$PRETRAINED" "${OVERRIDES[@]}"
+    for way in 5 20; do
+      "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --shape "${way}w${shot}s" -q \
+        --json "results/omniglot-transfer$TAG-protonet-pretrained-5w${shot}s-at-${way}w${shot}s.json"
+    done
   done
+}
+
+adapting() {  # METHOD: MAML or first-order MAML meta-fine-tuned for each setting, tested under both BatchNorm protocols
+  local method=$1 setting run
+  for setting in "${SETTINGS[@]}"; do
+    run="runs/omniglot/$method-$setting-pretrained$TAG"
+    stage meta-train "omniglot/$method-pretrained-$setting" "$run" output="$run" init="$PRETRAINED" "${OVERRIDES[@]}"
+    "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" -q --json "results/omniglot-$method-$setting-pretrained$TAG.json"
+    "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --transductive -q \
+      --json "results/omniglot-$method-$setting-pretrained$TAG-transductive.json"
+    mkdir -p "results/runs/${run##*/}"
+    cp "$run/recipe.yaml" "$run/metrics.jsonl" "results/runs/${run##*/}/"
+  done
+}
+
+for method in "${METHODS[@]}"; do
+  case $method in
+    protonet) protonet ;;
+    fomaml|maml) adapting "$method" ;;
+    *) echo "transfer_omniglot.sh: METHODS may name protonet, fomaml and maml, got $method" >&2; exit 2 ;;
+  esac
 done
