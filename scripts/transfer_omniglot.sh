@@ -24,6 +24,12 @@ read -r -a OVERRIDES <<< "${OVERRIDES:-}"
 read -r -a PRETRAIN_OVERRIDES <<< "${PRETRAIN_OVERRIDES:-}"
 read -r -a METHODS <<< "${METHODS:-protonet}"
 read -r -a SETTINGS <<< "${SETTINGS:-5w1s 5w5s 20w1s 20w5s}"
+for method in "${METHODS[@]}"; do
+  case $method in
+    protonet|fomaml|maml) ;;
+    *) echo "transfer_omniglot.sh: METHODS may name protonet, fomaml and maml, got $method" >&2; exit 2 ;;
+  esac
+done
 CHECKPOINT=${CHECKPOINT:-best}  # which checkpoint is tested: best (by validation) or last (validation trained on)
 TAG=${TAG:+-$TAG}  # a variant's run folders and results files carry it
 mkdir -p data results
@@ -72,9 +78,5 @@ adapting() {  # METHOD: MAML or first-order MAML meta-fine-tuned for each settin
 }
 
 for method in "${METHODS[@]}"; do
-  case $method in
-    protonet) protonet ;;
-    fomaml|maml) adapting "$method" ;;
-    *) echo "transfer_omniglot.sh: METHODS may name protonet, fomaml and maml, got $method" >&2; exit 2 ;;
-  esac
+  if [ "$method" = protonet ]; then protonet; else adapting "$method"; fi
 done
