@@ -39,7 +39,6 @@ are those of every nn.BatchNorm layer (other layers, such as dropout, keep the m
 from __future__ import annotations
 
 import copy
-
 import inspect
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -461,6 +460,7 @@ class AdaptiveMethod(Method):
 
     @staticmethod
     def same_shape(episodes: Sequence[Episode]) -> bool:
+        """Whether the episodes stack into one tensor per field (one grouped pass)."""
         return len({(e.support.shape, e.query.shape) for e in episodes}) == 1
 
     @staticmethod

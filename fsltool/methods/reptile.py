@@ -30,7 +30,6 @@ reference code's non-transductive mode, behind the paper's non-transductive rows
 
 from __future__ import annotations
 
-
 from collections.abc import Sequence
 
 import torch
