@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,6 +92,24 @@ RUNTIMES: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor],
 }
 
 
+def rows_into_one(chunks: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
+    """``torch.cat(list(chunks))`` (``rows`` in all), written into one tensor allocated with the first chunk, so that
+    no chunk outlives its own iteration. Under the CLI's allocator setting (fsltool/platform_tuning.py: freed blocks
+    stay in glibc's heap) a chunk kept for a final cat sits inside the freed block of its iteration's activations,
+    and the next iteration's activations grow the heap around it: a 600-episode transductive evaluation grew to
+    gigabytes (docs/speed.md, "The C allocator")."""
+    first = next(chunks)
+    out = first.new_empty(rows, *first.shape[1:])
+    out[: len(first)] = first
+    start = len(first)
+    del first
+    for chunk in chunks:
+        out[start : start + len(chunk)] = chunk
+        start += len(chunk)
+        del chunk
+    return out
+
+
 @torch.inference_mode()
 def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True, runtime: str = "torch") -> torch.Tensor:
     """Embeddings of the images at ``indices`` (eval mode), computed on the method's device. The images are read a
@@ -106,7 +125,7 @@ def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen:
     passes = (block[j : j + sizes.embed_images] for block in blocks for j in range(0, len(block), sizes.embed_images))
     first = next(passes)
     embed = RUNTIMES[runtime](method.embedding_network(), first) if frozen else method.embed
-    return torch.cat([embed(first), *(embed(batch) for batch in passes)])
+    return rows_into_one((embed(batch) for batch in itertools.chain([first], passes)), len(indices))
 
 
 def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
@@ -147,13 +166,15 @@ def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, s
     copy_of_method, device = copy.deepcopy(method).eval(), device_of(method)
     support, support_labels = shown_support(method, shape, support)
     labels = torch.from_numpy(support_labels).to(device)
-    scores = []
-    with batch_statistics(copy_of_method):
+
+    def episode_by_episode() -> Iterator[torch.Tensor]:
         for support_indices, shown_labels, query_indices in zip(support, labels, query):
             support_emb = copy_of_method.embed(data.images(support_indices, device))
             query_emb = copy_of_method.embed(data.images(query_indices, device))
-            scores.append(copy_of_method.scores_from_embeddings(support_emb[None], shown_labels[None], query_emb[None], shape.way)[0].float())
-    return torch.stack(scores).cpu()
+            yield copy_of_method.scores_from_embeddings(support_emb[None], shown_labels[None], query_emb[None], shape.way).float()
+
+    with batch_statistics(copy_of_method):
+        return rows_into_one(episode_by_episode(), len(support)).cpu()
 
 
 def shown_support(method: Method, shape: EpisodeShape, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,14 +209,18 @@ def episode_scores(
     try:
         if method.embeds_independently:
             return _scores_from_embeddings(method, data, shape, support, labels, query, runtime)
-        scores, device, step = [], device_of(method), method.episodes_per_call
-        for start in range(0, len(support), step):
-            episodes = [replace(data.episode(s, q, shape, device), support_labels=s_labels)
-                        for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
-            stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
-            with torch.no_grad():
-                scores.append(method.score_episodes(stacked_support, stacked_labels, stacked_query).float())
-        return torch.cat(scores).cpu()  # one copy to the host: no wait on the device per chunk
+        device, step = device_of(method), method.episodes_per_call
+
+        def call_by_call() -> Iterator[torch.Tensor]:
+            for start in range(0, len(support), step):
+                episodes = [replace(data.episode(s, q, shape, device), support_labels=s_labels)
+                            for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
+                stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
+                with torch.no_grad():
+                    scores = method.score_episodes(stacked_support, stacked_labels, stacked_query)
+                yield scores.float()
+
+        return rows_into_one(call_by_call(), len(support)).cpu()  # one copy to the host: no wait on the device per chunk
     finally:
         method.train(was_training)
 
@@ -222,11 +247,10 @@ def _scores_from_embeddings(
     support_emb = embeddings[inverse[: support.size]].view(*support.shape, *feature_shape)
     query_emb = embeddings[inverse[support.size :]].view(*query.shape, *feature_shape)
     per_call = max(1, work_sizes(device).score_elements // (query.shape[1] * shape.way * feature_shape.numel()))
-    scores = []
-    for i in range(0, len(support), per_call):
-        s_emb, q_emb = support_emb[i : i + per_call], query_emb[i : i + per_call]
-        scores.append(method.scores_from_embeddings(s_emb, support_labels[i : i + per_call], q_emb, shape.way).float())
-    return torch.cat(scores).cpu()
+    scores = (method.scores_from_embeddings(support_emb[i : i + per_call], support_labels[i : i + per_call],
+                                            query_emb[i : i + per_call], shape.way).float()
+              for i in range(0, len(support), per_call))
+    return rows_into_one(scores, len(support)).cpu()
 
 
 def episode_indices(

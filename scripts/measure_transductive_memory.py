@@ -1,7 +1,7 @@
 """Peak resident memory of `evaluate --transductive`'s scoring loop (fsltool.evaluate.query_batch_scores) on a run's
 stored episodes, under the CLI's allocator setting, optionally handing freed memory back to the OS after each
-episode (glibc malloc_trim): a peak that the trim lowers is memory the heap keeps, not live tensors (docs/speed.md,
-"The C allocator").
+episode (glibc malloc_trim): a peak that the trim lowers is memory the heap keeps, not live tensors. It found the
+evaluation loops' heap growth (docs/speed.md, "The C allocator"): 1.28 GB before the fix, 633 MiB after.
 
     OMP_NUM_THREADS=1 python scripts/measure_transductive_memory.py runs/omniglot/relationnet-5w1s-trainval-20k --shape 20w1s [--trim]
 """

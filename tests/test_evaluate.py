@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import CLASS_SORTED, SHUFFLED, EvalResult, episode_accuracies, episode_scores, evaluate, query_batch_scores, support_orders
+from fsltool.evaluate import CLASS_SORTED, SHUFFLED, EvalResult, episode_accuracies, episode_scores, evaluate, query_batch_scores, rows_into_one, support_orders
 from fsltool.methods import Method
 
 
@@ -23,6 +24,23 @@ def test_confidence_interval_is_1_96_std_over_sqrt_n() -> None:
     assert result.ci95 == pytest.approx(1.96 * accuracies.std(ddof=1) / math.sqrt(6) * 100)
     payload = result.to_json()
     assert {"accuracy", "ci95", "episodes", "way", "shot", "query"} <= payload.keys() and payload["episodes"] == 6
+
+
+def test_rows_into_one_equals_cat_and_keeps_no_chunk_past_its_iteration() -> None:
+    """The allocator-growth fix: each chunk is dead by the time the next one is made (docs/speed.md)."""
+    sizes, made, alive_when_next_made = [3, 1, 4, 2], [], []
+
+    def chunks():
+        for i, rows in enumerate(sizes):
+            alive_when_next_made.append([ref() is not None for ref in made])
+            chunk = torch.arange(rows * 2, dtype=torch.float32).view(rows, 2) + 10 * i
+            made.append(weakref.ref(chunk))
+            yield chunk
+            del chunk
+
+    expected = torch.cat([torch.arange(r * 2, dtype=torch.float32).view(r, 2) + 10 * i for i, r in enumerate(sizes)])
+    assert torch.equal(rows_into_one(chunks(), sum(sizes)), expected)
+    assert not any(any(alive) for alive in alive_when_next_made)
 
 
 def test_embedding_once_per_image_matches_episode_by_episode(trained_run: Path, synthetic_file: Path) -> None:
