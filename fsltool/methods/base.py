@@ -155,6 +155,11 @@ def require_bool(method: str, key: str, value: object) -> None:
         raise option_error(method, key, f"must be true or false, got {value!r}")
 
 
+def require_choice(method: str, key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise option_error(method, key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
 def require_positive_int(method: str, key: str, value: object) -> None:
     """Recipe values arrive as parsed YAML, unchecked: a string or a bool must not reach a layer size."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

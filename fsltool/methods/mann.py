@@ -147,7 +147,9 @@ class MANN(SequenceMethod):
     """Options: ``way`` (label slots and logits), ``hidden`` (LSTM units), ``slots`` x ``slot_size`` (memory),
     ``heads`` (read heads; also the number of least-used slots), ``gamma`` (usage decay), ``controller_only`` (no
     memory: the LSTM baseline), ``sequence_training`` (train on the paper's protocol: every image of the training
-    episode, support and queries, in one shuffled labelled sequence with a loss at every step)."""
+    episode, support and queries, in one shuffled labelled sequence with a loss at every step; its meta-batch always
+    shares one backbone pass), ``batch_norm_over`` (without it: training's BatchNorm statistics over each ``episode``
+    or the whole ``meta_batch``; fsltool.methods.sequence)."""
 
     def __init__(
         self,
@@ -160,8 +162,9 @@ class MANN(SequenceMethod):
         gamma: float = 0.95,
         controller_only: bool = False,
         sequence_training: bool = False,
+        batch_norm_over: str = "episode",
     ) -> None:
-        super().__init__(backbone, way)
+        super().__init__(backbone, way, batch_norm_over)
         require_bool(self.name, "controller_only", controller_only)
         require_bool(self.name, "sequence_training", sequence_training)
         memory_options = {"slots": slots, "slot_size": slot_size, "heads": heads, "gamma": gamma}

@@ -44,7 +44,7 @@ from fsltool.methods.adaptation import (
     require_positive_float,
     task_losses,
 )
-from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_positive_int
+from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_choice, require_positive_int
 from fsltool.models.backbones import Backbone
 
 INNER_OPTIMIZERS = ("adam", "sgd")
@@ -100,14 +100,12 @@ class Reptile(AdaptiveMethod):
         for key, value in (("inner_steps", inner_steps), ("inner_batch", inner_batch), ("test_inner_steps", test_inner_steps),
                            ("test_inner_batch", test_inner_batch)):
             require_positive_int(self.name, key, value)
-        if inner_optimizer not in INNER_OPTIMIZERS:
-            raise option_error(self.name, "inner_optimizer", f"must be one of {', '.join(INNER_OPTIMIZERS)}, got {inner_optimizer!r}")
+        require_choice(self.name, "inner_optimizer", inner_optimizer, INNER_OPTIMIZERS)
         self.inner_steps, self.inner_batch = inner_steps, inner_batch
         self.test_inner_steps, self.test_inner_batch = test_inner_steps, test_inner_batch
         self.inner_lr = require_positive_float(self.name, "inner_lr", inner_lr)
         self.inner_optimizer = inner_optimizer
-        if inner_adam_state not in ADAM_STATES:
-            raise option_error(self.name, "inner_adam_state", f"must be one of {', '.join(ADAM_STATES)}, got {inner_adam_state!r}")
+        require_choice(self.name, "inner_adam_state", inner_adam_state, ADAM_STATES)
         if inner_adam_state == "shared" and inner_optimizer != "adam":
             raise option_error(self.name, "inner_adam_state", "shared is Adam's state: it needs inner_optimizer: adam")
         self.shared_adam = inner_adam_state == "shared"

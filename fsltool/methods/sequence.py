@@ -6,6 +6,11 @@ batches of episodes at a time. The support set is the labelled part of the seque
 step after it, scored from the support alone: queries never see each other (no transduction at test time).
 Training shuffles the support order of every episode, and evaluation shows each stored episode's support in a
 seeded shuffled order (``order_sensitive``), never the class-by-class layout episodes are stored in.
+
+BatchNorm in the backbone: evaluation normalises with the running statistics (non-transductive). Training with each
+episode's own batch statistics (``batch_norm_over: episode``, 30 images of 5 classes at 5w1s5q) lets the sequence
+model lean on statistics that evaluation never gives it; ``meta_batch`` embeds the whole meta-batch in one pass,
+whose statistics are close to the running ones (docs/results.md, SNAIL).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from fsltool.methods.base import (
     classifier_graph,
     embedding_graph,
     option_error,
+    require_choice,
     require_positive_int,
 )
 from fsltool.models.backbones import Backbone
 
+BATCH_NORM_OVER = ("episode", "meta_batch")  # training's BatchNorm batch: each episode's images, or the meta-batch's
 
 def first_columns(scores: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
     """(..., W) -> (..., way): the first ``way`` label slots, as a product with a 0/1 matrix rather than a slice,
@@ -45,8 +52,10 @@ class SequenceMethod(Method):
     embeds_independently = True
     order_sensitive = True
 
-    def __init__(self, backbone: Backbone, way: int) -> None:
+    def __init__(self, backbone: Backbone, way: int, batch_norm_over: str = "episode") -> None:
         super().__init__(backbone)
+        require_choice(self.name, "batch_norm_over", batch_norm_over, BATCH_NORM_OVER)
+        self.batch_norm_over = batch_norm_over
         if not backbone.flatten:
             raise FsltoolError(
                 f"method {self.name!r} reads embedding vectors, but the recipe's backbone keeps feature maps: "
@@ -103,11 +112,29 @@ class SequenceMethod(Method):
     def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """Cross-entropy on the queries, with the support set in a new random order every time: a sequence model
         would otherwise learn the class-by-class layout of stored episodes rather than to read any order."""
+        orders = self.random_orders(len(episodes), len(episodes[0].support_labels), share)
+        if self.batch_norm_over == "meta_batch":
+            return self._meta_batch_step(episodes, orders)
         outputs = []
-        for episode, order in zip(episodes, self.random_orders(len(episodes), len(episodes[0].support_labels), share)):
+        for episode, order in zip(episodes, orders):
             scores = self(episode.support[order], episode.support_labels[order], episode.query)
             outputs.append(StepOutput(F.cross_entropy(scores, episode.query_labels), scores))
         return outputs
+
+    def _meta_batch_step(self, episodes: list[Episode], orders: torch.Tensor) -> list[StepOutput]:
+        """The meta-batch's images through the backbone in one pass (one set of batch statistics), then every
+        episode's sequence at once; episodes of one shape (as the training loop draws them)."""
+        if len({e.shape for e in episodes}) != 1:
+            raise FsltoolError(f"method {self.name!r}: batch_norm_over: meta_batch needs a meta-batch of one episode shape")
+        tasks = torch.arange(len(episodes), device=orders.device).unsqueeze(1)
+        support = torch.stack([e.support for e in episodes])[tasks, orders]
+        support_labels = torch.stack([e.support_labels for e in episodes])[tasks, orders]
+        query = torch.stack([e.query for e in episodes])
+        embeddings = self.backbone(torch.cat([support.flatten(0, 1), query.flatten(0, 1)]))
+        support_emb, query_emb = embeddings.split([support_labels.numel(), embeddings.shape[0] - support_labels.numel()])
+        scores = self.scores_from_embeddings(support_emb.unflatten(0, support_labels.shape), support_labels,
+                                             query_emb.unflatten(0, query.shape[:2]), episodes[0].shape.way)
+        return [StepOutput(F.cross_entropy(s, e.query_labels), s) for s, e in zip(scores, episodes)]
 
     def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
         """An example with more classes than the label slots (export checks a 6-way one) is folded onto them,

@@ -107,7 +107,8 @@ def tc_block(channels: int, sequence_length: int, filters: int) -> list[DenseLay
 class SNAIL(SequenceMethod):
     """Options: ``way`` (label slots and logits: the episodes' N), ``sequence_length`` (T = N*K + 1: sets the
     TC blocks' depth; other lengths still run, attention reaching every step), ``tc_filters`` (D of the TC
-    blocks), ``attention`` (the three blocks' [key size, value size])."""
+    blocks), ``attention`` (the three blocks' [key size, value size]), ``batch_norm_over`` (training's BatchNorm
+    statistics: each ``episode``'s images or the whole ``meta_batch``'s; fsltool.methods.sequence)."""
 
     def __init__(
         self,
@@ -116,8 +117,9 @@ class SNAIL(SequenceMethod):
         sequence_length: int = 6,
         tc_filters: int = 128,
         attention: list[list[int]] | None = None,
+        batch_norm_over: str = "episode",
     ) -> None:
-        super().__init__(backbone, way)
+        super().__init__(backbone, way, batch_norm_over)
         require_positive_int(self.name, "sequence_length", sequence_length)
         if sequence_length < 2:
             raise option_error(self.name, "sequence_length", f"must be at least 2 (support and query), got {sequence_length}")

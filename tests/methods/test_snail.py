@@ -166,6 +166,35 @@ def test_a_data_parallel_share_computes_what_one_process_computes_for_its_episod
     assert not torch.allclose(torch.stack(alone), torch.stack(whole))
 
 
+def meta_batch(count: int = 4) -> list[Episode]:
+    support, labels, query = random_episode(5, 1, 10)
+    query_labels = torch.arange(5).repeat_interleave(2)
+    return [Episode(support + 0.1 * i, labels, query - 0.1 * i, query_labels, EpisodeShape(5, 1, 2)) for i in range(count)]
+
+
+def batch_norm_updates(method: SNAIL) -> int:
+    return int(next(m for m in method.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).num_batches_tracked)
+
+
+def test_batch_norm_over_the_meta_batch_scores_as_episode_by_episode_with_the_same_statistics() -> None:
+    """Under running statistics (eval) both layouts compute the same scores; in training the meta-batch option
+    takes one set of batch statistics for all episodes (one BatchNorm update a meta-step), and for a meta-batch of
+    one episode it is the per-episode step."""
+    by_episode, together = fresh(), fresh(batch_norm_over="meta_batch")
+    episodes = meta_batch()
+    for train, batch in ((False, episodes), (True, episodes[:1])):
+        by_episode.train(train), together.train(train)
+        torch.manual_seed(1)
+        expected = by_episode.meta_step(batch)
+        torch.manual_seed(1)
+        got = together.meta_step(batch)
+        torch.testing.assert_close([o.scores for o in got], [o.scores for o in expected])
+        torch.testing.assert_close([o.loss for o in got], [o.loss for o in expected])
+    before = batch_norm_updates(by_episode), batch_norm_updates(together)
+    by_episode.meta_step(episodes), together.meta_step(episodes)
+    assert (batch_norm_updates(by_episode) - before[0], batch_norm_updates(together) - before[1]) == (4, 1)
+
+
 def test_more_ways_than_label_slots_is_a_clear_error() -> None:
     with pytest.raises(FsltoolError, match=r"the episode is 6-way but the model has method_options.way = 5 label slots"):
         fresh()(*random_episode(6, 1, 2))
@@ -180,6 +209,7 @@ def test_more_ways_than_label_slots_is_a_clear_error() -> None:
         ("conv4", {"tc_filters": 0}, r"method_options.tc_filters must be a positive integer, got 0"),
         ("conv4", {"attention": [[64, 32]]}, r"method_options.attention must be three \[key size, value size\] pairs"),
         ("conv4", {"attention": [[64, 32], [1, 1], [0, 2]]}, r"method_options.attention must be a positive integer, got 0"),
+        ("conv4", {"batch_norm_over": "batch"}, r"method_options.batch_norm_over must be one of episode, meta_batch, got 'batch'"),
         ("conv4-relation", {}, r"keeps feature maps: use a flattening backbone"),
     ],
 )
