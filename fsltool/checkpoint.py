@@ -157,7 +157,7 @@ def untrained_like(trained: TrainedModel) -> Method:
 
 # Backbone options that do not change the feature network's parameters (how a run starts or trains, and how its
 # maps become an embedding): they may differ from an init run's, e.g. Relation Networks' unflattened maps.
-_NON_STRUCTURAL = ("weights", "freeze", "flatten", "pool", "channels_last")
+_NON_STRUCTURAL = ("weights", "freeze", "freeze_statistics", "flatten", "pool", "channels_last")
 
 
 def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:

@@ -62,6 +62,7 @@ class Backbone(nn.Module):
         self.pool = pool
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.frozen: tuple[str, ...] = ()  # names of feature stages kept fixed (set by ``freeze``)
+        self.frozen_statistics = False  # every BatchNorm normalises with its running statistics (``freeze_statistics``)
         self.image_size = image_size
         self.map_shape = self._probe_map_shape(normalize.mean.shape[1], image_size)
         self.out_channels = self.map_shape[0]
@@ -112,11 +113,24 @@ class Backbone(nn.Module):
         self.frozen = tuple(names)
         self.train(self.training)
 
+    def freeze_statistics(self, frozen: bool) -> None:
+        """Normalise with the BatchNorm running statistics in training as in evaluation, and leave them as they are
+        (the layers' scale and shift still train): a pretrained backbone fine-tuned on small episodes then sees the
+        same normalisation in both, instead of each episode's batch statistics in training only."""
+        if not isinstance(frozen, bool):
+            raise FsltoolError(f"backbone_options.freeze_statistics must be true or false, got {frozen!r}")
+        self.frozen_statistics = frozen
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         stages = self.stages()
         for name in self.frozen:
             stages[name].eval()
+        if self.frozen_statistics:
+            for module in self.features.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
 
@@ -307,12 +321,12 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 # Keys of a checkpoint file that belong to a classifier on top of the backbone, not to it: left out on loading.
 HEAD_KEYS: dict[str, tuple[str, ...]] = {"resnet18": ("fc.",)}
 # backbone_options handled here, not by the factories.
-LOADING_OPTIONS = ("weights", "freeze")
+LOADING_OPTIONS = ("weights", "freeze", "freeze_statistics")
 
 
 def build_backbone(name: str, channels: int, mean: Sequence[float], std: Sequence[float], *, image_size: int = 28,
                    **options: Any) -> Backbone:
-    """The named backbone for ``image_size`` images. ``freeze`` is applied here; ``weights`` (a file) is loaded
+    """The named backbone for ``image_size`` images. ``freeze`` and ``freeze_statistics`` are applied here; ``weights`` (a file) is loaded
     only when a run starts (fsltool.models.weights), never when a trained run is rebuilt from its checkpoint."""
     try:
         factory = BACKBONES[name]
@@ -326,6 +340,8 @@ def build_backbone(name: str, channels: int, mean: Sequence[float], std: Sequenc
     backbone = factory(channels, mean, std, image_size=image_size, **structural)
     if "freeze" in options:
         backbone.freeze(options["freeze"])
+    if "freeze_statistics" in options:
+        backbone.freeze_statistics(options["freeze_statistics"])
     return backbone
 
 

@@ -89,6 +89,7 @@ def test_dropblock_only_in_training() -> None:
 @pytest.mark.parametrize(("options", "message"), [
     ({"widths": [8, 8, 8]}, "widths must be 4"), ({"drop_rate": 1.5}, "drop_rate"), ({"pool": "yes"}, "pool must be true"),
     ({"colour": 1}, "has no option 'colour'"), ({"freeze": ["stage9"]}, "no stage 'stage9'"),
+    ({"freeze_statistics": "yes"}, "freeze_statistics must be true or false, got 'yes'"),
 ])
 def test_bad_options_are_one_line_errors(options: dict, message: str) -> None:
     with pytest.raises(FsltoolError, match=message):
@@ -188,6 +189,24 @@ def test_frozen_stages_stay_frozen() -> None:
         assert torch.equal(value, frozen_before[key]), key
     assert not torch.equal(backbone.features.stage4.conv1.weight, free_before)
     assert not backbone.features.stage2.training and backbone.features.stage3.training
+
+
+def test_frozen_statistics_normalise_as_in_evaluation_while_the_weights_learn() -> None:
+    """freeze_statistics: in training mode the backbone computes its evaluation-mode features (running statistics,
+    which stay as they are), and its parameters, BatchNorm scale and shift included, still get gradients."""
+    backbone = build_backbone("conv4", 1, [0.1], [0.3], freeze_statistics=True)
+    reference = build_backbone("conv4", 1, [0.1], [0.3])
+    reference.load_state_dict(backbone.state_dict())
+    statistics = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k or "batches" in k}
+    images = torch.rand(12, 1, 28, 28)
+    backbone.train()
+    features = backbone(images)
+    torch.testing.assert_close(features, reference.eval()(images))
+    assert not torch.allclose(features, reference.train()(images))
+    features.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
+    for key, value in statistics.items():
+        assert torch.equal(backbone.state_dict()[key], value), key
 
 
 METHOD_OPTIONS = {
