@@ -408,6 +408,9 @@ class AdaptiveMethod(Method):
         if way < 2:
             raise option_error(self.name, "way", f"must be at least 2 (the episodes' way), got {way}")
         require_bool(self.name, "transductive_bn", transductive_bn)
+        if backbone.frozen_statistics:
+            raise FsltoolError(f"method {self.name!r} normalises with batch statistics in its inner loop (transductive_bn and "
+                               "per-query options choose which): backbone_options.freeze_statistics does not apply to it")
         self.way = way
         self.transductive = transductive_bn  # read by evaluation to label its results
         self.head = nn.Linear(backbone.out_channels, way)

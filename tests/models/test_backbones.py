@@ -209,6 +209,14 @@ def test_frozen_statistics_normalise_as_in_evaluation_while_the_weights_learn() 
         assert torch.equal(backbone.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_adaptive_methods_refuse_frozen_statistics(method: str) -> None:
+    """Their inner loop normalises with batch statistics whatever the module's mode: the option would do nothing."""
+    backbone = build_backbone("conv4", 1, [0.1], [0.3], freeze_statistics=True)
+    with pytest.raises(FsltoolError, match="freeze_statistics does not apply to it"):
+        build_method(method, backbone, {"way": 5})
+
+
 METHOD_OPTIONS = {
     "protonet": ("resnet12", {}, {}),
     "matchingnet": ("resnet12", {}, {"fce": True}),
