@@ -39,6 +39,7 @@ from fsltool.models.backbones import Backbone
 
 BATCH_NORM_OVER = ("episode", "meta_batch")  # training's BatchNorm batch: each episode's images, or the meta-batch's
 
+
 def first_columns(scores: torch.Tensor, way: int | torch.Tensor) -> torch.Tensor:
     """(..., W) -> (..., way): the first ``way`` label slots, as a product with a 0/1 matrix rather than a slice,
     so ``way`` may be a tensor computed from the labels (dynamic way in the exported graph, as class_onehot)."""
@@ -126,7 +127,8 @@ class SequenceMethod(Method):
         episode's sequence at once; episodes of one shape (as the training loop draws them)."""
         if len({e.shape for e in episodes}) != 1:
             raise FsltoolError(f"method {self.name!r}: batch_norm_over: meta_batch needs a meta-batch of one episode shape")
-        tasks = torch.arange(len(episodes), device=orders.device).unsqueeze(1)
+        device = episodes[0].support.device
+        orders, tasks = orders.to(device), torch.arange(len(episodes), device=device).unsqueeze(1)
         support = torch.stack([e.support for e in episodes])[tasks, orders]
         support_labels = torch.stack([e.support_labels for e in episodes])[tasks, orders]
         query = torch.stack([e.query for e in episodes])
