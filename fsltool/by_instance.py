@@ -21,7 +21,7 @@ from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import work_sizes
 from fsltool.errors import FsltoolError
-from fsltool.evaluate import check_runtime, embed_all, episode_indices
+from fsltool.evaluate import check_runtime, embed_all, episode_indices, rows_into_one
 from fsltool.methods import Method
 
 ORDER_SEED = 0  # the permutation of every episode's sequence: fixed, so all runs see the same sequences
@@ -92,10 +92,10 @@ def accuracy_by_instance(
         embeddings = embed_all(method, data, unique, runtime=runtime)  # on the method's device
         embeddings = embeddings[torch.from_numpy(inverse.reshape(images.shape)).to(embeddings.device)]
         per_call = work_sizes(embeddings.device).sequences  # the recurrence is step by step: wide batches amortise it
-        predictions = torch.cat([
+        predictions = rows_into_one((
             method.sequence_scores(embeddings[i : i + per_call], labels[i : i + per_call].to(embeddings.device), shape.way).argmax(-1).cpu()
             for i in range(0, len(images), per_call)
-        ])
+        ), len(images))
     finally:
         method.train(was_training)
     onehot = torch.nn.functional.one_hot(labels, shape.way)
