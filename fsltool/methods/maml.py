@@ -63,7 +63,7 @@ from fsltool.methods.adaptation import (
     require_positive_float,
     task_losses,
 )
-from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_positive_int
+from fsltool.methods.base import StepOutput, TaskShare, option_error, register_method, require_choice, require_positive_int
 from fsltool.models.backbones import Backbone
 
 MSL_FLOOR = 0.03  # the reference's floor on a non-final step's weight, times N (min_value_for_non_final_losses)
@@ -123,8 +123,7 @@ class MAML(AdaptiveMethod):
         step: str = "grouped",
     ) -> None:
         super().__init__(backbone, way, transductive_bn)
-        if step not in STEPS:
-            raise option_error(self.name, "step", f"must be one of {', '.join(STEPS)}, got {step!r}")
+        require_choice(self.name, "step", step, STEPS)
         require_positive_int(self.name, "inner_steps", inner_steps)
         require_positive_int(self.name, "test_inner_steps", test_inner_steps)
         for key, flag in (("first_order", first_order), ("multi_step_loss", multi_step_loss), ("per_step_bn", per_step_bn),

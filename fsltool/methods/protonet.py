@@ -20,6 +20,7 @@ from fsltool.methods.base import (
     option_error,
     register_method,
     require_bool,
+    require_choice,
 )
 from fsltool.models.backbones import Backbone
 
@@ -57,8 +58,7 @@ class ProtoNet(Method):
 
     def __init__(self, backbone: Backbone, distance: str = "euclidean", scale: float | None = None, learn_scale: bool = False) -> None:
         super().__init__(backbone)
-        if distance not in DISTANCES:
-            raise option_error(self.name, "distance", f"must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        require_choice(self.name, "distance", distance, DISTANCES)
         require_bool(self.name, "learn_scale", learn_scale)
         scale = DEFAULT_SCALE[distance] if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
