@@ -11,6 +11,12 @@ The network comes from ``--run`` (its best checkpoint) or, with ``--recipe``, is
 initialised: the weights do not change the speed. Wall-clock and CPU seconds of ``evaluate`` on the first
 ``--episodes`` stored test episodes of the recipe's test shape, extrapolated to 600; on a machine shared with other
 jobs the CPU seconds of a one-thread run are the steadier figure.
+
+It also counts the evaluation's convolution work (multiply-accumulates of the fine-tuning's forward and backward
+passes and of the per-query passes, from the backbone's layer shapes) and measures the best rate this machine
+reaches on that backbone: forward and backward over one large dense batch, the most favourable layout for
+PyTorch's CPU convolutions. Work divided by that rate is a floor on the evaluation's time on this machine at this
+precision, whatever the batching (``floor_s_per_600_episodes``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from fsltool.evaluate import evaluate
 from fsltool.methods import build_method
 from fsltool.methods.reptile import Reptile
 from fsltool.models import build_backbone
+from fsltool.models.backbones import Backbone
+from fsltool.platform_tuning import tune_allocator
 from fsltool.recipe import Recipe, load_recipe
 
 
@@ -69,6 +77,52 @@ def reptile_of(args: argparse.Namespace, data: FewShotData) -> tuple[Reptile, Re
     return method, recipe
 
 
+def convolution_macs(backbone: Backbone, image_shape: tuple[int, ...]) -> list[int]:
+    """Multiply-accumulates of each convolution of the backbone's feature layers for one image, in order."""
+    macs: list[int] = []
+
+    def count(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        assert isinstance(module, torch.nn.Conv2d)
+        kernel = module.weight[0].numel()  # in_channels / groups x kh x kw
+        macs.append(output[0].numel() * kernel)
+
+    hooks = [m.register_forward_hook(count) for m in backbone.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            backbone.features(torch.zeros(1, *image_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
+
+
+def evaluation_macs(method: Reptile, shape: EpisodeShape, image_shape: tuple[int, ...]) -> int:
+    """Convolution MACs of one episode's evaluation: the fine-tuning (forward, weight gradients, input gradients
+    except the first layer's) and, with per-query BatchNorm, S+1 images per query (else S+Q images once)."""
+    layers = convolution_macs(method.backbone, image_shape)
+    forward = sum(layers)
+    train_image = forward + forward + (forward - layers[0])
+    support, queries = shape.way * shape.shot, shape.way * shape.query
+    scored = queries * (support + 1) if method.per_query_bn else support + queries
+    return method.test_inner_steps * method.test_inner_batch * train_image + scored * forward
+
+
+def dense_rate(backbone: Backbone, image_shape: tuple[int, ...], batch: int = 2048, repeats: int = 5) -> float:
+    """MACs per second of forward + backward (weight and input gradients but the first layer's input) over one
+    dense batch of ``batch`` images, the best of ``repeats``: the most this machine does with these layers."""
+    features = backbone.features.train()
+    images = torch.rand(batch, *image_shape)
+    layers = convolution_macs(backbone, image_shape)
+    work = batch * (3 * sum(layers) - layers[0])
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first warms up
+        start = time.perf_counter()
+        features(images).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    features.zero_grad(set_to_none=True)
+    return work / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -77,7 +131,10 @@ def main() -> None:
     parser.add_argument("--data", default="data/omniglot.h5")
     parser.add_argument("--episodes", type=int, default=48)
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--no-tuning", action="store_true", help="leave glibc's allocator at its defaults (the CLI's --no-tuning)")
     args = parser.parse_args()
+    if not args.no_tuning:
+        tune_allocator()  # as the CLI does: `fsltool evaluate` runs under it
 
     with FewShotData(args.data) as data:
         method, recipe = reptile_of(args, data)
@@ -87,6 +144,9 @@ def main() -> None:
             wall, cpu = time.perf_counter(), time.process_time()
             result = evaluate(method, data, "test", shape, episodes=args.episodes)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        image_shape = tuple(data.image_shape)
+        macs = evaluation_macs(method, shape, image_shape)
+        rate = dense_rate(method.backbone, image_shape)
     scale = 600 / len(result.accuracies)
     figures = {
         "model": args.run or f"{args.recipe} (as initialised)",
@@ -99,6 +159,11 @@ def main() -> None:
         "query_scoring_wall_s": round(scoring[0], 2),
         "wall_s_per_600_episodes": round(wall * scale, 1),
         "cpu_s_per_600_episodes": round(cpu * scale, 1),
+        "convolution_gmac_per_600_episodes": round(600 * macs / 1e9, 1),
+        "achieved_gmac_per_s": round(len(result.accuracies) * macs / wall / 1e9, 1),
+        "dense_batch_gmac_per_s": round(rate / 1e9, 1),
+        "floor_s_per_600_episodes": round(600 * macs / rate, 1),
+        "allocator": "glibc defaults" if args.no_tuning else "tuned as the CLI",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                    f"load average {os.getloadavg()[0]:.1f} at the end",
     }
