@@ -79,7 +79,7 @@ class Network(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         # channels_last: the libraries' faster layout here (a one-off run in NCHW, fsltool's per-task layout, made
-        # learn2learn relatively slower; README)
+        # learn2learn relatively slower; docs/speed.md)
         self.backbone = build_backbone("conv4-strided", 1, [0.1], [0.3], flatten=False)
         self.head = nn.Linear(self.backbone.out_channels, WAY)
 

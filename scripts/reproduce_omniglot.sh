@@ -4,7 +4,7 @@
 #
 #   bash scripts/reproduce_omniglot.sh                        # all methods, all settings, the recipes' budgets
 #   METHODS=relationnet SETTINGS="5w5s 20w1s" EPISODES=2000 bash scripts/reproduce_omniglot.sh
-#   METHODS=protonet EPISODES_1SHOT=5000 EPISODES_5SHOT=3000 bash scripts/reproduce_omniglot.sh   # README budget
+#   METHODS=protonet EPISODES_1SHOT=5000 EPISODES_5SHOT=3000 bash scripts/reproduce_omniglot.sh   # docs/results.md budget
 #
 #   METHODS="maml fomaml reptile" SETTINGS=5w5s EPISODES=300 OVERRIDES="validation.episodes=100" bash scripts/reproduce_omniglot.sh
 #

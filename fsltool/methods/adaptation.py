@@ -439,7 +439,7 @@ class AdaptiveMethod(Method):
 
     def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Episodes adapted side by side in groups of at most ``images_per_pass`` images (evaluating 600 stored
-        Reptile episodes: 234.5 -> 81.1 s, scripts/benchmark_methods.py, README)."""
+        Reptile episodes: 234.5 -> 81.1 s, scripts/benchmark_methods.py, docs/speed.md)."""
         self.episode_way(support_labels)
         per_pass = max(1, self.pass_images(support.device) // (support.shape[1] + query.shape[1]))
         with self.grad_context(False):
