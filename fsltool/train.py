@@ -69,6 +69,9 @@ def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...])
         load_init_backbone(method.backbone, recipe, image_shape)
     elif "weights" in recipe.backbone_options:
         load_backbone_weights(method.backbone, recipe.backbone, recipe.backbone_options["weights"])
+    else:
+        return
+    method.backbone_loaded()
 
 
 def stored_shapes_needed(recipe: Recipe, data: FewShotData) -> EpisodeShape:

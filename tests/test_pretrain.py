@@ -184,3 +184,22 @@ def test_multistep_schedule_decays_at_each_milestone_epoch(synthetic_file: Path,
         pretrain_recipe(synthetic_file, tmp_path / "x", lr_schedule="multistep", lr_milestones=[2, 1])
     with pytest.raises(FsltoolError, match=r"'pretrain.splits' must name at least one split"):
         pretrain_recipe(synthetic_file, tmp_path / "y", splits=[])
+
+
+def test_init_starts_maml_per_step_batch_norm_from_the_pretrained_backbone(synthetic_file: Path, tmp_path: Path) -> None:
+    """MAML++'s per-step BatchNorm layers are copies of the backbone's: with init they copy the loaded backbone's,
+    not the freshly built one's (they were left at scale 1, shift 0)."""
+    from fsltool.checkpoint import load_trained
+    from fsltool.methods.adaptation import batch_norm_layers
+
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    recipe = quick_recipe(synthetic_file, tmp_path / "fine", method="maml", episodes=1, lr=1e-12, shape="5w1s2q",
+                          method_options={"way": 5, "inner_steps": 2, "test_inner_steps": 2, "per_step_bn": True})
+    recipe.init = str(tmp_path / "pre")
+    meta_train(recipe, quiet=True)
+    method = load_trained(tmp_path / "fine").method
+    pretrained = batch_norm_layers(load_trained(tmp_path / "pre").method.backbone.features)
+    assert any(not torch.allclose(layer.weight, torch.ones_like(layer.weight)) for layer in pretrained)
+    for copied, loaded in zip(method.step_norms[0], pretrained, strict=True):
+        torch.testing.assert_close(copied.weight, loaded.weight, rtol=0, atol=1e-9)
+        torch.testing.assert_close(copied.bias, loaded.bias, rtol=0, atol=1e-9)

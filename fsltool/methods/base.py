@@ -70,6 +70,11 @@ class Method(nn.Module, ABC):
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Scores (queries, way), with way = support_labels.max() + 1."""
 
+    def backbone_loaded(self) -> None:
+        """The backbone has just taken its starting weights (a run's ``init`` or ``backbone_options.weights``),
+        after this method was built: state the method copied from the backbone when it was built is refreshed
+        here, so that it starts from the loaded weights too."""
+
     def transductive_copy(self) -> Method | None:
         """A copy that normalises each episode's query batch with its own BatchNorm statistics, for a method whose
         BatchNorm mode is its own option (``evaluate --transductive``); None where evaluation sets the mode itself

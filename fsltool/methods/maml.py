@@ -160,6 +160,14 @@ class MAML(AdaptiveMethod):
         if multi_step_loss or first_order_until:
             self.register_buffer("meta_steps_done", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
+    def backbone_loaded(self) -> None:
+        """per_step_bn: steps 1..N-1's BatchNorm layers start as copies of the backbone's, as when the method was
+        built, now that the backbone holds its starting weights (scales, shifts and running statistics)."""
+        for step in self.step_norms or []:
+            for copied, loaded in zip(step, batch_norm_layers(self.backbone.features)):
+                copied.load_state_dict(loaded.state_dict())
+
     def meta_tensors(self) -> list[torch.Tensor]:
         """Everything the outer loop learns, in the order task-major lists hold it: the network's parameters
         (TaskNetwork.parameters), then steps 1..N-1's BatchNorm scales and shifts, then the inner learning rates."""
