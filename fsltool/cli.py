@@ -166,25 +166,31 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--rotations/--no-rotations", default=True, show_default=True, help="add 90/180/270-degree rotations as classes")
 @click.option("--size", default=28, show_default=True, help="resize to SIZE x SIZE (0 keeps 105x105)")
-@click.option("--split", type=click.Choice(["vinyals", "lake"]), default="vinyals", show_default=True,
+@click.option("--split", type=click.Choice(["vinyals", "lake", "random"]), default="vinyals", show_default=True,
               help="vinyals: Vinyals et al. 2016 (1028/172/423 characters from both zips); lake: Lake et al. 2015 "
                    "(train and validate on the 30 background alphabets, test on the 20 evaluation alphabets, 659 "
-                   "characters; validation = the 5 background alphabets of the Vinyals validation split, 172 characters)")
+                   "characters; validation = the 5 background alphabets of the Vinyals validation split, 172 characters); "
+                   "random: 1028/172/423 characters drawn at random with --split-seed, alphabets shared between "
+                   "splits (the Relation Network and MAML reference code's kind of split)")
+@click.option("--split-seed", default=1, show_default=True, help="the seed of --split random's shuffle")
 @_episode_options
-def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, **common: Any) -> None:
-    """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals
-    or the Lake protocol.
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, **common: Any) -> None:
+    """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals,
+    the Lake or a seeded random character protocol.
 
     The Lake protocol names no validation set and allows only the background alphabets for model selection
     (brendenlake/omniglot README), so whole background alphabets are held out for validation, as public
     Lake-protocol code does (e.g. tensorfreitas/Siamese-Networks-for-One-Shot-Learning, 6 of 30 at random): here
-    the fixed five of the Vinyals validation split, so both protocols validate on the same 172 characters.
+    the fixed five of the Vinyals validation split, so both protocols validate on the same 172 characters. The
+    random protocol keeps the Vinyals counts but draws the characters with a seed, so alphabets are shared between
+    the splits, as in the Relation Network and MAML reference code.
 
     Example: fsltool prepare omniglot ../shared/data/omniglot data/omniglot-lake.h5 --split lake
     """
     from fsltool.data.sources.omniglot import omniglot
 
-    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split), out, **common)
+    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split, split_seed=split_seed), out,
+                 **common)
 
 
 @prepare.command("folder")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fsltool.data.sources import omniglot as omniglot_module
-from fsltool.data.sources.base import split_by_ratios
+from fsltool.data.sources.base import SourceListing, split_by_ratios
 from fsltool.data.sources.csv_splits import csv_splits, read_split_csvs
 from fsltool.data.sources.folder import folder
 from fsltool.data.sources.omniglot import VAL_ALPHABETS, lake_split, omniglot, vinyals_split
@@ -328,7 +328,7 @@ def test_omniglot_fake_zip_lake_split(tmp_path: Path) -> None:
     }
     assert listing.provenance["split"] == "lake"
     assert omniglot(root=root).provenance["split"] == "vinyals"
-    with pytest.raises(FsltoolError, match=r"omniglot --split 'koch': must be one of vinyals, lake"):
+    with pytest.raises(FsltoolError, match=r"omniglot --split 'koch': must be one of vinyals, lake, random"):
         omniglot(root=root, split="koch")
 
 
@@ -348,7 +348,7 @@ def test_prepare_omniglot_lake_records_the_split(tmp_path: Path) -> None:
         assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
 
     bad = CliRunner().invoke(main, [*args, "--split", "koch"])
-    assert bad.exit_code == 2 and "Invalid value for '--split': 'koch' is not one of 'vinyals', 'lake'" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--split': 'koch' is not one of 'vinyals', 'lake', 'random'" in bad.output
 
 
 def test_omniglot_extracted_folders_match_zips(tmp_path: Path) -> None:
@@ -460,3 +460,43 @@ def test_real_omniglot_lake_split_counts(monkeypatch: pytest.MonkeyPatch) -> Non
 
     rotated = omniglot(root=str(data), split="lake")
     assert Counter(spec.split for spec in rotated.classes) == {"train": 4 * 792, "val": 4 * 172, "test": 4 * 659}
+
+
+def test_random_split_is_seeded_by_character_and_keeps_rotations_together(tmp_path: Path) -> None:
+    root = str(make_omniglot_zips(tmp_path))
+    listing = omniglot(root=root, split="random", split_seed=3)
+    by_character: dict[str, set[str]] = {}
+    for spec in listing.classes:
+        by_character.setdefault(spec.name.rsplit("/", 1)[0], set()).add(spec.split)
+    assert all(len(splits) == 1 for splits in by_character.values())  # a character's rotations share its split
+    assert Counter(next(iter(s)) for s in by_character.values()) == {"train": 2, "val": 1, "test": 1}  # at least one each
+    assert listing.provenance["split"] == "random" and listing.provenance["split_seed"] == 3
+    again = omniglot(root=root, split="random", split_seed=3)
+    assert [(s.name, s.split) for s in again.classes] == [(s.name, s.split) for s in listing.classes]
+    seeds = {tuple(s.split for s in omniglot(root=root, rotations=False, split="random", split_seed=seed).classes) for seed in range(8)}
+    assert len(seeds) > 1  # the seed decides
+    assert "split_seed" not in omniglot(root=root).provenance
+
+
+def test_random_split_of_the_real_zips_has_the_vinyals_counts_and_shares_alphabets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1028 / 172 / 423 characters as the Vinyals split, but drawn across alphabets (as the Relation Network and MAML
+    reference code split Omniglot): most test alphabets also have training characters, where Vinyals shares one."""
+    data = SHARED / "omniglot"
+    if not (data / "images_background.zip").is_file():
+        pytest.skip(f"{data} is not here")
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("listing must not decode images")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(omniglot_module, "decode_image", no_decoding)
+        shuffled = omniglot(root=str(data), split="random")
+        vinyals = omniglot(root=str(data))
+
+    def alphabets(listing: SourceListing, split: str) -> set[str]:
+        return {spec.name.split("/")[0] for spec in listing.classes if spec.split == split}
+
+    assert Counter(spec.split for spec in shuffled.classes) == {"train": 4 * 1028, "val": 4 * 172, "test": 4 * 423}
+    assert len(alphabets(vinyals, "train") & alphabets(vinyals, "test")) == 1
+    assert len(alphabets(shuffled, "train") & alphabets(shuffled, "test")) >= 40
+    assert {s.name for s in shuffled.classes if s.split == "test"} != {s.name for s in vinyals.classes if s.split == "test"}

@@ -1,4 +1,4 @@
-"""Omniglot from the official zips (or their extracted folders), split by one of two published protocols.
+"""Omniglot from the official zips (or their extracted folders), split by one of three protocols.
 
 ``vinyals``: Vinyals et al. (2016), the lists published with the Prototypical Networks code, written as a rule:
 1028 train / 172 val / 423 test characters drawn from both zips.
@@ -12,11 +12,19 @@ Lake-protocol code does (tensorfreitas/Siamese-Networks-for-One-Shot-Learning: 6
 Here they are fixed: the five background alphabets of the Vinyals validation split (Hebrew, Mkhedruli_(Georgian),
 Armenian, Early_Aramaic, Bengali; 172 characters), leaving 25 (792 characters) to train, so every run validates on
 the same classes, and both protocols on the same ones.
+
+``random``: the characters of both zips shuffled with a seed and cut at the Vinyals split's counts (1028 train /
+172 val / 423 test), so alphabets are shared between the splits. This is how the Relation Network, MAML and
+MAML++ reference code split Omniglot (a seeded shuffle of the character folders: 1200 characters to train on,
+the other 423 to test; MAML++ also holds some out to validate). Their exact lists follow the file system's listing
+order and cannot be rebuilt; this split has their kind and counts, so a number measured on it can be set beside
+theirs, and beside the same method's number on the alphabet-disjoint Vinyals split.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import zipfile
 import zlib
@@ -40,7 +48,8 @@ from fsltool.errors import BadImageError, FsltoolError
 PARTS = ("images_background", "images_evaluation")
 ORIGINAL_SIZE = 105
 ROTATIONS = (0, 90, 180, 270)
-SPLIT_PROTOCOLS = ("vinyals", "lake")
+SPLIT_PROTOCOLS = ("vinyals", "lake", "random")
+VINYALS_COUNTS = {"train": 1028, "val": 172, "test": 423}  # characters, of 1623: the random split's proportions
 
 # The Vinyals split as published with the Prototypical Networks code (splits/vinyals/*.txt), written as a rule.
 TEST_ALPHABETS = frozenset(
@@ -87,9 +96,20 @@ def lake_split(part: str, alphabet: str) -> str:
     return SPLITS[1] if alphabet in VAL_ALPHABETS else SPLITS[0]
 
 
-def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split: str = "vinyals") -> SourceListing:
+def random_split(characters: list[tuple[str, str]], seed: int) -> dict[tuple[str, str], str]:
+    """The random split (module docstring): ``characters`` shuffled by Python's seeded ``random.Random`` (stable
+    across Python versions), the first test, the next val, the rest train, at the Vinyals split's proportions
+    (exactly its counts on the whole of Omniglot; at least one character each)."""
+    order = sorted(characters)
+    random.Random(seed).shuffle(order)
+    total = sum(VINYALS_COUNTS.values())
+    test, val = (max(1, round(len(order) * VINYALS_COUNTS[split] / total)) for split in ("test", "val"))
+    return {key: SPLITS[2] if i < test else SPLITS[1] if i < test + val else SPLITS[0] for i, key in enumerate(order)}
+
+
+def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split: str = "vinyals", split_seed: int = 1) -> SourceListing:
     """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size``,
-    split by the ``split`` protocol (``vinyals`` or ``lake``, module docstring).
+    split by the ``split`` protocol (``vinyals``, ``lake`` or ``random`` with ``split_seed``, module docstring).
 
     Each of the two parts is read from ``<root>/<part>.zip`` when present, else from the folder ``<root>/<part>/``.
     Listing reads only the zip directories and folder names; no image is decoded.
@@ -122,10 +142,13 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
     if not characters:
         raise FsltoolError(f"omniglot root {root}: empty source, no character images found")
 
+    shuffled = random_split(list(characters), split_seed) if split == "random" else {}
     classes = []
     for (alphabet, character), items in sorted(characters.items()):
         if split == "lake":
             class_split = lake_split(part_of[alphabet, character], alphabet)
+        elif split == "random":
+            class_split = shuffled[alphabet, character]
         else:
             class_split = vinyals_split(alphabet, int(character.removeprefix("character")))
         items.sort()
@@ -140,6 +163,7 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         "size": size,
         "form": forms,
         "split": split,
+        **({"split_seed": split_seed} if split == "random" else {}),
         "invert": True,  # stored ink-high: a user's dark-on-white image must be inverted the same way
     }
     return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
