@@ -502,6 +502,15 @@ def recipes_check(recipe: str, overrides: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- evaluate
 
 
+def class_split_of(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Which class split the data file was packed with (Omniglot's vinyals, lake or random and its seed, a
+    benchmark's named split), for a result's JSON: the test classes differ between splits, so numbers compare only
+    within one."""
+    if "split" not in provenance:
+        return {}
+    return {f"class_{key}": provenance[key] for key in ("split", "split_seed") if key in provenance}
+
+
 def _write_json(target: str, payload: dict[str, Any]) -> None:
     text = json.dumps(payload, indent=2) + "\n"
     if target == "-":
@@ -577,7 +586,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
-                                               "data": data.path}, json_out)
+                                               "data": data.path, **class_split_of(data.provenance)}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
@@ -587,7 +596,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
-               "method": method_name, "precision": trained.recipe.precision, **report}
+               **class_split_of(data.provenance), "method": method_name, "precision": trained.recipe.precision, **report}
     if json_out == "-":
         _write_json("-", payload)
         return
@@ -605,7 +614,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         _write_json(json_out, payload)
 
 
-def _report_by_instance(result: dict[str, Any], source: dict[str, str], json_out: str | None) -> None:
+def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out: str | None) -> None:
     payload = {**result, **source}
     if json_out == "-":
         _write_json("-", payload)

@@ -26,8 +26,9 @@ PAPER = {  # published Omniglot accuracies (docs/protocols.md#reported-accuracie
     "maml": {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8, "20w5s": 98.9},  # Finn et al. 2017, transductive BatchNorm
     "fomaml": {"5w1s": 98.3, "5w5s": 99.2, "20w1s": 89.4, "20w5s": 97.9},  # Finn et al. 2017, transductive BatchNorm
     "reptile": {"5w1s": 95.39, "5w5s": 98.90, "20w1s": 88.14, "20w5s": 96.65},  # Nichol et al. 2018, non-transductive
+    "maml++": {"5w1s": 99.47, "5w5s": 99.93, "20w1s": 97.65, "20w5s": 99.33},  # Antoniou et al. 2019, transductive ensemble
 }
-NAME = re.compile(r"omniglot-(?P<method>[a-z]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
+NAME = re.compile(r"omniglot-(?P<method>[a-z+]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
 ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 
 
@@ -49,6 +50,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
         budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
         budget += " on " + "+".join(recipe["train"].get("splits", ["train"]))  # runs from before train.splits: train alone
+        if result.get("class_split", "vinyals") != "vinyals":  # other test classes: set beside the paper's kind of split
+            budget += f"; {result['class_split']} class split" + (f" (seed {result['class_split_seed']})" if "class_split_seed" in result else "")
         if recipe.get("init"):
             budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")

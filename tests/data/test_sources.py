@@ -332,10 +332,10 @@ def test_omniglot_fake_zip_lake_split(tmp_path: Path) -> None:
         omniglot(root=root, split="koch")
 
 
-def test_prepare_omniglot_lake_records_the_split(tmp_path: Path) -> None:
+def test_prepare_omniglot_records_the_split(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from fsltool.cli import main
+    from fsltool.cli import class_split_of, main
     from fsltool.data.store import FewShotData
 
     root, out = make_omniglot_zips(tmp_path / "zips"), tmp_path / "lake.h5"
@@ -345,6 +345,13 @@ def test_prepare_omniglot_lake_records_the_split(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     with FewShotData(out) as data:
         assert data.provenance["split"] == "lake"
+        assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
+        assert class_split_of(data.provenance) == {"class_split": "lake"}  # what `evaluate --json` reports
+    shuffled = tmp_path / "random.h5"
+    result = CliRunner().invoke(main, [*args[:3], str(shuffled), *args[4:], "--split", "random", "--split-seed", "7"])
+    assert result.exit_code == 0, result.output
+    with FewShotData(shuffled) as data:
+        assert class_split_of(data.provenance) == {"class_split": "random", "class_split_seed": 7}
         assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
 
     bad = CliRunner().invoke(main, [*args, "--split", "koch"])
