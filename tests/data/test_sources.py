@@ -409,9 +409,11 @@ def test_omniglot_corrupt_member_raises_bad_image(tmp_path: Path) -> None:
         listing.load(latin.items[1])
 
 
-def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+def real_omniglot_listed(monkeypatch: pytest.MonkeyPatch, **options: object) -> SourceListing:
+    """The real Omniglot zips of ../shared listed with ``options`` (skipped where they are absent), failing if
+    listing decodes any image."""
     data = SHARED / "omniglot"
-    if not (data / "splits" / "vinyals").is_dir():
+    if not (data / "images_background.zip").is_file():
         pytest.skip(f"{data} is not here")
 
     def no_decoding(*args: object, **kwargs: object) -> None:
@@ -419,7 +421,14 @@ def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyP
 
     with monkeypatch.context() as patch:
         patch.setattr(omniglot_module, "decode_image", no_decoding)
-        listing = omniglot(root=str(data))
+        return omniglot(root=str(data), **options)  # type: ignore[arg-type]
+
+
+def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = SHARED / "omniglot"
+    if not (data / "splits" / "vinyals").is_dir():
+        pytest.skip(f"{data} is not here")
+    listing = real_omniglot_listed(monkeypatch)
 
     counts = {}
     for split in ("train", "val", "test"):
@@ -438,16 +447,7 @@ def test_real_omniglot_listing_matches_vinyals_lists(monkeypatch: pytest.MonkeyP
 def test_real_omniglot_lake_split_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lake et al.'s split on the real zips: all 964 background characters (30 alphabets) train or validate, all
     659 evaluation characters (20 alphabets) test, every character with its 20 drawers."""
-    data = SHARED / "omniglot"
-    if not (data / "images_background.zip").is_file():
-        pytest.skip(f"{data} is not here")
-
-    def no_decoding(*args: object, **kwargs: object) -> None:
-        raise AssertionError("listing must not decode images")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(omniglot_module, "decode_image", no_decoding)
-        listing = omniglot(root=str(data), rotations=False, split="lake")
+    listing = real_omniglot_listed(monkeypatch, rotations=False, split="lake")
 
     by_split: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
     parts: dict[str, set[str]] = {"images_background": set(), "images_evaluation": set()}
@@ -465,7 +465,7 @@ def test_real_omniglot_lake_split_counts(monkeypatch: pytest.MonkeyPatch) -> Non
     assert by_split["test"] == parts["images_evaluation"]
     assert listing.provenance["split"] == "lake" and listing.provenance["rotations"] is False
 
-    rotated = omniglot(root=str(data), split="lake")
+    rotated = real_omniglot_listed(monkeypatch, split="lake")
     assert Counter(spec.split for spec in rotated.classes) == {"train": 4 * 792, "val": 4 * 172, "test": 4 * 659}
 
 
@@ -488,17 +488,7 @@ def test_random_split_is_seeded_by_character_and_keeps_rotations_together(tmp_pa
 def test_random_split_of_the_real_zips_has_the_vinyals_counts_and_shares_alphabets(monkeypatch: pytest.MonkeyPatch) -> None:
     """1028 / 172 / 423 characters as the Vinyals split, but drawn across alphabets (as the Relation Network and MAML
     reference code split Omniglot): most test alphabets also have training characters, where Vinyals shares one."""
-    data = SHARED / "omniglot"
-    if not (data / "images_background.zip").is_file():
-        pytest.skip(f"{data} is not here")
-
-    def no_decoding(*args: object, **kwargs: object) -> None:
-        raise AssertionError("listing must not decode images")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(omniglot_module, "decode_image", no_decoding)
-        shuffled = omniglot(root=str(data), split="random")
-        vinyals = omniglot(root=str(data))
+    shuffled, vinyals = real_omniglot_listed(monkeypatch, split="random"), real_omniglot_listed(monkeypatch)
 
     def alphabets(listing: SourceListing, split: str) -> set[str]:
         return {spec.name.split("/")[0] for spec in listing.classes if spec.split == split}
