@@ -240,19 +240,26 @@ def test_per_step_bn_needs_batch_norm() -> None:
         build_method("maml", backbone, {"per_step_bn": True, "test_inner_steps": 1})
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "omniglot").glob("maml++-*w*s.yaml")), ids=lambda p: p.name)
+FROM_SCRATCH = sorted((REPO / "recipes" / "omniglot").glob("maml++-[0-9]*w*s.yaml"))
+PRETRAINED = sorted((REPO / "recipes" / "omniglot").glob("maml++-pretrained-*w*s.yaml"))
+
+
+@pytest.mark.parametrize("path", FROM_SCRATCH + PRETRAINED, ids=lambda p: p.name)
 def test_maml_plus_plus_recipes_build_at_the_papers_configuration(path: Path) -> None:
     """The reference's Omniglot MAML++ configuration: Conv-4 with max-pooling, 5 inner steps of lr 0.1 (train and
     test), every option on, meta-batch 8, Adam 1e-3 with cosine annealing, 1 query per class in training, the
     multi-step loss annealed over the first tenth of training (the reference: 10 of 100 epochs); the way the recipe
     trains."""
     recipe = load_recipe(path)
-    assert len(list((REPO / "recipes" / "omniglot").glob("maml++-*w*s.yaml"))) == 4
+    assert len(FROM_SCRATCH) == 4 and len(PRETRAINED) == 2
     method = build_method(recipe.method, build_backbone(recipe.backbone, 1, [0.1], [0.3], **recipe.backbone_options), recipe.method_options)
     assert isinstance(method, MAML) and recipe.backbone == "conv4"
     assert (method.inner_steps, method.test_inner_steps, method.inner_lr) == (5, 5, 0.1)
     assert method.multi_step_loss and method.per_step_bn and method.learn_inner_lr and method.second_order_now()
     assert method.multi_step_loss_epochs * 10 == recipe.train.episodes and EpisodeShape.parse(recipe.train.shape).query == 1
-    assert (recipe.train.meta_batch, recipe.train.lr, recipe.train.lr_schedule, recipe.train.optimizer) == (8, 0.001, "cosine", "adam")
+    pretrained = path in PRETRAINED  # meta-fine-tuned from the pretrained Conv-4 with MAML's transfer outer lr
+    assert recipe.init == ("runs/omniglot/pretrain-conv4" if pretrained else "")
+    outer_lr = 0.0001 if pretrained else 0.001
+    assert (recipe.train.meta_batch, recipe.train.lr, recipe.train.lr_schedule, recipe.train.optimizer) == (8, outer_lr, "cosine", "adam")
     for shape in (recipe.train.shape, recipe.validation.shape, recipe.test_shape):
         method.check_way(EpisodeShape.parse(shape).way)
