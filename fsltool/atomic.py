@@ -4,12 +4,14 @@ at any moment leaves either the old file or the complete new one, never a partia
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fsltool.errors import FsltoolError
 
@@ -85,3 +87,17 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def write_json(target: str, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON on stdout (``target`` "-") or atomically into the file ``target``; a file that
+    cannot be written is a one-line error naming it."""
+    text = json.dumps(payload, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        atomic_write(Path(target), lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise FsltoolError(f"{target}: cannot write ({error.strerror or error})") from None

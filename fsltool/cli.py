@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from fsltool import __version__
+from fsltool.atomic import write_json
 from fsltool.errors import FsltoolError
 
 SHAPES_HELP = "comma-separated episode shapes to store, e.g. 5w1s,5w5s,20w1s,20w5s"
@@ -511,19 +512,6 @@ def class_split_of(provenance: dict[str, Any]) -> dict[str, Any]:
     return {f"class_{key}": provenance[key] for key in ("split", "split_seed") if key in provenance}
 
 
-def _write_json(target: str, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2) + "\n"
-    if target == "-":
-        click.echo(text, nl=False)
-        return
-    from fsltool.atomic import atomic_write
-
-    try:
-        atomic_write(Path(target), lambda file: file.write(text.encode()))
-    except OSError as error:
-        raise FsltoolError(f"{target}: cannot write ({error.strerror or error})") from None
-
-
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--shape", default=None, help="episode shape, e.g. 5w1s or 20w5s15q (default: the recipe's test_shape)")
@@ -598,7 +586,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
                **class_split_of(data.provenance), "method": method_name, "precision": trained.recipe.precision, **report}
     if json_out == "-":
-        _write_json("-", payload)
+        write_json("-", payload)
         return
     if not quiet:
         table = Table(title=f"{method_name} on {data.path}")
@@ -611,13 +599,13 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if report:
         _print_confidence(report, f"{split}, {len(result.accuracies)} stored {episode_shape} episodes", quiet)
     if json_out:
-        _write_json(json_out, payload)
+        write_json(json_out, payload)
 
 
 def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out: str | None) -> None:
     payload = {**result, **source}
     if json_out == "-":
-        _write_json("-", payload)
+        write_json("-", payload)
         return
     from rich.table import Table
 
@@ -631,7 +619,7 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out
         table.add_row(instance, f"{row['accuracy']:.2f}", f"± {row['ci95']:.2f}")
     console.print(table)
     if json_out:
-        _write_json(json_out, payload)
+        write_json(json_out, payload)
 
 
 # ---------------------------------------------------------------- calibrate

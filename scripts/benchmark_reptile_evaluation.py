@@ -22,7 +22,6 @@ precision, whatever the batching (``floor_s_per_600_episodes``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fsltool.atomic import write_json
 from fsltool.builtin_recipes import find_recipe
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
@@ -167,11 +167,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
                    f"load average {os.getloadavg()[0]:.1f} at the end",
     }
-    print(json.dumps(figures, indent=2))
+    write_json("-", figures)
     if args.json_out:
-        with open(args.json_out, "w") as file:
-            json.dump(figures, file, indent=2)
-            file.write("\n")
+        write_json(args.json_out, figures)
 
 
 if __name__ == "__main__":

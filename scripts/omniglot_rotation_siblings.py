@@ -13,15 +13,15 @@ episodes account for.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+from dataclasses import replace
 
 import numpy as np
 
+from fsltool.atomic import write_json
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
-from fsltool.evaluate import episode_indices, evaluate
+from fsltool.evaluate import EvalResult, episode_indices, evaluate
 from fsltool.platform_tuning import tune_allocator
 
 
@@ -32,10 +32,10 @@ def with_rotation_siblings(data: FewShotData, support: np.ndarray, way: int) -> 
     return np.array([len(chars) < way for chars in characters])
 
 
-def summary(accuracies: np.ndarray) -> dict[str, float]:
-    n = len(accuracies)
-    ci95 = float(1.96 * accuracies.std(ddof=1) / math.sqrt(n) * 100) if n > 1 else float("nan")
-    return {"episodes": n, "accuracy": round(float(accuracies.mean() * 100), 2), "ci95": round(ci95, 2)}
+def summary(result: EvalResult, episodes: np.ndarray) -> dict[str, float]:
+    """Mean accuracy and 95% CI (as ``evaluate`` reports them) over the chosen episodes of ``result``."""
+    part = replace(result, accuracies=result.accuracies[episodes])
+    return {"episodes": int(episodes.sum()), "accuracy": round(part.accuracy, 2), "ci95": round(part.ci95, 2)}
 
 
 def main() -> None:
@@ -55,15 +55,13 @@ def main() -> None:
         result = evaluate(trained.method, data, "test", shape, query_batch_statistics=args.transductive)
     figures = {
         "run": args.run, "checkpoint": args.checkpoint, "shape": str(shape), "transductive": result.transductive,
-        "all": summary(result.accuracies),
-        "with_rotation_siblings": summary(result.accuracies[siblings]),
-        "without": summary(result.accuracies[~siblings]),
+        "all": summary(result, np.ones_like(siblings)),
+        "with_rotation_siblings": summary(result, siblings),
+        "without": summary(result, ~siblings),
     }
-    print(json.dumps(figures, indent=2))
+    write_json("-", figures)
     if args.json_out:
-        with open(args.json_out, "w") as file:
-            json.dump(figures, file, indent=2)
-            file.write("\n")
+        write_json(args.json_out, figures)
 
 
 if __name__ == "__main__":
