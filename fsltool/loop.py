@@ -8,20 +8,41 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
-from fsltool.device import device_of
-from fsltool.distributed import Group, RunningStats
+from fsltool.device import device_of, prepare_device, resolve_device
+from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
+from fsltool.folder_lock import FolderLock
 from fsltool.methods import Method
-from fsltool.recipe import OptimConfig
+from fsltool.recipe import OptimConfig, Recipe
 from fsltool.runs import RunFolder
+
+
+Result = TypeVar("Result")
+
+
+def run_in_group(recipe: Recipe, quiet: bool, loop: Callable[[Group, torch.device, bool], Result]) -> Result:
+    """Run a training ``loop(group, device, quiet)`` on the recipe's device: in this process, or under torchrun as
+    one of WORLD_SIZE data-parallel processes, of which the writer alone holds the run folder's lock (and prints);
+    every process leaves the group, telling the others whether it finished."""
+    device = resolve_device(recipe.device, "recipe key 'device'")
+    prepare_device(device, repeating_shapes=True)  # one batch shape, step after step
+    group = join(device)
+    finished = False
+    try:
+        with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():
+            result = loop(group, device, quiet or not group.writer)
+        finished = True
+        return result
+    finally:
+        group.leave(finished)
 
 
 def autocast_for(precision: str, device: torch.device, training: Method | None = None) -> contextlib.AbstractContextManager[object]:

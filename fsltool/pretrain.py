@@ -28,11 +28,9 @@ from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
-from fsltool.device import prepare_device, resolve_device
-from fsltool.distributed import Group, RunningStats, join
+from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.folder_lock import FolderLock
-from fsltool.loop import Updater, Validator, autocast_for
+from fsltool.loop import Updater, Validator, autocast_for, run_in_group
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
@@ -99,17 +97,7 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
     processes, each computing its share of every batch's ``pretrain.micro_batches`` (rank 0 writes and validates)."""
     if recipe.pretrain.epochs < 1:
         raise FsltoolError("recipe key 'pretrain.epochs' must be at least 1 for fsltool pretrain (the recipe's pretrain section)")
-    device = resolve_device(recipe.device, "recipe key 'device'")
-    prepare_device(device, repeating_shapes=True)  # one batch size, step after step
-    group = join(device)
-    finished = False
-    try:
-        with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
-            result = _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
-        finished = True
-        return result
-    finally:
-        group.leave(finished)
+    return run_in_group(recipe, quiet, lambda group, device, quiet: _pretrain(recipe, group, device, resume=resume, force=force, quiet=quiet))
 
 
 def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> PretrainResult:

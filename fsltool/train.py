@@ -19,11 +19,9 @@ from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.store import FewShotData, open_for_run
-from fsltool.device import prepare_device, resolve_device
-from fsltool.distributed import Group, RunningStats, join
+from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.folder_lock import FolderLock
-from fsltool.loop import Updater, Validator, autocast_for
+from fsltool.loop import Updater, Validator, autocast_for, run_in_group
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
@@ -47,17 +45,7 @@ class TrainResult:
 def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
     """Meta-train ``recipe``: in this process, or, under torchrun, as one of WORLD_SIZE data-parallel processes
     (fsltool.distributed) of which rank 0 alone writes the run folder and validates."""
-    device = resolve_device(recipe.device, "recipe key 'device'")
-    prepare_device(device, repeating_shapes=True)  # one training episode shape, step after step
-    group = join(device)
-    finished = False
-    try:
-        with FolderLock(recipe.output, "run folder") if group.writer else contextlib.nullcontext():  # the run folder is this run's alone
-            result = _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet or not group.writer)
-        finished = True
-        return result
-    finally:
-        group.leave(finished)
+    return run_in_group(recipe, quiet, lambda group, device, quiet: _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet))
 
 
 def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> None:
