@@ -924,6 +924,8 @@ def info(target: str, as_json: bool) -> None:
     if as_json:
         _echo_json(details)
         return
+    if details["kind"] == "run folder":  # the resolved recipe is the folder's recipe.yaml: too long to repeat here
+        details["recipe"] = str(Path(target) / "recipe.yaml")
     from rich.pretty import Pretty
 
     from fsltool.console import console

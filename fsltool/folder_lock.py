@@ -29,6 +29,10 @@ if sys.platform == "win32":
         except OSError:
             return False
         return True
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, _LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 else:
     import fcntl
 
@@ -38,6 +42,30 @@ else:
         except BlockingIOError:
             return False
         return True
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def lock_holder(folder: str | Path) -> int | None:
+    """The pid of the process holding ``folder`` now (0 while it has not written it yet), or None where no process
+    does (a lock file a killed process left counts as free). Probes by taking the lock for an instant: a writer
+    starting in that instant is refused as if the folder were in use."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            _unlock(fd)
+            return None
+        text = path.read_text().strip()
+        return int(text) if text.isdigit() else 0
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class FolderLock:

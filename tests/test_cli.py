@@ -57,7 +57,9 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
         code, out, err = run("info", str(target), "--json")
         assert code == 0, err
         assert json.loads(out)["kind"] == kind
-    assert json.loads(run("info", str(run_dir), "--json")[1])["episodes_trained"] == 6
+    finished = json.loads(run("info", str(run_dir), "--json")[1])
+    assert (finished["episodes_trained"], finished["episodes_planned"], finished["status"]) == (6, 6, "stopped")
+    assert "resume" not in finished and finished["latest_validation"]["episode"] == 6
 
     code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check")
     assert code == 2 and "no stored val episodes of shape 5w1s15q (stored: 5w1s5q, 5w5s5q)" in " ".join(err.split())

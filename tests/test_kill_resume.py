@@ -16,6 +16,7 @@ import yaml
 
 from fsltool.checkpoint import load_checkpoint
 from fsltool.errors import FsltoolError
+from fsltool.info import describe
 
 EPISODES = 40
 
@@ -55,12 +56,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(synthetic_file: Path, 
     deadline = time.monotonic() + 300
     while last_episode(killed_run) < 10 and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    running = describe(killed_run)  # fsltool info while it trains
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     reached = last_episode(killed_run)
     assert 10 <= reached < EPISODES, f"the kill came too late to test anything (checkpoint at {reached})"
+    assert running["status"] == f"running (pid {victim.pid})" and running["episodes_planned"] == EPISODES
+    assert "resume" not in running
 
-    resumed = fsltool("meta-train", str(recipe), "--resume", "-q")
+    stopped = describe(killed_run)  # the killed process's lock file is left behind: free all the same
+    assert stopped["status"] == "stopped" and stopped["episodes_trained"] == reached
+    program, command, *arguments = stopped["resume"].split()
+    assert (program, command) == ("fsltool", "meta-train")
+    resumed = fsltool(command, *arguments, "-q")  # the command info prints
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()  # type: ignore[union-attr]
     expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     got = load_checkpoint(killed_run / "checkpoints" / "last.pt")

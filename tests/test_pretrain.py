@@ -117,7 +117,9 @@ def test_a_pretraining_run_evaluates_and_exports_as_a_prototype_classifier(synth
     assert (tmp_path / "export" / "classifier.onnx").is_file() and "prediction agreement 100.00%" in out
     code, out, err = run_cli("info", str(tmp_path / "pre"), "--json")
     assert code == 0, err
-    assert json.loads(out)["stage"] == "pretrain" and json.loads(out)["epochs_trained"] == 1
+    described = json.loads(out)
+    assert (described["stage"], described["epochs_trained"], described["epochs_planned"], described["status"]) == ("pretrain", 1, 1, "stopped")
+    assert described["latest_logged_step"] == described["steps_trained"] and "resume" not in described
 
 
 def test_pretraining_input_errors_are_one_line(synthetic_file: Path, tmp_path: Path) -> None:
