@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import lock_holder
 
@@ -43,8 +45,9 @@ def logged_tail(metrics: Path, size: int = 65536) -> list[dict[str, Any]]:
     """The last records of a run's metrics log (its last ``size`` bytes), skipping a line being written."""
     try:
         with open(metrics, "rb") as file:
-            file.seek(max(0, file.seek(0, 2) - size))
-            lines = file.read().decode(errors="replace").splitlines()[1:]  # the first may be cut
+            start = max(0, file.seek(0, 2) - size)
+            file.seek(start)
+            lines = file.read().decode(errors="replace").splitlines()[1 if start else 0:]  # the first may be cut
     except OSError:
         return []
     records = []
@@ -61,39 +64,55 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def run_progress(folder: Path, state: dict[str, Any]) -> dict[str, Any]:
+def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int) -> dict[str, Any]:
     """Where a run folder's training stands now, for a run left going in the background: whether a process holds
-    the folder, how long the recipe asks it to train, and, from the metrics log, the latest logged step, its speed,
-    the latest validation and (while running) the time left at that speed."""
-    pretraining = state.get("stage") == "pretrain"
+    the folder, how long the recipe asks it to train (``trained``: episodes, pretraining epochs, checkpointed so
+    far), and, from the metrics log, the latest logged step, its speed, the latest validation and (while running)
+    the time left at that speed."""
+    pretraining = stage == "pretrain"
     unit, rate_key = ("step", "steps_per_s") if pretraining else ("episode", "episodes_per_s")
     holder = lock_holder(folder)
     records = logged_tail(folder / "metrics.jsonl")
     training = [r for r in records if r.get("phase") == "train" and unit in r]
     validations = [r for r in records if r.get("phase") == "val"]
-    progress: dict[str, Any] = {"status": "stopped" if holder is None else f"running (pid {holder or 'not yet written'})"}
-    if pretraining:
-        progress["epochs_planned"] = state["recipe"]["pretrain"]["epochs"]
-        unfinished = state["epochs_trained"] < progress["epochs_planned"]
-    else:
-        progress["episodes_planned"] = state["recipe"]["train"]["episodes"]
-        unfinished = state["episodes_trained"] < progress["episodes_planned"]
-    if holder is None and unfinished:  # the folder's recipe.yaml is the one its last start resolved
-        progress["resume"] = f"fsltool {'pretrain' if pretraining else 'meta-train'} {folder / 'recipe.yaml'} --resume"
+    planned_key = "epochs_planned" if pretraining else "episodes_planned"
+    progress: dict[str, Any] = {"status": "stopped" if holder is None else f"running (pid {holder or 'not yet written'})",
+                                planned_key: recipe["pretrain"]["epochs"] if pretraining else recipe["train"]["episodes"]}
+    if holder is None and trained < progress[planned_key]:  # the folder's recipe.yaml is the one its last start resolved
+        progress["resume"] = f"fsltool {stage} {folder / 'recipe.yaml'} --resume"
     if training:
         latest = training[-1]
         rates = [r[rate_key] for r in training[-RATE_WINDOW:] if r.get(rate_key)]
         progress[f"latest_logged_{unit}"] = latest[unit]
         if rates:
             progress[rate_key] = round(sum(rates) / len(rates), 3)
-        planned = progress.get("episodes_planned")
-        if pretraining and latest.get("epoch"):
-            planned = round(progress["epochs_planned"] * latest["step"] / latest["epoch"])  # steps per epoch from the log
+        planned = progress[planned_key]
+        if pretraining:
+            planned = round(planned * latest["step"] / latest["epoch"]) if latest.get("epoch") else 0  # steps per epoch from the log
         if holder is not None and rates and planned:
             progress["time_left"] = duration(max(0, planned - latest[unit]) / progress[rate_key]) + " at that speed (validations not counted)"
     if validations:
         progress["latest_validation"] = {key: validations[-1][key] for key in (unit, "epoch", "accuracy", "ci95", "shape") if key in validations[-1]}
     return progress
+
+
+def describe_run_folder(path: Path) -> dict[str, Any]:
+    """The last checkpoint (how far training went, the best validation so far) and the log (what came since); a run
+    before its first checkpoint is described from its recipe.yaml and log alone."""
+    last = path / "checkpoints" / "last.pt"
+    if last.exists():
+        checkpoint = {key: value for key, value in describe_checkpoint(last).items() if key not in ("kind", "path")}
+        trained = checkpoint["epochs_trained"] if checkpoint["stage"] == "pretrain" else checkpoint["episodes_trained"]
+        return {"kind": "run folder", "path": str(path), **run_progress(path, checkpoint["recipe"], checkpoint["stage"], trained),
+                **checkpoint}
+    try:
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        raise FsltoolError(f"{path}: a run folder with neither a checkpoint nor a readable recipe.yaml") from None
+    logged_steps = any("step" in record for record in logged_tail(path / "metrics.jsonl"))
+    stage = "pretrain" if logged_steps or recipe.get("pretrain", {}).get("epochs", 0) > 0 else "meta-train"
+    return {"kind": "run folder", "path": str(path), **run_progress(path, recipe, stage, 0), "stage": stage,
+            "checkpoint": "none yet", "method": recipe.get("method"), "backbone": recipe.get("backbone"), "recipe": recipe}
 
 
 def describe(target: str | Path) -> dict[str, Any]:
@@ -105,10 +124,7 @@ def describe(target: str | Path) -> dict[str, Any]:
             return {"kind": "export folder", "path": str(path), **json.loads((path / "model.json").read_text()),
                     "files": sorted(p.name for p in path.iterdir())}
         if (path / "checkpoints").is_dir():
-            # the last checkpoint knows how far training went and the best validation so far; the log, what came since
-            checkpoint = {key: value for key, value in describe_checkpoint(path / "checkpoints" / "last.pt").items()
-                          if key not in ("kind", "path")}
-            return {"kind": "run folder", "path": str(path), **run_progress(path, checkpoint), **checkpoint}
+            return describe_run_folder(path)
         raise FsltoolError(f"{path}: neither a run folder nor an export folder")
     with open(path, "rb") as file:
         magic = file.read(8)

@@ -1,0 +1,61 @@
+"""`fsltool info RUN` on a run that has not written its first checkpoint: described from its recipe.yaml and its
+metrics log, running or stopped by the folder's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fsltool.errors import FsltoolError
+from fsltool.folder_lock import FolderLock
+from fsltool.info import describe
+from fsltool.recipe import dump_recipe, recipe_from_dict
+
+
+def started_run(folder: Path, recipe: dict[str, object], log: list[dict[str, object]]) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe_from_dict(recipe)))
+    lines = "".join(json.dumps(record) + "\n" for record in log)
+    (folder / "metrics.jsonl").write_text(lines + '{"episode": 3')  # a row being written
+    return folder
+
+
+def test_a_run_before_its_first_checkpoint(tmp_path: Path) -> None:
+    log = [{"episode": 50 * i, "phase": "train", "episodes_per_s": 2.0, "elapsed": 25.0 * i} for i in range(1, 7)]
+    run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 1000}}, log)
+    with FolderLock(run, "run folder"):
+        running = describe(run)
+    assert running["status"] == f"running (pid {os.getpid()})" and running["checkpoint"] == "none yet"
+    assert (running["stage"], running["episodes_planned"], running["latest_logged_episode"]) == ("meta-train", 1000, 300)
+    assert running["episodes_per_s"] == 2.0 and running["time_left"].startswith("6 min")  # 700 episodes at 2 per s
+    assert "resume" not in running
+
+    stopped = describe(run)
+    assert stopped["status"] == "stopped" and "time_left" not in stopped
+    assert stopped["resume"] == f"fsltool meta-train {run / 'recipe.yaml'} --resume"
+
+
+def test_a_pretraining_run_is_told_by_its_log(tmp_path: Path) -> None:
+    log = [{"epoch": 0.5, "step": 100, "phase": "train", "steps_per_s": 10.0},
+           {"epoch": 1, "step": 200, "phase": "val", "accuracy": 90.0, "ci95": 1.0, "shape": "5w1s15q"}]
+    run = started_run(tmp_path / "run", {"method": "protonet", "pretrain": {"epochs": 4}}, log)
+    described = describe(run)
+    assert (described["stage"], described["epochs_planned"], described["latest_logged_step"]) == ("pretrain", 4, 100)
+    assert described["latest_validation"] == {"step": 200, "epoch": 1, "accuracy": 90.0, "ci95": 1.0, "shape": "5w1s15q"}
+    assert described["resume"].startswith("fsltool pretrain ")
+
+
+def test_a_folder_with_checkpoints_but_no_recipe_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FsltoolError, match="neither a checkpoint nor a readable recipe.yaml"):
+        describe(tmp_path / "run")
+
+
+def test_only_the_tail_of_a_long_log_is_read(tmp_path: Path) -> None:
+    log = [{"episode": i, "phase": "train", "episodes_per_s": 1.0, "padding": "x" * 100} for i in range(1, 2001)]
+    run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 5000}}, log)
+    assert (run / "metrics.jsonl").stat().st_size > 200_000
+    assert describe(run)["latest_logged_episode"] == 2000
