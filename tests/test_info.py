@@ -54,7 +54,7 @@ def test_a_folder_with_checkpoints_but_no_recipe_is_refused(tmp_path: Path) -> N
         describe(tmp_path / "run")
 
 
-def test_only_the_tail_of_a_long_log_is_read(tmp_path: Path) -> None:
+def test_a_long_log_read_from_a_cut_line_gives_its_last_row(tmp_path: Path) -> None:
     log = [{"episode": i, "phase": "train", "episodes_per_s": 1.0, "padding": "x" * 100} for i in range(1, 2001)]
     run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 5000}}, log)
     assert (run / "metrics.jsonl").stat().st_size > 200_000
