@@ -174,8 +174,12 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
                    "random: 1028/172/423 characters drawn at random with --split-seed, alphabets shared between "
                    "splits (the Relation Network and MAML reference code's kind of split)")
 @click.option("--split-seed", default=1, show_default=True, help="the seed of --split random's shuffle")
+@click.option("--resample", type=click.Choice(["lanczos", "nearest"]), default="lanczos", show_default=True,
+              help="lanczos: antialiased grey strokes; nearest: binary glyphs, the images the papers' reference code "
+                   "trained on (Pillow resizes the 1-bit PNGs by nearest neighbour)")
 @_episode_options
-def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, **common: Any) -> None:
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, resample: str,
+                     **common: Any) -> None:
     """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals,
     the Lake or a seeded random character protocol.
 
@@ -190,8 +194,8 @@ def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str
     """
     from fsltool.data.sources.omniglot import omniglot
 
-    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split, split_seed=split_seed), out,
-                 **common)
+    _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split, split_seed=split_seed,
+                                  resample=resample), out, **common)
 
 
 @prepare.command("folder")
@@ -503,13 +507,12 @@ def recipes_check(recipe: str, overrides: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- evaluate
 
 
-def class_split_of(provenance: dict[str, Any]) -> dict[str, Any]:
-    """Which class split the data file was packed with (Omniglot's vinyals, lake or random and its seed, a
-    benchmark's named split), for a result's JSON: the test classes differ between splits, so numbers compare only
-    within one."""
-    if "split" not in provenance:
-        return {}
-    return {f"class_{key}": provenance[key] for key in ("split", "split_seed") if key in provenance}
+def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
+    """How the data file was packed, where numbers depend on it, for a result's JSON: the class split (Omniglot's
+    vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits) and
+    Omniglot's resampling (``image_resample``), so numbers are compared only within one protocol."""
+    found = {f"class_{key}": provenance[key] for key in ("split", "split_seed") if key in provenance and "split" in provenance}
+    return found | ({"image_resample": provenance["resample"]} if "resample" in provenance else {})
 
 
 @main.command()
@@ -574,7 +577,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
-                                               "data": data.path, **class_split_of(data.provenance)}, json_out)
+                                               "data": data.path, **data_protocol_of(data.provenance)}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
@@ -584,7 +587,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
-               **class_split_of(data.provenance), "method": method_name, "precision": trained.recipe.precision, **report}
+               **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision, **report}
     if json_out == "-":
         write_json("-", payload)
         return

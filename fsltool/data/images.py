@@ -12,10 +12,14 @@ from fsltool.errors import BadImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
 def convert_image(
-    image: Image.Image, *, channels: int, size: int | None, invert: bool = False, rotation: int = 0
+    image: Image.Image, *, channels: int, size: int | None, invert: bool = False, rotation: int = 0, resample: str = "lanczos"
 ) -> np.ndarray:
-    """Return a uint8 (C, H, W) array: ``channels`` 1 (grey) or 3 (RGB), square ``size`` by LANCZOS.
+    """Return a uint8 (C, H, W) array: ``channels`` 1 (grey) or 3 (RGB), square ``size`` by ``resample`` (a
+    ``RESAMPLING`` name: lanczos, antialiased; nearest, every output pixel one input pixel).
 
     ``rotation`` is counter-clockwise degrees (a multiple of 90, lossless); ``invert`` makes dark ink high.
     16-bit and floating-point images are refused (ValueError): Pillow's conversion to 8 bits clips their values
@@ -27,7 +31,7 @@ def convert_image(
     if rotation % 360:
         image = image.rotate(rotation)
     if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
+        image = image.resize((size, size), RESAMPLING[resample])
     array = np.asarray(image, dtype=np.uint8)
     if invert:
         array = 255 - array
@@ -42,6 +46,7 @@ def decode_image(
     size: int | None,
     invert: bool = False,
     rotation: int = 0,
+    resample: str = "lanczos",
 ) -> np.ndarray:
     """Decode encoded image bytes; a corrupt or empty file raises BadImageError naming ``origin``."""
     if not data:
@@ -49,7 +54,7 @@ def decode_image(
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return convert_image(image, channels=channels, size=size, invert=invert, rotation=rotation)
+            return convert_image(image, channels=channels, size=size, invert=invert, rotation=rotation, resample=resample)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadImageError(origin, str(error) or type(error).__name__) from None
 

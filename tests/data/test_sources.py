@@ -335,7 +335,7 @@ def test_omniglot_fake_zip_lake_split(tmp_path: Path) -> None:
 def test_prepare_omniglot_records_the_split(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from fsltool.cli import class_split_of, main
+    from fsltool.cli import data_protocol_of, main
     from fsltool.data.store import FewShotData
 
     root, out = make_omniglot_zips(tmp_path / "zips"), tmp_path / "lake.h5"
@@ -346,16 +346,22 @@ def test_prepare_omniglot_records_the_split(tmp_path: Path) -> None:
     with FewShotData(out) as data:
         assert data.provenance["split"] == "lake"
         assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
-        assert class_split_of(data.provenance) == {"class_split": "lake"}  # what `evaluate --json` reports
+        assert data_protocol_of(data.provenance) == {"class_split": "lake", "image_resample": "lanczos"}  # what `evaluate --json` reports
+        assert len(data.images(np.arange(data.num_images)).unique()) > 2  # antialiased edges
     shuffled = tmp_path / "random.h5"
-    result = CliRunner().invoke(main, [*args[:3], str(shuffled), *args[4:], "--split", "random", "--split-seed", "7"])
+    result = CliRunner().invoke(main, [*args[:3], str(shuffled), *args[4:], "--split", "random", "--split-seed", "7",
+                                       "--resample", "nearest"])
     assert result.exit_code == 0, result.output
     with FewShotData(shuffled) as data:
-        assert class_split_of(data.provenance) == {"class_split": "random", "class_split_seed": 7}
+        assert data_protocol_of(data.provenance) == {"class_split": "random", "class_split_seed": 7, "image_resample": "nearest"}
+        pixels = data.images(np.arange(data.num_images)).unique().tolist()
+        assert set(pixels) == {0.0, 1.0}  # binary glyphs, as the reference code's
         assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 8, "val": 4, "test": 4}
 
     bad = CliRunner().invoke(main, [*args, "--split", "koch"])
     assert bad.exit_code == 2 and "Invalid value for '--split': 'koch' is not one of 'vinyals', 'lake', 'random'" in bad.output
+    bad = CliRunner().invoke(main, [*args, "--resample", "cubic"])
+    assert bad.exit_code == 2 and "Invalid value for '--resample': 'cubic' is not one of 'lanczos', 'nearest'" in bad.output
 
 
 def test_omniglot_extracted_folders_match_zips(tmp_path: Path) -> None:
