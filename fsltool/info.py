@@ -42,21 +42,29 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def logged_tail(metrics: Path, size: int = 65536) -> list[dict[str, Any]]:
-    """The last records of a run's metrics log (its last ``size`` bytes), skipping a line being written."""
+    """The last records of a run's metrics log, skipping a line being written: its last ``size`` bytes, doubled
+    until they hold a validation row or the whole log is read."""
     try:
         with open(metrics, "rb") as file:
-            start = max(0, file.seek(0, 2) - size)
-            file.seek(start)
-            lines = file.read().decode(errors="replace").splitlines()[1 if start else 0:]  # the first may be cut
+            end = file.seek(0, 2)
+            while True:
+                start = max(0, end - size)
+                file.seek(start)
+                lines = file.read().decode(errors="replace").splitlines()[1 if start else 0:]  # the first may be cut
+                records = [record for record in map(_json_or_none, lines) if record is not None]
+                if start == 0 or any(record.get("phase") == "val" for record in records):
+                    return records
+                size *= 2
     except OSError:
         return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def duration(seconds: float) -> str:

@@ -59,3 +59,10 @@ def test_a_long_log_read_from_a_cut_line_gives_its_last_row(tmp_path: Path) -> N
     run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 5000}}, log)
     assert (run / "metrics.jsonl").stat().st_size > 200_000
     assert describe(run)["latest_logged_episode"] == 2000
+
+
+def test_the_latest_validation_is_found_behind_many_training_rows(tmp_path: Path) -> None:
+    log = [{"episode": 1, "phase": "val", "accuracy": 50.0, "ci95": 2.0, "shape": "5w1s15q"}]
+    log += [{"episode": i, "phase": "train", "episodes_per_s": 1.0, "padding": "x" * 200} for i in range(2, 2002)]
+    run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 5000}}, log)
+    assert describe(run)["latest_validation"]["accuracy"] == 50.0
