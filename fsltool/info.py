@@ -105,18 +105,21 @@ def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int)
 
 
 def describe_run_folder(path: Path) -> dict[str, Any]:
-    """The last checkpoint (how far training went, the best validation so far) and the log (what came since); a run
+    """The last checkpoint (how far training went, the best validation so far), the folder's recipe.yaml (what its
+    last start asked for: a resumed run may have raised ``train.episodes``) and the log (what came since); a run
     before its first checkpoint is described from its recipe.yaml and log alone."""
+    try:
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        recipe = None
     last = path / "checkpoints" / "last.pt"
     if last.exists():
         checkpoint = {key: value for key, value in describe_checkpoint(last).items() if key not in ("kind", "path")}
         trained = checkpoint["epochs_trained"] if checkpoint["stage"] == "pretrain" else checkpoint["episodes_trained"]
-        return {"kind": "run folder", "path": str(path), **run_progress(path, checkpoint["recipe"], checkpoint["stage"], trained),
-                **checkpoint}
-    try:
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        raise FsltoolError(f"{path}: a run folder with neither a checkpoint nor a readable recipe.yaml") from None
+        progress = run_progress(path, recipe if isinstance(recipe, dict) else checkpoint["recipe"], checkpoint["stage"], trained)
+        return {"kind": "run folder", "path": str(path), **progress, **checkpoint}
+    if not isinstance(recipe, dict):
+        raise FsltoolError(f"{path}: a run folder with neither a checkpoint nor a readable recipe.yaml")
     logged_steps = any("step" in record for record in logged_tail(path / "metrics.jsonl"))
     stage = "pretrain" if logged_steps or recipe.get("pretrain", {}).get("epochs", 0) > 0 else "meta-train"
     return {"kind": "run folder", "path": str(path), **run_progress(path, recipe, stage, 0), "stage": stage,
