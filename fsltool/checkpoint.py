@@ -138,6 +138,26 @@ def load_trained(run: str | Path, which: str = "best") -> TrainedModel:
     return TrainedModel(method, recipe_from_dict(state["recipe"]), config, state, path)
 
 
+def trained_on(state: dict[str, Any], machine: str) -> list[str]:
+    """The machines a resumed run has trained on (``machine_description``), this one added: a run may continue
+    elsewhere, and its budget's record names every machine that paid for it."""
+    earlier = list(state.get("machines", []))  # empty for checkpoints written before fsltool 0.4
+    return earlier if machine in earlier else [*earlier, machine]
+
+
+def training_budget(trained: TrainedModel) -> dict[str, Any]:
+    """What the checkpoint's training cost, for a result's JSON: steps, their size, the classes trained on, the
+    training seconds up to this checkpoint, the machines, and the run it started from (whose own budget is its
+    own checkpoint's)."""
+    state, recipe = trained.state, trained.recipe
+    common = {"seconds": round(float(state["elapsed"]), 1), "machines": list(state.get("machines", [])), "init": recipe.init or None}
+    if state.get("stage") == "pretrain":
+        return {"stage": "pretrain", "epochs": state["epoch"], "steps": state["step"], "batch_size": recipe.pretrain.batch_size,
+                "splits": list(recipe.pretrain.splits), **common}
+    return {"stage": "meta-train", "episodes": state["episode"], "meta_batch": recipe.train.meta_batch, "shape": recipe.train.shape,
+            "splits": list(recipe.train.splits), **common}
+
+
 def model_digest(trained: TrainedModel) -> str:
     """SHA-256 of the model's configuration and weights: what an enrolment or a calibration was made with, so that
     classes embedded by other weights are not mixed, nor a temperature fitted to other weights applied."""

@@ -547,7 +547,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     """
     from rich.table import Table
 
-    from fsltool.checkpoint import load_trained, untrained_like, with_classifier
+    from fsltool.checkpoint import load_trained, training_budget, untrained_like, with_classifier
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
@@ -577,7 +577,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
-                                               "data": data.path, **data_protocol_of(data.provenance)}, json_out)
+                                               "data": data.path, **data_protocol_of(data.provenance),
+                                               "training": None if untrained else training_budget(trained)}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
@@ -587,7 +588,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
             report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
-               **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision, **report}
+               **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision,
+               "training": None if untrained else training_budget(trained), **report}
     if json_out == "-":
         write_json("-", payload)
         return

@@ -6,6 +6,7 @@ it continues."""
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,26 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if index >= torch.cuda.device_count():
         raise FsltoolError(f"{key}: {name!r}: GPU {index} asked for, but torch sees {torch.cuda.device_count()}")
     return torch.device("cuda", index)
+
+
+def machine_description(device: torch.device, processes: int = 1) -> str:
+    """What a run trains on, for the record of its budget: the GPU, or the processor and its cores; torch's
+    version and threads; the data-parallel processes."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    text = f"{where}, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    return text + (f", {processes} processes" if processes > 1 else "")
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_of(module: nn.Module) -> torch.device:

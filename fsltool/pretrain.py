@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from rich.progress import TextColumn
 from torch import nn
 
-from fsltool.checkpoint import load_checkpoint, save_checkpoint
+from fsltool.checkpoint import load_checkpoint, save_checkpoint, trained_on
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
+from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
 from fsltool.loop import Updater, Validator, autocast_for, run_in_group
@@ -124,7 +125,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
         run.create(resume=resume, force=force)
     validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, "epoch", recipe.precision)
     updater = Updater(optimizer, parameters, settings, group, run.last)
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, machines = 0, 0.0, [machine_description(device, group.world)]
     if resume:
         state = load_checkpoint(run.last)
         check_resumable(state["recipe"], recipe, "pretrain", run.last, run.recipe)
@@ -136,6 +137,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, validator.best, elapsed_before, updater.skipped = state["epoch"], state["best"], state["elapsed"], state["skipped_nonfinite"]
+        machines = trained_on(state, machines[0])
         if group.writer:
             run.truncate_metrics("epoch", start)
     if group.writer:
@@ -147,7 +149,7 @@ def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: boo
                 "recipe": recipe.to_dict(), "model_config": config, "model": method.state_dict(), "heads": model.state(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "epoch": epoch, "step": epoch * per_epoch, "best": dict(validator.best), "elapsed": elapsed,
-                "skipped_nonfinite": updater.skipped, "stage": "pretrain",
+                "skipped_nonfinite": updater.skipped, "stage": "pretrain", "machines": machines,
             })
         return write
 

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from rich.progress import TextColumn
 
-from fsltool.checkpoint import build_model, load_checkpoint, load_init_backbone, model_config, save_checkpoint
+from fsltool.checkpoint import build_model, load_checkpoint, load_init_backbone, model_config, save_checkpoint, trained_on
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.store import FewShotData, open_for_run
+from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
 from fsltool.loop import Updater, Validator, autocast_for, run_in_group
@@ -104,7 +105,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
     validator = Validator(method, data, val_shape, recipe.validation.episodes, run, recipe.train.keep_checkpoints, "episode",
                           recipe.precision)
     updater = Updater(optimizer, parameters, recipe.train, group, run.last)
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, machines = 0, 0.0, [machine_description(device, group.world)]
     if resume:
         state = load_checkpoint(run.last)
         check_resumable(state["recipe"], recipe, "train", run.last, run.recipe)
@@ -117,6 +118,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
         torch.set_rng_state(state["torch_rng"])
         start, validator.best, elapsed_before = state["episode"], state["best"], state["elapsed"]
         updater.skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
+        machines = trained_on(state, machines[0])
         if group.writer:
             run.truncate_metrics("episode", start)
     if group.writer:
@@ -131,6 +133,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler_rng": batches.sampler_state(), "torch_rng": torch.get_rng_state(),
                 "episode": episode, "best": dict(validator.best), "elapsed": elapsed, "skipped_nonfinite": updater.skipped,
+                "machines": machines,
             })
         return write
 

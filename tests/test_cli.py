@@ -40,11 +40,16 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
     assert result["episodes"] == 20 and (result["way"], result["shot"], result["query"]) == (5, 1, 5)
     assert 0 <= result["accuracy"] <= 100 and result["ci95"] > 0
     assert f"{result['accuracy']:.2f} ± {result['ci95']:.2f}%" in out
+    budget = result["training"]  # the best checkpoint's: validated every 3 episodes of 6
+    assert {key: budget[key] for key in ("stage", "meta_batch", "shape", "splits", "init")} == {
+        "stage": "meta-train", "meta_batch": 1, "shape": "10w1s5q", "splits": ["train"], "init": None}
+    assert budget["episodes"] in (3, 6) and budget["seconds"] > 0
+    assert len(budget["machines"]) == 1 and " cores, torch " in budget["machines"][0]
 
     code, out, err = run("evaluate", str(run_dir), "--shape", "5w5s5q", "--json", "-")
     assert code == 0 and json.loads(out)["shot"] == 5
     code, out, err = run("evaluate", str(run_dir), "--untrained", "--json", "-")
-    assert code == 0 and json.loads(out)["checkpoint"] == "untrained"
+    assert code == 0 and json.loads(out)["checkpoint"] == "untrained" and json.loads(out)["training"] is None
     assert json.loads(out)["accuracy"] != result["accuracy"]
 
     code, out, err = run("export", str(run_dir), "--verify-episodes", "5")

@@ -66,3 +66,11 @@ def test_the_latest_validation_is_found_behind_many_training_rows(tmp_path: Path
     log += [{"episode": i, "phase": "train", "episodes_per_s": 1.0, "padding": "x" * 200} for i in range(2, 2002)]
     run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 5000}}, log)
     assert describe(run)["latest_validation"]["accuracy"] == 50.0
+
+
+def test_a_run_resumed_elsewhere_names_every_machine() -> None:
+    from fsltool.checkpoint import trained_on
+
+    assert trained_on({}, "a") == ["a"]  # a checkpoint from before the record
+    assert trained_on({"machines": ["a"]}, "a") == ["a"]
+    assert trained_on({"machines": ["a"]}, "b") == ["a", "b"]

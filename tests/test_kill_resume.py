@@ -73,6 +73,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(synthetic_file: Path, 
     expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     got = load_checkpoint(killed_run / "checkpoints" / "last.pt")
     assert got["episode"] == expected["episode"] == EPISODES
+    assert got["machines"] == expected["machines"] and len(got["machines"]) == 1  # resumed on the same machine
     for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key
     assert not list((killed_run / "checkpoints").glob("*.partial"))

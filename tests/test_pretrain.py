@@ -112,6 +112,9 @@ def test_a_pretraining_run_evaluates_and_exports_as_a_prototype_classifier(synth
     pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
     code, out, _ = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q")
     assert code == 0 and "accuracy" in out
+    code, out, _ = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q", "--json", "-")
+    budget = json.loads(out)["training"]
+    assert (budget["stage"], budget["epochs"], budget["splits"]) == ("pretrain", 1, ["train"]) and budget["steps"] > 0
     code, out, err = run_cli("export", str(tmp_path / "pre"), "--out", str(tmp_path / "export"), "--verify-episodes", "5", "-q")
     assert code == 0, err
     assert (tmp_path / "export" / "classifier.onnx").is_file() and "prediction agreement 100.00%" in out
