@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -511,8 +511,8 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
     """How the data file was packed, where numbers depend on it, for a result's JSON: the class split (Omniglot's
     vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits) and
     Omniglot's resampling (``image_resample``), so numbers are compared only within one protocol."""
-    found = {f"class_{key}": provenance[key] for key in ("split", "split_seed") if key in provenance and "split" in provenance}
-    return found | ({"image_resample": provenance["resample"]} if "resample" in provenance else {})
+    keys = {"split": "class_split", "split_seed": "class_split_seed", "resample": "image_resample"}
+    return {name: provenance[key] for key, name in keys.items() if key in provenance}
 
 
 @main.command()

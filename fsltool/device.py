@@ -38,7 +38,8 @@ def machine_description(device: torch.device, processes: int = 1) -> str:
     """What a run trains on, for the record of its budget: the GPU, or the processor and its cores; torch's
     version and threads; the data-parallel processes."""
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
-    text = f"{where}, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    threads = torch.get_num_threads()
+    text = f"{where}, torch {torch.__version__}, {threads} thread{'s' if threads > 1 else ''}"
     return text + (f", {processes} processes" if processes > 1 else "")
 
 

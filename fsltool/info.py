@@ -72,15 +72,14 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int) -> dict[str, Any]:
+def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Where a run folder's training stands now, for a run left going in the background: whether a process holds
     the folder, how long the recipe asks it to train (``trained``: episodes, pretraining epochs, checkpointed so
-    far), and, from the metrics log, the latest logged step, its speed, the latest validation and (while running)
-    the time left at that speed."""
+    far), and, from the metrics log's last ``records``, the latest logged step, its speed, the latest validation
+    and (while running) the time left at that speed."""
     pretraining = stage == "pretrain"
     unit, rate_key = ("step", "steps_per_s") if pretraining else ("episode", "episodes_per_s")
     holder = lock_holder(folder)
-    records = logged_tail(folder / "metrics.jsonl")
     training = [r for r in records if r.get("phase") == "train" and unit in r]
     validations = [r for r in records if r.get("phase") == "val"]
     planned_key = "epochs_planned" if pretraining else "episodes_planned"
@@ -112,17 +111,18 @@ def describe_run_folder(path: Path) -> dict[str, Any]:
         recipe = yaml.safe_load((path / "recipe.yaml").read_text())
     except (OSError, yaml.YAMLError):
         recipe = None
+    records = logged_tail(path / "metrics.jsonl")
     last = path / "checkpoints" / "last.pt"
     if last.exists():
         checkpoint = {key: value for key, value in describe_checkpoint(last).items() if key not in ("kind", "path")}
         trained = checkpoint["epochs_trained"] if checkpoint["stage"] == "pretrain" else checkpoint["episodes_trained"]
-        progress = run_progress(path, recipe if isinstance(recipe, dict) else checkpoint["recipe"], checkpoint["stage"], trained)
+        progress = run_progress(path, recipe if isinstance(recipe, dict) else checkpoint["recipe"], checkpoint["stage"], trained, records)
         return {"kind": "run folder", "path": str(path), **progress, **checkpoint}
     if not isinstance(recipe, dict):
         raise FsltoolError(f"{path}: a run folder with neither a checkpoint nor a readable recipe.yaml")
-    logged_steps = any("step" in record for record in logged_tail(path / "metrics.jsonl"))
+    logged_steps = any("step" in record for record in records)
     stage = "pretrain" if logged_steps or recipe.get("pretrain", {}).get("epochs", 0) > 0 else "meta-train"
-    return {"kind": "run folder", "path": str(path), **run_progress(path, recipe, stage, 0), "stage": stage,
+    return {"kind": "run folder", "path": str(path), **run_progress(path, recipe, stage, 0, records), "stage": stage,
             "checkpoint": "none yet", "method": recipe.get("method"), "backbone": recipe.get("backbone"), "recipe": recipe}
 
 
