@@ -1,0 +1,90 @@
+"""Carry an unfinished long run to the next machine when runs/ does not survive (a fresh checkout per sitting).
+
+    python scripts/park_run.py park runs/omniglot/reptile-5w5s-100k     # a stopped run -> results/parked/...
+    python scripts/park_run.py unpark runs/omniglot/reptile-5w5s-100k   # results/parked/... -> the run folder
+    fsltool meta-train runs/omniglot/reptile-5w5s-100k/recipe.yaml --resume   # continues exactly
+
+`park` copies what an exact resume needs (recipe.yaml, metrics.jsonl, checkpoints/last.pt and best.pt) to
+results/parked/<the folder's path>/, to be committed; a running run is refused (stop it first: its last
+checkpoint is what moves). `unpark` copies them back and refuses to overwrite a folder that already holds a
+checkpoint. `drop` deletes a parked copy once the run has finished and its evidence is in results/runs/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from fsltool.folder_lock import lock_holder
+from fsltool.runs import RunFolder
+
+PARKED = Path("results/parked")
+
+
+def parked_copy(folder: Path, parked_root: Path) -> RunFolder:
+    """The parked twin of a run folder given relative to the repository (e.g. runs/omniglot/NAME)."""
+    if folder.is_absolute() or ".." in folder.parts:
+        raise click.ClickException(f"{folder}: give the run folder relative to the repository, e.g. runs/omniglot/NAME")
+    return RunFolder(parked_root / folder)
+
+
+def copy_run(source: RunFolder, target: RunFolder) -> list[Path]:
+    """Copy the files of an exact resume from ``source`` to ``target``; the files written."""
+    target.checkpoints.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("recipe", "metrics", "last", "best"):
+        origin, destination = getattr(source, name), getattr(target, name)
+        if origin.is_file():
+            shutil.copy2(origin, destination)
+            written.append(destination)
+    return written
+
+
+def park(folder: Path, parked_root: Path = PARKED) -> list[Path]:
+    run, target = RunFolder(folder), parked_copy(folder, parked_root)
+    if not run.last.is_file():
+        raise click.ClickException(f"{folder}: no checkpoint to park ({run.last} is missing)")
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise click.ClickException(f"{folder}: still running (pid {holder}); stop it first, then park its last checkpoint")
+    if target.path.exists():
+        shutil.rmtree(target.path)  # the previous sitting's copy: this one is newer
+    return copy_run(run, target)
+
+
+def unpark(folder: Path, parked_root: Path = PARKED) -> list[Path]:
+    source, run = parked_copy(folder, parked_root), RunFolder(folder)
+    if not source.last.is_file():
+        raise click.ClickException(f"{source.path}: nothing parked for {folder}")
+    if run.last.exists():
+        raise click.ClickException(f"{folder}: already holds a checkpoint; move it away to unpark the parked copy")
+    return copy_run(source, run)
+
+
+def drop(folder: Path, parked_root: Path = PARKED) -> list[Path]:
+    source = parked_copy(folder, parked_root)
+    if not source.path.is_dir():
+        raise click.ClickException(f"{source.path}: nothing parked for {folder}")
+    shutil.rmtree(source.path)
+    return [source.path]
+
+
+ACTIONS = {"park": park, "unpark": unpark, "drop": drop}
+
+
+@click.command()
+@click.argument("action", type=click.Choice(sorted(ACTIONS)))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--parked", "parked_root", type=click.Path(path_type=Path), default=PARKED, show_default=True,
+              help="where parked runs are kept")
+def main(action: str, folder: Path, parked_root: Path) -> None:
+    """Park a stopped run's resumable files in the repository, or bring them back."""
+    for path in ACTIONS[action](folder, parked_root):
+        click.echo(f"{action}: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

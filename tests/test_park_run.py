@@ -1,0 +1,61 @@
+"""scripts/park_run.py: a stopped run parked in the repository comes back resumable; a running one is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import click
+import pytest
+import torch
+
+from conftest import quick_recipe
+from fsltool.checkpoint import load_checkpoint
+from fsltool.folder_lock import FolderLock
+from fsltool.train import meta_train
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "park_run.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("park_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_parked_run_resumes_where_it_stopped(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    park_run = load_script()
+    monkeypatch.chdir(tmp_path)
+    straight = quick_recipe(synthetic_file, Path("runs/straight"), episodes=8)
+    meta_train(straight, quiet=True)
+    cut = quick_recipe(synthetic_file, Path("runs/cut"), episodes=4)
+    meta_train(cut, quiet=True)
+
+    with FolderLock("runs/cut", "run folder"), pytest.raises(click.ClickException, match="still running"):
+        park_run.park(Path("runs/cut"))
+    parked = park_run.park(Path("runs/cut"))
+    assert {path.name for path in parked} == {"recipe.yaml", "metrics.jsonl", "last.pt", "best.pt"}
+    assert all(path.is_relative_to(Path("results/parked/runs/cut")) for path in parked)
+
+    shutil.rmtree("runs/cut")  # the next sitting's fresh checkout
+    park_run.unpark(Path("runs/cut"))
+    with pytest.raises(click.ClickException, match="already holds a checkpoint"):
+        park_run.unpark(Path("runs/cut"))
+    cut.train.episodes = 8
+    meta_train(cut, quiet=True, resume=True)
+    expected = load_checkpoint(Path("runs/straight/checkpoints/last.pt"))["model"]
+    resumed = load_checkpoint(Path("runs/cut/checkpoints/last.pt"))["model"]
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+    park_run.drop(Path("runs/cut"))
+    assert not Path("results/parked/runs/cut").exists()
+    with pytest.raises(click.ClickException, match="nothing parked"):
+        park_run.unpark(Path("runs/cut"))
+
+
+def test_paths_outside_the_repository_are_refused(tmp_path: Path) -> None:
+    park_run = load_script()
+    with pytest.raises(click.ClickException, match="relative to the repository"):
+        park_run.park(tmp_path / "run")
