@@ -174,12 +174,14 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
                    "random: 1028/172/423 characters drawn at random with --split-seed, alphabets shared between "
                    "splits (the Relation Network and MAML reference code's kind of split)")
 @click.option("--split-seed", default=1, show_default=True, help="the seed of --split random's shuffle")
+@click.option("--rotated-splits", default="train,val,test", show_default=True,
+              help="the splits that get the rotated classes; train,val: upright test characters, as the Reptile reference code")
 @click.option("--resample", type=click.Choice(["lanczos", "nearest"]), default="lanczos", show_default=True,
               help="lanczos: antialiased grey strokes; nearest: binary glyphs, the images the papers' reference code "
                    "trained on (Pillow resizes the 1-bit PNGs by nearest neighbour)")
 @_episode_options
-def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, resample: str,
-                     **common: Any) -> None:
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, rotated_splits: str,
+                     resample: str, **common: Any) -> None:
     """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals,
     the Lake or a seeded random character protocol.
 
@@ -195,7 +197,7 @@ def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str
     from fsltool.data.sources.omniglot import omniglot
 
     _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split, split_seed=split_seed,
-                                  resample=resample), out, **common)
+                                  resample=resample, rotated_splits=tuple(rotated_splits.split(","))), out, **common)
 
 
 @prepare.command("folder")
@@ -509,9 +511,10 @@ def recipes_check(recipe: str, overrides: tuple[str, ...]) -> None:
 
 def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
     """How the data file was packed, where numbers depend on it, for a result's JSON: the class split (Omniglot's
-    vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits) and
-    Omniglot's resampling (``image_resample``), so numbers are compared only within one protocol."""
-    keys = {"split": "class_split", "split_seed": "class_split_seed", "resample": "image_resample"}
+    vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits),
+    Omniglot's resampling (``image_resample``) and, where not every split has them, the splits with rotated classes,
+    so numbers are compared only within one protocol."""
+    keys = {"split": "class_split", "split_seed": "class_split_seed", "resample": "image_resample", "rotated_splits": "rotated_splits"}
     return {name: provenance[key] for key, name in keys.items() if key in provenance}
 
 

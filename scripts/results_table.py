@@ -54,6 +54,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             budget += f"; {result['class_split']} class split" + (f" (seed {result['class_split_seed']})" if "class_split_seed" in result else "")
         if result.get("image_resample", "lanczos") != "lanczos":  # the reference code's binary glyphs, not fsltool's default
             budget += f"; {result['image_resample']} resampling"
+        if "rotated_splits" in result:  # e.g. Reptile's upright test characters
+            budget += f"; rotated classes in {'+'.join(result['rotated_splits'])} only"
         if recipe.get("init"):
             budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")

@@ -491,6 +491,35 @@ def test_random_split_is_seeded_by_character_and_keeps_rotations_together(tmp_pa
     assert "split_seed" not in omniglot(root=root).provenance
 
 
+def test_rotated_splits_leave_the_other_splits_upright(tmp_path: Path) -> None:
+    """Reptile's reference protocol: rotated training classes, upright test characters; recorded for evaluate."""
+    from click.testing import CliRunner
+
+    from fsltool.cli import data_protocol_of, main
+    from fsltool.data.store import FewShotData
+
+    root = make_omniglot_zips(tmp_path / "zips")
+    listing = omniglot(root=str(root), split="random", split_seed=3, rotated_splits=("train", "val"))
+    everywhere = omniglot(root=str(root), split="random", split_seed=3)
+    assert Counter(spec.split for spec in listing.classes) == {"train": 8, "val": 4, "test": 1}
+    assert Counter(spec.split for spec in everywhere.classes) == {"train": 8, "val": 4, "test": 4}
+    assert all(spec.name.endswith("/rot000") for spec in listing.classes if spec.split == "test")
+    assert listing.provenance["rotated_splits"] == ["train", "val"] and "rotated_splits" not in everywhere.provenance
+    with pytest.raises(FsltoolError, match=r"omniglot --rotated-splits 'train,tset': 'tset' is not one of train, val, test"):
+        omniglot(root=str(root), rotated_splits=("train", "tset"))
+
+    out = tmp_path / "upright-test.h5"
+    args = ["prepare", "omniglot", str(root), str(out), "--split", "random", "--split-seed", "3", "--shapes", "2w1s",
+            "--query", "1", "--episodes", "2", "--episode-splits", "val", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--rotated-splits", "train,val"])
+    assert result.exit_code == 0, result.output
+    with FewShotData(out) as data:
+        assert len(data.splits["test"]) == 1
+        assert data_protocol_of(data.provenance)["rotated_splits"] == ["train", "val"]
+    bad = CliRunner().invoke(main, [*args, "--rotated-splits", "train,tset", "--force"])
+    assert bad.exit_code != 0 and "'tset' is not one of train, val, test" in bad.output
+
+
 def test_random_split_of_the_real_zips_has_the_vinyals_counts_and_shares_alphabets(monkeypatch: pytest.MonkeyPatch) -> None:
     """1028 / 172 / 423 characters as the Vinyals split, but drawn across alphabets (as the Relation Network and MAML
     reference code split Omniglot): most test alphabets also have training characters, where Vinyals shares one."""

@@ -24,6 +24,11 @@ Resampling to 28x28: ``lanczos`` (the default) gives antialiased grey strokes. `
 code's images: the Prototypical Networks, MAML (and through its resized copy the Relation Network) and Reptile code
 all resize the 1-bit PNGs with Pillow, which resizes a 1-bit image by nearest neighbour whatever filter is asked
 (MAML asks for LANCZOS), so their 28x28 glyphs are binary, with jagged strokes.
+
+Rotations: each character's images rotated by 90, 180 and 270 degrees are three more classes (Santoro et al.'s
+augmentation, kept by every protocol above) in the splits of ``rotated_splits`` (default all). The Reptile
+reference code rotates its training characters only and tests on the 423 others upright
+(``rotated_splits=("train", "val")``).
 """
 
 from __future__ import annotations
@@ -113,10 +118,10 @@ def random_split(characters: list[tuple[str, str]], seed: int) -> dict[tuple[str
 
 
 def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split: str = "vinyals", split_seed: int = 1,
-             resample: str = "lanczos") -> SourceListing:
+             resample: str = "lanczos", rotated_splits: tuple[str, ...] = SPLITS) -> SourceListing:
     """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size`` by
     ``resample`` (lanczos or nearest, module docstring), split by the ``split`` protocol (``vinyals``, ``lake`` or
-    ``random`` with ``split_seed``, module docstring).
+    ``random`` with ``split_seed``, module docstring), with rotated classes (``rotations``) in ``rotated_splits``.
 
     Each of the two parts is read from ``<root>/<part>.zip`` when present, else from the folder ``<root>/<part>/``.
     Listing reads only the zip directories and folder names; no image is decoded.
@@ -126,6 +131,9 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         raise FsltoolError(f"omniglot --split {split!r}: must be one of {', '.join(SPLIT_PROTOCOLS)}")
     if resample not in RESAMPLING:
         raise FsltoolError(f"omniglot --resample {resample!r}: must be one of {', '.join(RESAMPLING)}")
+    unknown = [name for name in rotated_splits if name not in SPLITS]
+    if unknown:
+        raise FsltoolError(f"omniglot --rotated-splits {','.join(rotated_splits)!r}: {unknown[0]!r} is not one of {', '.join(SPLITS)}")
     require_folder(root, "omniglot root")
     check_image_options(1, size)
     reader = _OmniglotReader(size, resample)
@@ -161,7 +169,7 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         else:
             class_split = vinyals_split(alphabet, int(character.removeprefix("character")))
         items.sort()
-        for degrees in ROTATIONS if rotations else ROTATIONS[:1]:
+        for degrees in ROTATIONS if rotations and class_split in rotated_splits else ROTATIONS[:1]:
             name = f"{alphabet}/{character}/rot{degrees:03d}"
             classes.append(ClassSpec(name, class_split, tuple((c, m, degrees) for c, m, _ in items)))
     side = ORIGINAL_SIZE if size is None else size
@@ -169,6 +177,7 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         "source": "omniglot",
         "root": root,
         "rotations": rotations,
+        **({"rotated_splits": [name for name in SPLITS if name in rotated_splits]} if rotations and set(rotated_splits) != set(SPLITS) else {}),
         "size": size,
         "form": forms,
         "split": split,
