@@ -203,6 +203,23 @@ def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[in
     return path
 
 
+def with_adapt_steps(method: Method, config: dict[str, Any], steps: int) -> Method:
+    """``method`` (built from ``config``) with ``steps`` fine-tuning steps on each support set at evaluation instead
+    of its recipe's ``test_inner_steps``: MAML's reference code, for one, tests after 10 steps whatever it trained
+    with. Rebuilt from the configuration, so the method's own checks apply (MAML++'s per-step layers exist only for
+    the steps it trained)."""
+    if not hasattr(method, "test_inner_steps"):
+        raise FsltoolError(f"--adapt-steps: method '{config['method']}' does not fine-tune on the support set at evaluation "
+                           "(maml and reptile do)")
+    options = {**config["method_options"], "test_inner_steps": steps}
+    try:
+        adapted = build_model({**config, "method_options": options})
+    except FsltoolError as error:
+        raise FsltoolError(f"--adapt-steps {steps}: {error}") from None
+    adapted.load_state_dict(method.state_dict())
+    return adapted.eval()
+
+
 def with_classifier(method: Method, name: str) -> Method:
     """``method``'s trained backbone under another few-shot classifier (default options), for methods that
     classify from the backbone alone: e.g. a pretraining run scored by baseline++ rather than prototypes. A method

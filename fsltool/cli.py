@@ -540,17 +540,21 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
               help="normalise each episode's support set and its query batch with their own BatchNorm statistics, as the "
                    "Relation Network and MAML papers' code does (MAML, Reptile: after the inner loop, their transductive_bn mode; "
                    "each query's score then depends on the others; labelled transductive)")
+@click.option("--adapt-steps", type=click.IntRange(min=1), default=None,
+              help="fine-tuning steps on each support set (MAML, Reptile; default: the recipe's test_inner_steps; "
+                   "MAML's reference code tests after 10); recorded in the result")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
-             device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, quiet: bool) -> None:
+             device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, adapt_steps: int | None,
+             quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
     """
     from rich.table import Table
 
-    from fsltool.checkpoint import load_trained, training_budget, untrained_like, with_classifier
+    from fsltool.checkpoint import load_trained, training_budget, untrained_like, with_adapt_steps, with_classifier
     from fsltool.console import console
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
@@ -570,6 +574,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     prepare_device(target, repeating_shapes=False)
     trained = load_trained(run, which)
     method = untrained_like(trained) if untrained else trained.method
+    if adapt_steps is not None:
+        method = with_adapt_steps(method, trained.config, adapt_steps)
     method = (with_classifier(method, classifier) if classifier else method).to(target)
     method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
@@ -592,6 +598,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
             report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
     payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
                **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision,
+               **({"adapt_steps": adapt_steps} if adapt_steps is not None else {}),
                "training": None if untrained else training_budget(trained), **report}
     if json_out == "-":
         write_json("-", payload)
@@ -603,7 +610,8 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
         console.print(table)
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
-               f"{'transductive' if result.transductive else 'non-transductive'})")
+               f"{'transductive' if result.transductive else 'non-transductive'}"
+               f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''})")
     if report:
         _print_confidence(report, f"{split}, {len(result.accuracies)} stored {episode_shape} episodes", quiet)
     if json_out:

@@ -54,6 +54,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             budget += f"; {result['class_split']} class split" + (f" (seed {result['class_split_seed']})" if "class_split_seed" in result else "")
         if result.get("image_resample", "lanczos") != "lanczos":  # the reference code's binary glyphs, not fsltool's default
             budget += f"; {result['image_resample']} resampling"
+        if "adapt_steps" in result:  # evaluated with another number of fine-tuning steps than the recipe's
+            budget += f"; {result['adapt_steps']} fine-tuning steps at test"
         if "rotated_splits" in result:  # e.g. Reptile's upright test characters
             budget += f"; rotated classes in {'+'.join(result['rotated_splits'])} only"
         if recipe.get("init"):

@@ -349,3 +349,44 @@ def test_transductive_protocol_refuses_what_it_cannot_run(trained_run: Path, syn
     assert code == 2 and "--transductive reports accuracy only" in err
     code, out, err = run_cli("evaluate", str(trained_run), "--transductive", "--episodes", "3")
     assert code == 0 and "3 stored test episodes, transductive)" in out, err
+
+
+def test_adapt_steps_sets_the_fine_tuning_steps_at_evaluation(synthetic_file: Path, tmp_path: Path) -> None:
+    """--adapt-steps N scores as the same weights built with test_inner_steps: N, and is recorded; a method that
+    does not fine-tune, or MAML++'s per-step layers beyond the steps trained, are refused."""
+    import json
+
+    from fsltool.checkpoint import build_model, with_adapt_steps
+    from tests.conftest import quick_recipe, run_cli, trained
+
+    recipe = quick_recipe(synthetic_file, tmp_path / "maml", method="maml", backbone="conv4-strided", shape="5w1s5q", episodes=2,
+                          method_options={"way": 5, "inner_steps": 1, "test_inner_steps": 1})
+    run = trained(recipe)
+    model = load_trained(run)
+    adapted = with_adapt_steps(model.method, model.config, 3)
+    reference = build_model({**model.config, "method_options": {**model.config["method_options"], "test_inner_steps": 3}}).eval()
+    reference.load_state_dict(model.method.state_dict())
+    shape = EpisodeShape(5, 1, 5)
+    with FewShotData(synthetic_file) as data:
+        support, query = data.stored_episodes("test", shape)
+        got = episode_scores(adapted, data, shape, support[:3], query[:3])
+        torch.testing.assert_close(got, episode_scores(reference, data, shape, support[:3], query[:3]), rtol=0, atol=0)
+        assert not torch.allclose(got, episode_scores(model.method, data, shape, support[:3], query[:3]), atol=1e-4)
+    assert model.method.test_inner_steps == 1  # the loaded method is left as it was
+
+    code, out, err = run_cli("evaluate", str(run), "--episodes", "3", "--adapt-steps", "3", "--json", str(tmp_path / "r.json"))
+    assert code == 0 and "3 stored test episodes, non-transductive, 3 fine-tuning steps)" in out, err
+    assert json.loads((tmp_path / "r.json").read_text())["adapt_steps"] == 3
+    code, _, err = run_cli("evaluate", str(run), "--adapt-steps", "0")
+    assert code == 2 and "--adapt-steps" in err
+
+    plus_plus = {**model.config, "method_options": {"way": 5, "inner_steps": 1, "test_inner_steps": 1, "per_step_bn": True}}
+    with pytest.raises(FsltoolError, match=r"--adapt-steps 2: .*test_inner_steps"):
+        with_adapt_steps(build_model(plus_plus), plus_plus, 2)
+
+
+def test_adapt_steps_refuses_a_method_that_does_not_fine_tune(trained_run: Path) -> None:
+    from tests.conftest import run_cli
+
+    code, _, err = run_cli("evaluate", str(trained_run), "--adapt-steps", "5")
+    assert code == 2 and "--adapt-steps: method 'protonet' does not fine-tune on the support set at evaluation" in err
