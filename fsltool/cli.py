@@ -34,7 +34,7 @@ class FsltoolGroup(click.Group):
         except FsltoolError as error:
             from fsltool.console import console
 
-            console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]{error.label}:[/] {error}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(error.exit_code)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +19,7 @@ from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import device_of, prepare_device, resolve_device
 from fsltool.distributed import Group, RunningStats, join
-from fsltool.errors import FsltoolError
+from fsltool.errors import FsltoolError, RunStopped
 from fsltool.evaluate import evaluate
 from fsltool.folder_lock import FolderLock
 from fsltool.methods import Method
@@ -26,6 +28,49 @@ from fsltool.runs import RunFolder
 
 
 Result = TypeVar("Result")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class StopRequest:
+    """The signal (SIGINT or SIGTERM) that asked the training loop to stop, or None: the loop finishes its step,
+    saves last.pt and stops, so that `--resume` continues from that step instead of the last validation."""
+
+    signal: int | None = None
+
+
+def stopped_run(number: int, unit: str, count: int, run: RunFolder, command: str) -> RunStopped:
+    """The one-line report of a run stopped by a signal after saving its last checkpoint at ``unit`` ``count``."""
+    return RunStopped(f"{signal.Signals(number).name} at {unit} {count}: saved {run.last}; continue with "
+                      f"`fsltool {command} {run.recipe} --resume`", number)
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool) -> Iterator[StopRequest]:
+    """While the loop runs, SIGINT and SIGTERM set a StopRequest instead of ending the process; a second signal
+    meets the handler that was there before (Ctrl-C twice interrupts at once). Disabled (data-parallel processes,
+    whose steps must stop together, or a thread other than the main one), the signals act as before."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    def requested(number: int, frame: object) -> None:
+        request.signal = number
+        restore()
+
+    for number in STOP_SIGNALS:
+        signal.signal(number, requested)
+    try:
+        yield request
+    finally:
+        restore()
 
 
 def run_in_group(recipe: Recipe, quiet: bool, loop: Callable[[Group, torch.device, bool], Result]) -> Result:

@@ -22,7 +22,7 @@ from fsltool.data.store import FewShotData, open_for_run
 from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.loop import Updater, Validator, autocast_for, run_in_group
+from fsltool.loop import Updater, Validator, autocast_for, run_in_group, stop_requests, stopped_run
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
@@ -163,7 +163,7 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
     window = Window(start, began)
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
                TextColumn("{task.fields[speed]} ep/s"), TextColumn("val {task.fields[val]}"))
-    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches):
+    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches), stop_requests(group.world == 1) as stop:
         task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
         for episode in range(start + 1, recipe.train.episodes + 1):
             waiting = time.perf_counter()
@@ -186,6 +186,9 @@ def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: b
                 shown = validator(episode, lambda: elapsed_before + time.perf_counter() - began, {}, checkpoint_at(episode))
                 progress.update(task, val=shown)
                 window.began = time.perf_counter()  # validation time does not count against training speed
+            if stop.signal is not None and episode < recipe.train.episodes:
+                checkpoint_at(episode)(run.last, elapsed_before + time.perf_counter() - began)
+                raise stopped_run(stop.signal, "episode", episode, run, "meta-train")
     seconds = elapsed_before + time.perf_counter() - began
     best = validator.best
     if group.writer and updater.skipped:

@@ -1,8 +1,10 @@
 """A run killed with SIGKILL at an arbitrary moment and resumed ends with exactly the parameters of an
-uninterrupted run: checkpoints are atomic and carry every piece of state."""
+uninterrupted run: checkpoints are atomic and carry every piece of state. A run stopped with SIGINT or SIGTERM
+saves the step it reached and resumes from there, exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,11 +23,11 @@ from fsltool.info import describe
 EPISODES = 40
 
 
-def write_recipe(path: Path, data: Path, output: Path) -> Path:
+def write_recipe(path: Path, data: Path, output: Path, validate_every: int = 5) -> Path:
     recipe = {
         "data": str(data), "output": str(output),
-        "train": {"shape": "10w1s5q", "episodes": EPISODES, "log_every": 5, "lr_step": 10},
-        "validation": {"shape": "5w1s5q", "every": 5, "episodes": 5},
+        "train": {"shape": "10w1s5q", "episodes": EPISODES, "log_every": 1, "lr_step": 10},
+        "validation": {"shape": "5w1s5q", "every": validate_every, "episodes": 5},
         "test_shape": "5w1s5q",
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -77,3 +79,40 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(synthetic_file: Path, 
     for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key
     assert not list((killed_run / "checkpoints").glob("*.partial"))
+
+
+def logged_episode(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["episode"] for line in lines if line.endswith("}")), default=0)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_step_reached_and_resumes_exactly(synthetic_file: Path, tmp_path: Path, signal_name: str) -> None:
+    number = getattr(signal, signal_name)
+    straight = fsltool("meta-train", str(write_recipe(tmp_path / "a.yaml", synthetic_file, tmp_path / "straight", EPISODES)), "-q")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()  # type: ignore[union-attr]
+
+    stopped_run = tmp_path / "stopped"
+    recipe = write_recipe(tmp_path / "b.yaml", synthetic_file, stopped_run, EPISODES)  # no checkpoint before the end
+    victim = fsltool("meta-train", str(recipe), "-q")
+    deadline = time.monotonic() + 300
+    while logged_episode(stopped_run) < 3 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(number)
+    assert victim.wait(timeout=120) == 128 + number
+    message = victim.stderr.read().decode()  # type: ignore[union-attr]
+    reached = last_episode(stopped_run)
+    assert 3 <= reached < EPISODES, f"the signal came too late to test anything (saved at {reached})"
+    assert f"stopped: {signal_name} at episode {reached}: saved {stopped_run / 'checkpoints' / 'last.pt'}" in message
+    assert f"fsltool meta-train {stopped_run / 'recipe.yaml'} --resume" in message
+
+    resumed = fsltool("meta-train", str(stopped_run / "recipe.yaml"), "--resume", "-q")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()  # type: ignore[union-attr]
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(stopped_run / "checkpoints" / "last.pt")
+    assert got["episode"] == EPISODES
+    for key, value in expected.items():
+        assert torch.equal(value, got["model"][key]), key
