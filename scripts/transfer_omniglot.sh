@@ -12,6 +12,7 @@
 #   OMP_NUM_THREADS=1 bash scripts/transfer_omniglot.sh
 #   METHODS="fomaml maml" SETTINGS="5w1s 5w5s" bash scripts/transfer_omniglot.sh
 #   OVERRIDES="train.episodes=1500" bash scripts/transfer_omniglot.sh      # key=value for the fine-tuning runs
+#   ADAPT_STEPS=10 METHODS=fomaml SETTINGS=20w1s bash scripts/transfer_omniglot.sh   # also tested after 10 fine-tuning steps
 #   TAG=8ep PRETRAIN_OVERRIDES="pretrain.epochs=8" bash scripts/transfer_omniglot.sh   # a variant beside the default
 #   # Snell et al.'s protocol: train+val for the budgets chosen on train, the last checkpoints tested
 #   TAG=trainval PRETRAIN_OVERRIDES="pretrain.splits=[train,val]" OVERRIDES="train.splits=[train,val]" \
@@ -31,6 +32,7 @@ for method in "${METHODS[@]}"; do
   esac
 done
 CHECKPOINT=${CHECKPOINT:-best}  # which checkpoint is tested: best (by validation) or last (validation trained on)
+ADAPT_STEPS=${ADAPT_STEPS:-}  # MAML-family runs: also test after this many fine-tuning steps (evaluate --adapt-steps)
 TAG=${TAG:+-$TAG}  # a variant's run folders and results files carry it
 mkdir -p data results
 [ -f data/omniglot.h5 ] || "$FSLTOOL" prepare omniglot "$OMNIGLOT" data/omniglot.h5
@@ -72,6 +74,12 @@ adapting() {  # METHOD: MAML, first-order MAML or MAML++ meta-fine-tuned for eac
     "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" -q --json "results/omniglot-$method-$setting-pretrained$TAG.json"
     "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --transductive -q \
       --json "results/omniglot-$method-$setting-pretrained$TAG-transductive.json"
+    if [ -n "$ADAPT_STEPS" ]; then  # also after another number of fine-tuning steps, under both protocols
+      "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --adapt-steps "$ADAPT_STEPS" -q \
+        --json "results/omniglot-$method-$setting-pretrained$TAG-${ADAPT_STEPS}steps.json"
+      "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --adapt-steps "$ADAPT_STEPS" --transductive -q \
+        --json "results/omniglot-$method-$setting-pretrained$TAG-${ADAPT_STEPS}steps-transductive.json"
+    fi
     mkdir -p "results/runs/${run##*/}"
     cp "$run/recipe.yaml" "$run/metrics.jsonl" "results/runs/${run##*/}/"
   done
