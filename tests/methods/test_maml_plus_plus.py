@@ -251,7 +251,7 @@ def test_maml_plus_plus_recipes_build_at_the_papers_configuration(path: Path) ->
     multi-step loss annealed over the first tenth of training (the reference: 10 of 100 epochs); the way the recipe
     trains."""
     recipe = load_recipe(path)
-    assert len(FROM_SCRATCH) == 4 and len(PRETRAINED) == 2
+    assert len(FROM_SCRATCH) == 4 and len(PRETRAINED) == 4
     method = build_method(recipe.method, build_backbone(recipe.backbone, 1, [0.1], [0.3], **recipe.backbone_options), recipe.method_options)
     assert isinstance(method, MAML) and recipe.backbone == "conv4"
     assert (method.inner_steps, method.test_inner_steps, method.inner_lr) == (5, 5, 0.1)
