@@ -1,5 +1,6 @@
 """The parts every training loop shares (meta-training and pretraining): one optimizer update under the run's
-non-finite policy, and validation on stored episodes with best / last / numbered checkpoints."""
+non-finite policy, validation on stored episodes with best / last / numbered checkpoints, what a checkpoint holds
+and how a resumed run takes it back, and stopping at a signal."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,16 +17,17 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from fsltool.checkpoint import load_checkpoint, trained_on
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import device_of, prepare_device, resolve_device
 from fsltool.distributed import Group, RunningStats, join
-from fsltool.errors import FsltoolError, RunStopped
+from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.folder_lock import FolderLock
 from fsltool.methods import Method
 from fsltool.recipe import OptimConfig, Recipe
-from fsltool.runs import RunFolder
+from fsltool.runs import RunFolder, check_resumable
 
 
 Result = TypeVar("Result")
@@ -38,12 +41,6 @@ class StopRequest:
     saves last.pt and stops, so that `--resume` continues from that step instead of the last validation."""
 
     signal: int | None = None
-
-
-def stopped_run(number: int, unit: str, count: int, run: RunFolder, command: str) -> RunStopped:
-    """The one-line report of a run stopped by a signal after saving its last checkpoint at ``unit`` ``count``."""
-    return RunStopped(f"{signal.Signals(number).name} at {unit} {count}: saved {run.last}; continue with "
-                      f"`fsltool {command} {run.recipe} --resume`", number)
 
 
 @contextlib.contextmanager
@@ -173,3 +170,62 @@ class Validator:
             checkpoint(self.run.numbered_checkpoint(self.unit, count), elapsed)
             self.run.prune(self.keep)
         return f"{result.accuracy:.2f}±{result.ci95:.2f}"
+
+
+@dataclass
+class Standing:
+    """What every training loop checkpoints and a resumed run takes back alike (the method and the configuration
+    that rebuilds it, optimizer, schedule, best validation, skipped steps, machines), and where the run stands:
+    ``done`` steps of the validator's unit, after ``seconds_before`` of training by earlier processes."""
+
+    recipe: Recipe
+    config: dict[str, Any]
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    validator: Validator
+    updater: Updater
+    machines: list[str]
+    done: int = 0
+    seconds_before: float = 0.0
+    began: float = field(default_factory=time.perf_counter)
+
+    def resume(self, run: RunFolder, section: str, planned: int, verb: str) -> dict[str, Any]:
+        """Take back ``run``'s last checkpoint, refusing a changed recipe or a run already at its ``planned`` count
+        (the ``section``'s key); returns the checkpoint for the loop's own parts (sampler, heads)."""
+        state = load_checkpoint(run.last)
+        check_resumable(state["recipe"], self.recipe, section, run.last, run.recipe)
+        unit = self.validator.unit
+        if state[unit] >= planned:
+            raise FsltoolError(f"{run.last}: already {verb} {state[unit]} {unit}s; raise {section}.{unit}s to continue")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.validator.best = state["best"]
+        self.updater.skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
+        self.done, self.seconds_before = state[unit], state["elapsed"]
+        self.machines = trained_on(state, self.machines[0])
+        if self.updater.group.writer:
+            run.truncate_metrics(unit, self.done)
+        return state
+
+    def snapshot(self, count: int, elapsed: float) -> dict[str, Any]:
+        """The checkpoint's common part at ``count`` steps of the unit and ``elapsed`` training seconds."""
+        return {"recipe": self.recipe.to_dict(), "model_config": self.config, "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), self.validator.unit: count, "best": dict(self.validator.best),
+                "elapsed": elapsed, "skipped_nonfinite": self.updater.skipped, "machines": self.machines}
+
+    def start_clock(self) -> None:
+        self.began = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, earlier processes included."""
+        return self.seconds_before + time.perf_counter() - self.began
+
+
+def shown(row: dict[str, Any]) -> dict[str, str]:
+    """A training row's loss and accuracy as the progress bar shows them ("-" when every step was skipped)."""
+    return {"loss": "-" if row["loss"] is None else f"{row['loss']:.3f}",
+            "acc": "-" if row["accuracy"] is None else f"{row['accuracy']:.1f}"}

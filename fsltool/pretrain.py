@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import TextColumn
+from rich.progress import Progress, TaskID, TextColumn
 from torch import nn
 
-from fsltool.checkpoint import load_checkpoint, save_checkpoint, trained_on
+from fsltool.checkpoint import save_checkpoint
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
@@ -31,12 +31,12 @@ from fsltool.data.store import open_for_run
 from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.loop import Updater, Validator, autocast_for, run_in_group
+from fsltool.loop import Standing, Updater, Validator, autocast_for, run_in_group, shown
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import PretrainConfig, Recipe
-from fsltool.runs import RunFolder, Window, check_resumable
+from fsltool.runs import RunFolder, Window
 from fsltool.train import build_for_training, stored_shapes_needed
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
@@ -102,118 +102,128 @@ def pretrain(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet
 
 
 def _pretrain(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> PretrainResult:
-    settings = recipe.pretrain
-    share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
-    data = open_for_run(recipe.data, recipe.data_on_device, device)
-    val_shape = stored_shapes_needed(recipe, data)
-    batches = ImageBatches(data, data.classes_of(settings.splits), settings.batch_size, settings.micro_batches, share,
-                           recipe.seed, prefetch=settings.prefetch, device=device)
-    if batches.steps_per_epoch < 1:
-        raise FsltoolError(f"recipe key 'pretrain.batch_size': {settings.batch_size} is more than the "
-                           f"{len(batches.indices)} images of {'+'.join(settings.splits)}")
-    method, config = build_for_training(recipe, data, device, resume=resume)
-    model = Classifier(method, batches.classes, settings).to(device)
-    parameters = trainable_parameters(model)
-    per_epoch = batches.steps_per_epoch
-    # The schedule runs per optimizer step; its epoch-counted keys are converted, so warm-up ramps within an epoch.
-    in_steps = dataclasses.replace(settings, lr_step=settings.lr_step * per_epoch, warmup=settings.warmup * per_epoch,
-                                   lr_milestones=[epoch * per_epoch for epoch in settings.lr_milestones])
-    optimizer, scheduler = make_optimizer(in_steps, parameters, settings.epochs * per_epoch)
+    return Pretraining(recipe, group, device, resume=resume, force=force).run(quiet)
 
-    run = RunFolder(recipe.output)
-    if group.writer:
-        run.create(resume=resume, force=force)
-    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, "epoch", recipe.precision)
-    updater = Updater(optimizer, parameters, settings, group, run.last)
-    start, elapsed_before, machines = 0, 0.0, [machine_description(device, group.world)]
-    if resume:
-        state = load_checkpoint(run.last)
-        check_resumable(state["recipe"], recipe, "pretrain", run.last, run.recipe)
-        if state["epoch"] >= settings.epochs:
-            raise FsltoolError(f"{run.last}: already pretrained {state['epoch']} epochs; raise pretrain.epochs to continue")
-        method.load_state_dict(state["model"])
-        model.load_state(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, validator.best, elapsed_before, updater.skipped = state["epoch"], state["best"], state["elapsed"], state["skipped_nonfinite"]
-        machines = trained_on(state, machines[0])
+
+class Pretraining:
+    """One process's pretraining run: built from the recipe (data, method with its classification heads, optimizer
+    and per-step schedule, run folder, or all of these taken back from the last checkpoint), then `run` trains
+    epoch after epoch, logging, validating and checkpointing."""
+
+    window: Window  # training statistics since the last log row
+
+    def __init__(self, recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool) -> None:
+        self.recipe, self.settings, self.group, self.device = recipe, recipe.pretrain, group, device
+        settings = recipe.pretrain
+        self.share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
+        self.data = open_for_run(recipe.data, recipe.data_on_device, device)
+        self.val_shape = stored_shapes_needed(recipe, self.data)
+        self.batches = ImageBatches(self.data, self.data.classes_of(settings.splits), settings.batch_size, settings.micro_batches,
+                                    self.share, recipe.seed, prefetch=settings.prefetch, device=device)
+        if self.batches.steps_per_epoch < 1:
+            raise FsltoolError(f"recipe key 'pretrain.batch_size': {settings.batch_size} is more than the "
+                               f"{len(self.batches.indices)} images of {'+'.join(settings.splits)}")
+        self.method, config = build_for_training(recipe, self.data, device, resume=resume)
+        self.model = Classifier(self.method, self.batches.classes, settings).to(device)
+        parameters = trainable_parameters(self.model)
+        self.per_epoch = per_epoch = self.batches.steps_per_epoch
+        # The schedule runs per optimizer step; its epoch-counted keys are converted, so warm-up ramps within an epoch.
+        in_steps = dataclasses.replace(settings, lr_step=settings.lr_step * per_epoch, warmup=settings.warmup * per_epoch,
+                                       lr_milestones=[epoch * per_epoch for epoch in settings.lr_milestones])
+        optimizer, self.scheduler = make_optimizer(in_steps, parameters, settings.epochs * per_epoch)
+
+        self.run_folder = RunFolder(recipe.output)
         if group.writer:
-            run.truncate_metrics("epoch", start)
-    if group.writer:
-        run.save_recipe(recipe)
+            self.run_folder.create(resume=resume, force=force)
+        self.validator = Validator(self.method, self.data, self.val_shape, recipe.validation.episodes, self.run_folder,
+                                   settings.keep_checkpoints, "epoch", recipe.precision)
+        self.updater = Updater(optimizer, parameters, settings, group, self.run_folder.last)
+        self.standing = Standing(recipe, config, self.method, optimizer, self.scheduler, self.validator, self.updater,
+                                 [machine_description(device, group.world)])
+        if resume:
+            self.model.load_state(self.standing.resume(self.run_folder, "pretrain", settings.epochs, "pretrained")["heads"])
+        if group.writer:
+            self.run_folder.save_recipe(recipe)
 
-    def checkpoint_at(epoch: int) -> Callable[[Path, float], None]:
+    def checkpoint_at(self, epoch: int) -> Callable[[Path, float], None]:
         def write(path: Path, elapsed: float) -> None:
-            save_checkpoint(path, {
-                "recipe": recipe.to_dict(), "model_config": config, "model": method.state_dict(), "heads": model.state(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "epoch": epoch, "step": epoch * per_epoch, "best": dict(validator.best), "elapsed": elapsed,
-                "skipped_nonfinite": updater.skipped, "stage": "pretrain", "machines": machines,
-            })
+            save_checkpoint(path, {**self.standing.snapshot(epoch, elapsed), "heads": self.model.state(),
+                                   "step": epoch * self.per_epoch, "stage": "pretrain"})
         return write
 
-    def step(parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> torch.Tensor | None:
+    def step(self, parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> torch.Tensor | None:
         """One optimizer step over this process's micro-batches: its (global mean loss, images right, images) on the
         device, or None when it was skipped. Nothing is read back to the host here but the Updater's finiteness check."""
-        running_stats = RunningStats.of(model)
-        losses, correct, images_seen = [], torch.zeros((), device=device), 0
-        for position, (images, labels) in zip(share, parts):
+        settings = self.settings
+        running_stats = RunningStats.of(self.model)
+        losses, correct, images_seen = [], torch.zeros((), device=self.device), 0
+        for position, (images, labels) in zip(self.share, parts):
             if settings.augment.kind != "none":
-                images = augment_images(images, settings.augment, episode_generator(recipe.seed, number, position))
-            with autocast_for(recipe.precision, device, method):
-                loss, right = model.loss(images, labels)
+                images = augment_images(images, settings.augment, episode_generator(self.recipe.seed, number, position))
+            with autocast_for(self.recipe.precision, self.device, self.method):
+                loss, right = self.model.loss(images, labels)
             losses.append(loss)
             correct = correct + right
             images_seen += len(labels)
         loss_tensor = torch.stack(losses).sum() / settings.micro_batches  # summed over processes: the batch mean
-        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double(),
-                                        correct.new_full((), images_seen, dtype=torch.float64)]))
-        taken = updater.apply(loss_tensor, totals[0], running_stats, f"step {number}")
+        totals = self.group.sum(torch.stack([loss_tensor.detach().double(), correct.double(),
+                                             correct.new_full((), images_seen, dtype=torch.float64)]))
+        taken = self.updater.apply(loss_tensor, totals[0], running_stats, f"step {number}")
         return totals if taken else None
 
-    model.train()
-    began = time.perf_counter()
-    window = Window(start * per_epoch, began)
-    columns = (TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
-               TextColumn("{task.fields[speed]} img/s"), TextColumn("val {task.fields[val]}"))
-    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches):
-        task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=start * per_epoch,
-                                 epoch="-", loss="-", acc="-", speed="-", val="-")
-        for epoch in range(start + 1, settings.epochs + 1):
-            progress.update(task, epoch=f"{epoch}/{settings.epochs}")
+    def log(self, number: int) -> dict[str, str]:
+        """Close the statistics window with a metrics row; returns the progress bar's fields."""
+        now = time.perf_counter()
+        row = self.window.row("step", number, now, self.scheduler.get_last_lr()[0], self.standing.elapsed(), self.updater.skipped)
+        row = {"epoch": number / self.per_epoch, **row, "images_per_s": row["steps_per_s"] * self.settings.batch_size}
+        if self.group.writer:
+            self.run_folder.log(row)
+        self.window = Window(number, now)
+        return {**shown(row), "speed": f"{row['images_per_s']:.0f}"}
+
+    def validate(self, epoch: int) -> str:
+        """Validate and checkpoint; validation time does not count against the training speed."""
+        accuracy = self.validator(epoch, self.standing.elapsed, {"step": epoch * self.per_epoch}, self.checkpoint_at(epoch))
+        self.model.train()
+        self.window.began = time.perf_counter()
+        return accuracy
+
+    def train_epoch(self, epoch: int, progress: Progress, task: TaskID) -> None:
+        """The epoch's steps, each logged every ``log_every`` steps and at the epoch's end."""
+        waiting = time.perf_counter()
+        for index, parts in enumerate(self.batches.epoch(epoch)):
+            number = (epoch - 1) * self.per_epoch + index + 1
+            self.window.data_wait += time.perf_counter() - waiting
+            totals = self.step(parts, number)
+            if totals is not None:
+                self.window.add(totals)
+            self.scheduler.step()
+            progress.update(task, completed=number)
+            if number % self.settings.log_every == 0 or index + 1 == self.per_epoch:
+                progress.update(task, **self.log(number))
             waiting = time.perf_counter()
-            for index, parts in enumerate(batches.epoch(epoch)):
-                number = (epoch - 1) * per_epoch + index + 1
-                window.data_wait += time.perf_counter() - waiting
-                totals = step(parts, number)
-                if totals is not None:
-                    window.add(totals)
-                scheduler.step()
-                progress.update(task, completed=number)
-                now = time.perf_counter()
-                if number % settings.log_every == 0 or index + 1 == per_epoch:
-                    row = window.row("step", number, now, scheduler.get_last_lr()[0], elapsed_before + now - began, updater.skipped)
-                    row = {"epoch": number / per_epoch, **row, "images_per_s": row["steps_per_s"] * settings.batch_size}
-                    if group.writer:
-                        run.log(row)
-                    progress.update(task, loss="-" if row["loss"] is None else f"{row['loss']:.3f}",
-                                    acc="-" if row["accuracy"] is None else f"{row['accuracy']:.1f}", speed=f"{row['images_per_s']:.0f}")
-                    window = Window(number, now)
-                waiting = time.perf_counter()
-            if group.writer and (epoch % recipe.validation.every == 0 or epoch == settings.epochs):
-                shown = validator(epoch, lambda: elapsed_before + time.perf_counter() - began, {"step": epoch * per_epoch},
-                                  checkpoint_at(epoch))
-                progress.update(task, val=shown)
-                model.train()
-                window.began = time.perf_counter()
-    seconds = elapsed_before + time.perf_counter() - began
-    best = validator.best
-    if group.writer and updater.skipped:
-        console.print(f"skipped {updater.skipped} steps whose loss was not finite (pretrain.on_nonfinite=skip)")
-    if not quiet:
-        console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({val_shape}, {recipe.method}) "
-                      f"at epoch {best['epoch']}")
-    data.close()
-    return PretrainResult(run.path, settings.epochs, settings.epochs * per_epoch, best["accuracy"], best["ci95"], best["epoch"],
-                          seconds, updater.skipped, group.writer)
+
+    def run(self, quiet: bool) -> PretrainResult:
+        settings, per_epoch = self.settings, self.per_epoch
+        self.model.train()
+        self.standing.start_clock()
+        self.window = Window(self.standing.done * per_epoch, self.standing.began)
+        columns = (TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+                   TextColumn("{task.fields[speed]} img/s"), TextColumn("val {task.fields[val]}"))
+        with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(self.batches):
+            task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=self.standing.done * per_epoch,
+                                     epoch="-", loss="-", acc="-", speed="-", val="-")
+            for epoch in range(self.standing.done + 1, settings.epochs + 1):
+                progress.update(task, epoch=f"{epoch}/{settings.epochs}")
+                self.train_epoch(epoch, progress, task)
+                if self.group.writer and (epoch % self.recipe.validation.every == 0 or epoch == settings.epochs):
+                    progress.update(task, val=self.validate(epoch))
+        seconds, best = self.standing.elapsed(), self.validator.best
+        if self.group.writer and self.updater.skipped:
+            console.print(f"skipped {self.updater.skipped} steps whose loss was not finite (pretrain.on_nonfinite=skip)")
+        if not quiet:
+            console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({self.val_shape}, {self.recipe.method}) "
+                          f"at epoch {best['epoch']}")
+        self.data.close()
+        return PretrainResult(self.run_folder.path, settings.epochs, settings.epochs * per_epoch, best["accuracy"], best["ci95"],
+                              best["epoch"], seconds, self.updater.skipped, self.group.writer)

@@ -4,6 +4,7 @@ It knows nothing of the method it runs beyond the Method interface."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from rich.progress import TextColumn
 
-from fsltool.checkpoint import build_model, load_checkpoint, load_init_backbone, model_config, save_checkpoint, trained_on
+from fsltool.checkpoint import build_model, load_init_backbone, model_config, save_checkpoint
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
@@ -21,14 +22,14 @@ from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.store import FewShotData, open_for_run
 from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
-from fsltool.errors import FsltoolError
-from fsltool.loop import Updater, Validator, autocast_for, run_in_group, stop_requests, stopped_run
+from fsltool.errors import FsltoolError, RunStopped
+from fsltool.loop import Standing, Updater, Validator, autocast_for, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import Recipe
-from fsltool.runs import RunFolder, Window, check_resumable
+from fsltool.runs import RunFolder, Window
 
 
 @dataclass
@@ -85,115 +86,132 @@ def build_for_training(recipe: Recipe, data: FewShotData, device: torch.device, 
 
 
 def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
-    share = group.share(recipe.train.meta_batch)
-    data = open_for_run(recipe.data, recipe.data_on_device, device)
-    train_shape = EpisodeShape.parse(recipe.train.shape)
-    val_shape = stored_shapes_needed(recipe, data)
-    method, config = build_for_training(recipe, data, device, resume=resume)
-    if not method.meta_trainable:
-        raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "
-                           "(recipe method: " + recipe.method + ") or meta-train protonet")
-    task_share = TaskShare(share.start, recipe.train.meta_batch) if group.world > 1 else None  # handed to every meta_step
-    parameters = trainable_parameters(method)
-    optimizer, scheduler = make_optimizer(recipe.train, parameters, recipe.train.episodes)
-    generator = torch.Generator().manual_seed(recipe.seed + 1)
-    sampler = data.sampler(recipe.train.splits, train_shape, generator)
+    return MetaTraining(recipe, group, device, resume=resume, force=force).run(quiet)
 
-    run = RunFolder(recipe.output)
-    if group.writer:
-        run.create(resume=resume, force=force)
-    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, recipe.train.keep_checkpoints, "episode",
-                          recipe.precision)
-    updater = Updater(optimizer, parameters, recipe.train, group, run.last)
-    start, elapsed_before, machines = 0, 0.0, [machine_description(device, group.world)]
-    if resume:
-        state = load_checkpoint(run.last)
-        check_resumable(state["recipe"], recipe, "train", run.last, run.recipe)
-        if state["episode"] >= recipe.train.episodes:
-            raise FsltoolError(f"{run.last}: already trained {state['episode']} episodes; raise train.episodes to continue")
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start, validator.best, elapsed_before = state["episode"], state["best"], state["elapsed"]
-        updater.skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
-        machines = trained_on(state, machines[0])
+
+class MetaTraining:
+    """One process's meta-training run: built from the recipe (data, method, optimizer, sampler, run folder, or
+    all of these taken back from the last checkpoint), then `run` steps, logs, validates and checkpoints until the
+    recipe's last episode or a stop request."""
+
+    window: Window  # training statistics since the last log row
+
+    def __init__(self, recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool) -> None:
+        self.recipe, self.group, self.device = recipe, group, device
+        self.share = group.share(recipe.train.meta_batch)
+        self.data = open_for_run(recipe.data, recipe.data_on_device, device)
+        self.val_shape = stored_shapes_needed(recipe, self.data)
+        self.method, config = build_for_training(recipe, self.data, device, resume=resume)
+        if not self.method.meta_trainable:
+            raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "
+                               "(recipe method: " + recipe.method + ") or meta-train protonet")
+        self.task_share = TaskShare(self.share.start, recipe.train.meta_batch) if group.world > 1 else None  # for every meta_step
+        parameters = trainable_parameters(self.method)
+        optimizer, self.scheduler = make_optimizer(recipe.train, parameters, recipe.train.episodes)
+        generator = torch.Generator().manual_seed(recipe.seed + 1)
+        sampler = self.data.sampler(recipe.train.splits, EpisodeShape.parse(recipe.train.shape), generator)
+
+        self.run_folder = RunFolder(recipe.output)
         if group.writer:
-            run.truncate_metrics("episode", start)
-    if group.writer:
-        run.save_recipe(recipe)
-    batches = MetaBatches(data, sampler, recipe.train.meta_batch, share, recipe.train.episodes - start, prefetch=recipe.train.prefetch,
-                          device=device)
+            self.run_folder.create(resume=resume, force=force)
+        self.validator = Validator(self.method, self.data, self.val_shape, recipe.validation.episodes, self.run_folder,
+                                   recipe.train.keep_checkpoints, "episode", recipe.precision)
+        self.updater = Updater(optimizer, parameters, recipe.train, group, self.run_folder.last)
+        self.standing = Standing(recipe, config, self.method, optimizer, self.scheduler, self.validator, self.updater,
+                                 [machine_description(device, group.world)])
+        if resume:
+            generator.set_state(self.standing.resume(self.run_folder, "train", recipe.train.episodes, "trained")["sampler_rng"])
+        if group.writer:
+            self.run_folder.save_recipe(recipe)
+        self.batches = MetaBatches(self.data, sampler, recipe.train.meta_batch, self.share, recipe.train.episodes - self.standing.done,
+                                   prefetch=recipe.train.prefetch, device=device)
 
-    def checkpoint_at(episode: int) -> Callable[[Path, float], None]:
+    def checkpoint_at(self, episode: int) -> Callable[[Path, float], None]:
         def write(path: Path, elapsed: float) -> None:
-            save_checkpoint(path, {
-                "recipe": recipe.to_dict(), "model_config": config, "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler_rng": batches.sampler_state(), "torch_rng": torch.get_rng_state(),
-                "episode": episode, "best": dict(validator.best), "elapsed": elapsed, "skipped_nonfinite": updater.skipped,
-                "machines": machines,
-            })
+            save_checkpoint(path, {**self.standing.snapshot(episode, elapsed), "sampler_rng": self.batches.sampler_state()})
         return write
 
-    def next_batch(episode: int) -> list[Episode]:
-        batch = batches.next()
-        if recipe.train.augment.kind == "none":  # no per-episode generator is built when augmentation is off
+    def next_batch(self, episode: int) -> list[Episode]:
+        batch = self.batches.next()
+        augment = self.recipe.train.augment
+        if augment.kind == "none":  # no per-episode generator is built when augmentation is off
             return batch
-        return [augment_episode(task, recipe.train.augment, episode_generator(recipe.seed, episode, share.start + position))
+        return [augment_episode(task, augment, episode_generator(self.recipe.seed, episode, self.share.start + position))
                 for position, task in enumerate(batch)]
 
-    def meta_step(batch: list[Episode], episode: int) -> torch.Tensor | None:
+    def meta_step(self, batch: list[Episode], episode: int) -> torch.Tensor | None:
         """One meta-update: its (global mean loss, queries right, queries) on the device, or None when it was skipped.
         Nothing is read back to the host here but the Updater's finiteness check."""
-        running_stats = RunningStats.of(method)
-        with autocast_for(recipe.precision, device, method):
-            outputs: list[StepOutput] = method.meta_step(batch, task_share)
+        running_stats = RunningStats.of(self.method)
+        with autocast_for(self.recipe.precision, self.device, self.method):
+            outputs: list[StepOutput] = self.method.meta_step(batch, self.task_share)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
-        loss_tensor = torch.stack([output.loss for output in outputs]).sum() / recipe.train.meta_batch
+        loss_tensor = torch.stack([output.loss for output in outputs]).sum() / self.recipe.train.meta_batch
         correct = torch.stack([(output.scores.argmax(-1) == one.query_labels).sum() for output, one in zip(outputs, batch)]).sum()
         queries = sum(output.scores.shape[0] for output in outputs)
-        totals = group.sum(torch.stack([loss_tensor.detach().double(), correct.double(), correct.new_full((), queries, dtype=torch.float64)]))
-        taken = updater.apply(loss_tensor, totals[0], running_stats, f"episode {episode}")
+        totals = self.group.sum(torch.stack([loss_tensor.detach().double(), correct.double(),
+                                             correct.new_full((), queries, dtype=torch.float64)]))
+        taken = self.updater.apply(loss_tensor, totals[0], running_stats, f"episode {episode}")
         return totals if taken else None
 
-    method.train()
-    began = time.perf_counter()
-    window = Window(start, began)
-    columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
-               TextColumn("{task.fields[speed]} ep/s"), TextColumn("val {task.fields[val]}"))
-    with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(batches), stop_requests(group.world == 1) as stop:
-        task = progress.add_task("meta-train", total=recipe.train.episodes, completed=start, loss="-", acc="-", speed="-", val="-")
-        for episode in range(start + 1, recipe.train.episodes + 1):
-            waiting = time.perf_counter()
-            batch = next_batch(episode)
-            window.data_wait += time.perf_counter() - waiting
-            totals = meta_step(batch, episode)
-            if totals is not None:
-                window.add(totals)
-            scheduler.step()  # the schedule follows the episode number, skipped meta-steps included
-            progress.update(task, completed=episode)
-            now = time.perf_counter()
-            if episode % recipe.train.log_every == 0 or episode == recipe.train.episodes:
-                row = window.row("episode", episode, now, scheduler.get_last_lr()[0], elapsed_before + now - began, updater.skipped)
-                if group.writer:
-                    run.log(row)
-                progress.update(task, loss="-" if row["loss"] is None else f"{row['loss']:.3f}",
-                                acc="-" if row["accuracy"] is None else f"{row['accuracy']:.1f}", speed=f"{row['episodes_per_s']:.1f}")
-                window = Window(episode, now)
-            if group.writer and (episode % recipe.validation.every == 0 or episode == recipe.train.episodes):
-                shown = validator(episode, lambda: elapsed_before + time.perf_counter() - began, {}, checkpoint_at(episode))
-                progress.update(task, val=shown)
-                window.began = time.perf_counter()  # validation time does not count against training speed
-            if stop.signal is not None and episode < recipe.train.episodes:
-                checkpoint_at(episode)(run.last, elapsed_before + time.perf_counter() - began)
-                raise stopped_run(stop.signal, "episode", episode, run, "meta-train")
-    seconds = elapsed_before + time.perf_counter() - began
-    best = validator.best
-    if group.writer and updater.skipped:
-        console.print(f"skipped {updater.skipped} meta-steps whose loss was not finite (train.on_nonfinite=skip)")
-    if not quiet:
-        console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({val_shape}) at episode {best['episode']}")
-    data.close()
-    return TrainResult(run.path, recipe.train.episodes, best["accuracy"], best["ci95"], best["episode"], seconds, updater.skipped, group.writer)
+    def train_through(self, episode: int) -> None:
+        """Wait for the episode's batch and take its meta-step; the schedule follows the episode number, skipped
+        meta-steps included."""
+        waiting = time.perf_counter()
+        batch = self.next_batch(episode)
+        self.window.data_wait += time.perf_counter() - waiting
+        totals = self.meta_step(batch, episode)
+        if totals is not None:
+            self.window.add(totals)
+        self.scheduler.step()
+
+    def log(self, episode: int) -> dict[str, str]:
+        """Close the statistics window with a metrics row; returns the progress bar's fields."""
+        now = time.perf_counter()
+        row = self.window.row("episode", episode, now, self.scheduler.get_last_lr()[0],
+                              self.standing.elapsed(), self.updater.skipped)
+        if self.group.writer:
+            self.run_folder.log(row)
+        self.window = Window(episode, now)
+        return {**shown(row), "speed": f"{row['episodes_per_s']:.1f}"}
+
+    def validate(self, episode: int) -> str:
+        """Validate and checkpoint; validation time does not count against the training speed."""
+        accuracy = self.validator(episode, self.standing.elapsed, {}, self.checkpoint_at(episode))
+        self.window.began = time.perf_counter()
+        return accuracy
+
+    def stopped(self, number: int, episode: int) -> RunStopped:
+        """Save last.pt at ``episode`` after a stop signal; the error that reports it."""
+        run = self.run_folder
+        self.checkpoint_at(episode)(run.last, self.standing.elapsed())
+        return RunStopped(f"{signal.Signals(number).name} at episode {episode}: saved {run.last}; continue with "
+                          f"`fsltool meta-train {run.recipe} --resume`", number)
+
+    def run(self, quiet: bool) -> TrainResult:
+        recipe, episodes = self.recipe, self.recipe.train.episodes
+        self.method.train()
+        self.standing.start_clock()
+        self.window = Window(self.standing.done, self.standing.began)
+        columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
+                   TextColumn("{task.fields[speed]} ep/s"), TextColumn("val {task.fields[val]}"))
+        with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(self.batches), \
+                stop_requests(self.group.world == 1) as stop:
+            task = progress.add_task("meta-train", total=episodes, completed=self.standing.done, loss="-", acc="-", speed="-", val="-")
+            for episode in range(self.standing.done + 1, episodes + 1):
+                self.train_through(episode)
+                progress.update(task, completed=episode)
+                if episode % recipe.train.log_every == 0 or episode == episodes:
+                    progress.update(task, **self.log(episode))
+                if self.group.writer and (episode % recipe.validation.every == 0 or episode == episodes):
+                    progress.update(task, val=self.validate(episode))
+                if stop.signal is not None and episode < episodes:
+                    raise self.stopped(stop.signal, episode)
+        seconds, best = self.standing.elapsed(), self.validator.best
+        if self.group.writer and self.updater.skipped:
+            console.print(f"skipped {self.updater.skipped} meta-steps whose loss was not finite (train.on_nonfinite=skip)")
+        if not quiet:
+            console.print(f"best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% ({self.val_shape}) at episode {best['episode']}")
+        self.data.close()
+        return TrainResult(self.run_folder.path, episodes, best["accuracy"], best["ci95"], best["episode"], seconds,
+                           self.updater.skipped, self.group.writer)
