@@ -7,13 +7,19 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fsltool import __version__
 from fsltool.atomic import write_json
 from fsltool.errors import FsltoolError
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `fsltool --help` stays fast
+    from fsltool.checkpoint import TrainedModel
+    from fsltool.data.episodes import EpisodeShape
+    from fsltool.evaluate import EvalResult
+    from fsltool.methods import Method
 
 SHAPES_HELP = "comma-separated episode shapes to store, e.g. 5w1s,5w5s,20w1s,20w5s"
 
@@ -552,10 +558,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
     """
-    from rich.table import Table
-
-    from fsltool.checkpoint import load_trained, training_budget, untrained_like, with_adapt_steps, with_classifier
-    from fsltool.console import console
+    from fsltool.checkpoint import load_trained, training_budget
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
     from fsltool.device import prepare_device, resolve_device
@@ -565,18 +568,11 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if episodes is not None and episodes < 1:
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
     confidence = calibration or open_set
-    if confidence and (untrained or classifier or by_instance or sample_seed is not None):
-        raise FsltoolError("--calibration and --open-set evaluate the run's own trained method on stored episodes: they do not "
-                           "go with --untrained, --method, --by-instance or --sample-seed")
-    if transductive and (confidence or by_instance):
-        raise FsltoolError("--transductive reports accuracy only: it does not go with --calibration, --open-set or --by-instance")
+    _refuse_evaluate_combinations(confidence, transductive, untrained, classifier, by_instance, sample_seed)
     target = resolve_device(device, "--device")
     prepare_device(target, repeating_shapes=False)
     trained = load_trained(run, which)
-    method = untrained_like(trained) if untrained else trained.method
-    if adapt_steps is not None:
-        method = with_adapt_steps(method, trained.config, adapt_steps)
-    method = (with_classifier(method, classifier) if classifier else method).to(target)
+    method = _method_to_evaluate(trained, untrained, adapt_steps, classifier).to(target)
     method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     report: dict[str, Any] = {}  # --calibration / --open-set
@@ -603,19 +599,48 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     if json_out == "-":
         write_json("-", payload)
         return
-    if not quiet:
-        table = Table(title=f"{method_name} on {data.path}")
-        for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
-            table.add_column(column)
-        table.add_row(split, str(episode_shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
-        console.print(table)
-    click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({episode_shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
-               f"{'transductive' if result.transductive else 'non-transductive'}"
-               f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''})")
+    _print_evaluation(result, f"{method_name} on {data.path}", split, episode_shape, adapt_steps, quiet)
     if report:
         _print_confidence(report, f"{split}, {len(result.accuracies)} stored {episode_shape} episodes", quiet)
     if json_out:
         write_json(json_out, payload)
+
+def _refuse_evaluate_combinations(confidence: bool, transductive: bool, untrained: bool, classifier: str | None, by_instance: bool,
+                                  sample_seed: int | None) -> None:
+    """evaluate's options that measure different things and do not combine."""
+    if confidence and (untrained or classifier or by_instance or sample_seed is not None):
+        raise FsltoolError("--calibration and --open-set evaluate the run's own trained method on stored episodes: they do not "
+                           "go with --untrained, --method, --by-instance or --sample-seed")
+    if transductive and (confidence or by_instance):
+        raise FsltoolError("--transductive reports accuracy only: it does not go with --calibration, --open-set or --by-instance")
+
+
+def _method_to_evaluate(trained: TrainedModel, untrained: bool, adapt_steps: int | None, classifier: str | None) -> Method:
+    """The run's method as evaluate's options ask: as initialised, with other fine-tuning steps, another classifier."""
+    from fsltool.checkpoint import untrained_like, with_adapt_steps, with_classifier
+
+    method = untrained_like(trained) if untrained else trained.method
+    if adapt_steps is not None:
+        method = with_adapt_steps(method, trained.config, adapt_steps)
+    return with_classifier(method, classifier) if classifier else method
+
+
+def _print_evaluation(result: EvalResult, title: str, split: str, shape: EpisodeShape, adapt_steps: int | None, quiet: bool) -> None:
+    """The result as a table (unless ``quiet``) and one line for scripts."""
+    from rich.table import Table
+
+    from fsltool.console import console
+
+    if not quiet:
+        table = Table(title=title)
+        for column in ("split", "shape", "episodes", "accuracy (%)", "95% CI"):
+            table.add_column(column)
+        table.add_row(split, str(shape), f"{len(result.accuracies)} {result.episodes_from}", f"{result.accuracy:.2f}", f"± {result.ci95:.2f}")
+        console.print(table)
+    click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
+               f"{'transductive' if result.transductive else 'non-transductive'}"
+               f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''})")
+
 
 
 def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out: str | None) -> None:
