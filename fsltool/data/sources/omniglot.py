@@ -127,38 +127,11 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
     Listing reads only the zip directories and folder names; no image is decoded.
     """
     root = str(root)
-    if split not in SPLIT_PROTOCOLS:
-        raise FsltoolError(f"omniglot --split {split!r}: must be one of {', '.join(SPLIT_PROTOCOLS)}")
-    if resample not in RESAMPLING:
-        raise FsltoolError(f"omniglot --resample {resample!r}: must be one of {', '.join(RESAMPLING)}")
-    unknown = [name for name in rotated_splits if name not in SPLITS]
-    if unknown:
-        raise FsltoolError(f"omniglot --rotated-splits {','.join(rotated_splits)!r}: {unknown[0]!r} is not one of {', '.join(SPLITS)}")
+    _check_options(split, resample, rotated_splits)
     require_folder(root, "omniglot root")
     check_image_options(1, size)
     reader = _OmniglotReader(size, resample)
-    characters: dict[tuple[str, str], list[Item]] = {}
-    part_of: dict[tuple[str, str], str] = {}
-    forms: dict[str, str] = {}
-    for part in PARTS:
-        zip_path, folder = os.path.join(root, f"{part}.zip"), os.path.join(root, part)
-        if os.path.isfile(zip_path):
-            forms[part], found = "zip", _zip_images(reader.zip_file(zip_path), zip_path, part)
-        elif os.path.isdir(folder):
-            forms[part], found = "folder", _folder_images(folder)
-        else:
-            raise FsltoolError(f"omniglot root {root}: neither {part}.zip nor an extracted {part}/ folder is there")
-        part_characters: dict[tuple[str, str], list[Item]] = {}
-        for alphabet, character, item in found:
-            part_characters.setdefault((alphabet, character), []).append(item)
-        for key in part_characters:
-            if key in characters:
-                raise FsltoolError(f"omniglot root {root}: character {'/'.join(key)} is in both {PARTS[0]} and {part}")
-        characters.update(part_characters)
-        part_of.update(dict.fromkeys(part_characters, part))
-    if not characters:
-        raise FsltoolError(f"omniglot root {root}: empty source, no character images found")
-
+    characters, part_of, forms = _characters(root, reader)
     shuffled = random_split(list(characters), split_seed) if split == "random" else {}
     classes = []
     for (alphabet, character), items in sorted(characters.items()):
@@ -186,6 +159,43 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         "invert": True,  # stored ink-high: a user's dark-on-white image must be inverted the same way
     }
     return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
+
+
+def _check_options(split: str, resample: str, rotated_splits: tuple[str, ...]) -> None:
+    if split not in SPLIT_PROTOCOLS:
+        raise FsltoolError(f"omniglot --split {split!r}: must be one of {', '.join(SPLIT_PROTOCOLS)}")
+    if resample not in RESAMPLING:
+        raise FsltoolError(f"omniglot --resample {resample!r}: must be one of {', '.join(RESAMPLING)}")
+    unknown = [name for name in rotated_splits if name not in SPLITS]
+    if unknown:
+        raise FsltoolError(f"omniglot --rotated-splits {','.join(rotated_splits)!r}: {unknown[0]!r} is not one of {', '.join(SPLITS)}")
+
+
+def _characters(root: str, reader: _OmniglotReader) -> tuple[dict[tuple[str, str], list[Item]], dict[tuple[str, str], str], dict[str, str]]:
+    """Every (alphabet, character)'s images, the part (background or evaluation) it is in, and each part's form
+    (zip or folder). A character in both parts, or no character at all, is refused."""
+    characters: dict[tuple[str, str], list[Item]] = {}
+    part_of: dict[tuple[str, str], str] = {}
+    forms: dict[str, str] = {}
+    for part in PARTS:
+        zip_path, folder = os.path.join(root, f"{part}.zip"), os.path.join(root, part)
+        if os.path.isfile(zip_path):
+            forms[part], found = "zip", _zip_images(reader.zip_file(zip_path), zip_path, part)
+        elif os.path.isdir(folder):
+            forms[part], found = "folder", _folder_images(folder)
+        else:
+            raise FsltoolError(f"omniglot root {root}: neither {part}.zip nor an extracted {part}/ folder is there")
+        part_characters: dict[tuple[str, str], list[Item]] = {}
+        for alphabet, character, item in found:
+            part_characters.setdefault((alphabet, character), []).append(item)
+        for key in part_characters:
+            if key in characters:
+                raise FsltoolError(f"omniglot root {root}: character {'/'.join(key)} is in both {PARTS[0]} and {part}")
+        characters.update(part_characters)
+        part_of.update(dict.fromkeys(part_characters, part))
+    if not characters:
+        raise FsltoolError(f"omniglot root {root}: empty source, no character images found")
+    return characters, part_of, forms
 
 
 def _image_path(parts: list[str], where: str) -> tuple[str, str] | None:
