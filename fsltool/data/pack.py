@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -165,42 +166,42 @@ def pack(
                 written = int(counts.sum())
                 images.resize(written, axis=0)
                 names = [spec.name for spec in listing.classes]
-                file.create_dataset("labels", data=np.repeat(np.arange(len(names), dtype=np.int32), counts))
-                file.create_dataset("classes/names", data=names, dtype=h5py.string_dtype())
-                file.create_dataset("classes/start", data=starts)
-                file.create_dataset("classes/count", data=counts)
-                split_classes = {
-                    split: np.array([i for i, s in enumerate(splits_of) if s == split], dtype=np.int32) for split in SPLITS
-                }
-                for split, classes in split_classes.items():
-                    file.create_dataset(f"splits/{split}", data=classes)
+                split_classes = _write_class_index(file, names, starts, counts, splits_of)
                 mean, std = _train_statistics(images, starts, counts, split_classes["train"])
                 _write_episodes(file, plan, names, starts, counts, split_classes)
-                file.attrs.update(
-                    {
-                        "format": FORMAT_NAME,
-                        "format_version": FORMAT_VERSION,
-                        "fsltool_version": __version__,
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "normalization_mean": mean,
-                        "normalization_std": std,
-                        "provenance": json.dumps(
-                            {
-                                **listing.provenance,
-                                "images": written,
-                                "classes": len(names),
-                                "split_classes": {s: len(c) for s, c in split_classes.items()},
-                                "skipped_bad_images": len(skipped),
-                                "episodes": {"shapes": [str(s) for s in plan.shapes], "splits": list(plan.splits),
-                                             "count": plan.episodes, "seed": plan.seed, "unknowns": plan.unknowns},
-                            }
-                        ),
-                    }
-                )
+                file.attrs.update(_attributes(listing, plan, (mean, std), {
+                    "images": written, "classes": len(names), "split_classes": {s: len(c) for s, c in split_classes.items()},
+                    "skipped_bad_images": len(skipped)}))
             guarded.check()  # HDF5 writes its metadata while closing the file
         except OSError as error:
             raise write_error(out, "the data file", error) from None
     return PackReport(str(out), written, len(names), {s: len(c) for s, c in split_classes.items()}, skipped)
+
+
+def _write_class_index(file: h5py.File, names: list[str], starts: np.ndarray, counts: np.ndarray,
+                       splits_of: list[str]) -> dict[str, np.ndarray]:
+    """Each image's label, each class's name and image range, each split's classes; returns the latter."""
+    file.create_dataset("labels", data=np.repeat(np.arange(len(names), dtype=np.int32), counts))
+    file.create_dataset("classes/names", data=names, dtype=h5py.string_dtype())
+    file.create_dataset("classes/start", data=starts)
+    file.create_dataset("classes/count", data=counts)
+    split_classes = {split: np.array([i for i, s in enumerate(splits_of) if s == split], dtype=np.int32) for split in SPLITS}
+    for split, classes in split_classes.items():
+        file.create_dataset(f"splits/{split}", data=classes)
+    return split_classes
+
+
+def _attributes(listing: SourceListing, plan: EpisodePlan, statistics: tuple[np.ndarray, np.ndarray],
+                written: dict[str, Any]) -> dict[str, Any]:
+    """The file's attributes: format, versions, the training split's normalisation ``statistics`` (mean, std), and
+    the provenance: the source's own, what was ``written``, and the stored episodes' plan."""
+    mean, std = statistics
+    provenance = {**listing.provenance, **written,
+                  "episodes": {"shapes": [str(s) for s in plan.shapes], "splits": list(plan.splits), "count": plan.episodes,
+                               "seed": plan.seed, "unknowns": plan.unknowns}}
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fsltool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "normalization_mean": mean,
+            "normalization_std": std, "provenance": json.dumps(provenance)}
 
 
 def _write_images(
