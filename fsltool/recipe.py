@@ -257,9 +257,6 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
 
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     """Checks that need no data file: required keys, shapes, ranges, method and backbone names and options."""
-    from fsltool.methods import get_method, method_options
-    from fsltool.models import BACKBONES
-
     for key in ("data", "output"):
         if not getattr(recipe, key):
             raise FsltoolError(f"{where}: recipe key {key!r} is required")
@@ -280,14 +277,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     for key, value in positive.items():
         if value <= 0:
             raise FsltoolError(f"{where}: recipe key {key!r} must be positive, got {value}")
-    for key in ("epochs", "rotation_weight"):
-        if getattr(recipe.pretrain, key) < 0:
-            raise FsltoolError(f"{where}: recipe key 'pretrain.{key}' must be >= 0, got {getattr(recipe.pretrain, key)}")
-    if recipe.pretrain.batch_size % recipe.pretrain.micro_batches:
-        raise FsltoolError(f"{where}: recipe key 'pretrain.micro_batches': {recipe.pretrain.micro_batches} does not divide "
-                           f"pretrain.batch_size {recipe.pretrain.batch_size}")
-    if recipe.pretrain.head not in PRETRAIN_HEADS:
-        raise FsltoolError(f"{where}: recipe key 'pretrain.head': {recipe.pretrain.head!r} is not one of {', '.join(PRETRAIN_HEADS)}")
+    _validate_pretrain(recipe.pretrain, where)
     for section in ("train", "pretrain"):
         _validate_optimisation(section, getattr(recipe, section), where)
         if not getattr(recipe, section).splits:
@@ -298,6 +288,25 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'data_on_device': {recipe.data_on_device!r} is not one of auto, true, false")
     if recipe.precision not in PRECISIONS:
         raise FsltoolError(f"{where}: recipe key 'precision': {recipe.precision!r} is not one of {', '.join(PRECISIONS)}")
+    _validate_names(recipe, where)
+
+def _validate_pretrain(config: PretrainConfig, where: str) -> None:
+    """The ``pretrain`` keys beyond the optimisation ones."""
+    for key in ("epochs", "rotation_weight"):
+        if getattr(config, key) < 0:
+            raise FsltoolError(f"{where}: recipe key 'pretrain.{key}' must be >= 0, got {getattr(config, key)}")
+    if config.batch_size % config.micro_batches:
+        raise FsltoolError(f"{where}: recipe key 'pretrain.micro_batches': {config.micro_batches} does not divide "
+                           f"pretrain.batch_size {config.batch_size}")
+    if config.head not in PRETRAIN_HEADS:
+        raise FsltoolError(f"{where}: recipe key 'pretrain.head': {config.head!r} is not one of {', '.join(PRETRAIN_HEADS)}")
+
+
+def _validate_names(recipe: Recipe, where: str) -> None:
+    """The method, its option names and the backbone, with the closest known name for a misspelt one."""
+    from fsltool.methods import get_method, method_options
+    from fsltool.models import BACKBONES
+
     get_method(recipe.method)
     accepted = method_options(recipe.method)
     for key in recipe.method_options:
