@@ -20,7 +20,7 @@ from torch import nn
 from fsltool.checkpoint import load_checkpoint, trained_on
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
-from fsltool.device import device_of, prepare_device, resolve_device
+from fsltool.device import device_of, machine_description, prepare_device, resolve_device
 from fsltool.distributed import Group, RunningStats, join
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
@@ -223,6 +223,42 @@ class Standing:
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier processes included."""
         return self.seconds_before + time.perf_counter() - self.began
+
+
+@dataclass(frozen=True)
+class LoopKind:
+    """What a training loop counts and where its recipe settings live: the recipe ``section`` (train, pretrain),
+    the ``unit`` its checkpoints and validations count (``<section>.<unit>s`` is the planned count) and the ``verb``
+    that says a finished run's count."""
+
+    section: str
+    unit: str
+    verb: str
+
+
+META_TRAINING = LoopKind("train", "episode", "trained")
+PRETRAINING = LoopKind("pretrain", "epoch", "pretrained")
+
+
+def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, config: dict[str, Any],
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: list[nn.Parameter],
+             data: FewShotData, val_shape: EpisodeShape, *, resume: bool, force: bool) -> tuple[RunFolder, Standing, dict[str, Any] | None]:
+    """Open the recipe's run folder for a loop of ``kind``, new or resumed: the folder (created by the writing
+    process), the loop's Standing (with its Validator and Updater), and, when resuming, the last checkpoint for the
+    loop's own parts. The recipe is saved once a resumed run has been checked against it."""
+    settings = getattr(recipe, kind.section)
+    run = RunFolder(recipe.output)
+    if group.writer:
+        run.create(resume=resume, force=force)
+    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, kind.unit,
+                          recipe.precision)
+    updater = Updater(optimizer, parameters, settings, group, run.last)
+    standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater,
+                        [machine_description(device_of(method), group.world)])
+    state = standing.resume(run, kind.section, getattr(settings, f"{kind.unit}s"), kind.verb) if resume else None
+    if group.writer:
+        run.save_recipe(recipe)
+    return run, standing, state
 
 
 def shown(row: dict[str, Any]) -> dict[str, str]:

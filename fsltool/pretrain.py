@@ -28,15 +28,14 @@ from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
-from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.loop import Standing, Updater, Validator, autocast_for, run_in_group, shown
+from fsltool.loop import PRETRAINING, autocast_for, open_run, run_in_group, shown
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import PretrainConfig, Recipe
-from fsltool.runs import RunFolder, Window
+from fsltool.runs import Window
 from fsltool.train import build_for_training, stored_shapes_needed
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
@@ -114,7 +113,7 @@ class Pretraining:
 
     def __init__(self, recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool) -> None:
         self.recipe, self.settings, self.group, self.device = recipe, recipe.pretrain, group, device
-        settings = recipe.pretrain
+        settings = self.settings
         self.share = group.share(settings.micro_batches, "pretrain.micro_batches", "micro-batches")
         self.data = open_for_run(recipe.data, recipe.data_on_device, device)
         self.val_shape = stored_shapes_needed(recipe, self.data)
@@ -132,18 +131,11 @@ class Pretraining:
                                        lr_milestones=[epoch * per_epoch for epoch in settings.lr_milestones])
         optimizer, self.scheduler = make_optimizer(in_steps, parameters, settings.epochs * per_epoch)
 
-        self.run_folder = RunFolder(recipe.output)
-        if group.writer:
-            self.run_folder.create(resume=resume, force=force)
-        self.validator = Validator(self.method, self.data, self.val_shape, recipe.validation.episodes, self.run_folder,
-                                   settings.keep_checkpoints, "epoch", recipe.precision)
-        self.updater = Updater(optimizer, parameters, settings, group, self.run_folder.last)
-        self.standing = Standing(recipe, config, self.method, optimizer, self.scheduler, self.validator, self.updater,
-                                 [machine_description(device, group.world)])
-        if resume:
-            self.model.load_state(self.standing.resume(self.run_folder, "pretrain", settings.epochs, "pretrained")["heads"])
-        if group.writer:
-            self.run_folder.save_recipe(recipe)
+        self.run_folder, self.standing, state = open_run(recipe, PRETRAINING, group, self.method, config, optimizer, self.scheduler,
+                                                         parameters, self.data, self.val_shape, resume=resume, force=force)
+        self.validator, self.updater = self.standing.validator, self.standing.updater
+        if state is not None:
+            self.model.load_state(state["heads"])
 
     def checkpoint_at(self, epoch: int) -> Callable[[Path, float], None]:
         def write(path: Path, elapsed: float) -> None:

@@ -20,16 +20,15 @@ from fsltool.data.augment import augment_episode, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.store import FewShotData, open_for_run
-from fsltool.device import machine_description
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
-from fsltool.loop import Standing, Updater, Validator, autocast_for, run_in_group, shown, stop_requests
+from fsltool.loop import META_TRAINING, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import Recipe
-from fsltool.runs import RunFolder, Window
+from fsltool.runs import Window
 
 
 @dataclass
@@ -111,18 +110,11 @@ class MetaTraining:
         generator = torch.Generator().manual_seed(recipe.seed + 1)
         sampler = self.data.sampler(recipe.train.splits, EpisodeShape.parse(recipe.train.shape), generator)
 
-        self.run_folder = RunFolder(recipe.output)
-        if group.writer:
-            self.run_folder.create(resume=resume, force=force)
-        self.validator = Validator(self.method, self.data, self.val_shape, recipe.validation.episodes, self.run_folder,
-                                   recipe.train.keep_checkpoints, "episode", recipe.precision)
-        self.updater = Updater(optimizer, parameters, recipe.train, group, self.run_folder.last)
-        self.standing = Standing(recipe, config, self.method, optimizer, self.scheduler, self.validator, self.updater,
-                                 [machine_description(device, group.world)])
-        if resume:
-            generator.set_state(self.standing.resume(self.run_folder, "train", recipe.train.episodes, "trained")["sampler_rng"])
-        if group.writer:
-            self.run_folder.save_recipe(recipe)
+        self.run_folder, self.standing, state = open_run(recipe, META_TRAINING, group, self.method, config, optimizer, self.scheduler,
+                                                         parameters, self.data, self.val_shape, resume=resume, force=force)
+        self.validator, self.updater = self.standing.validator, self.standing.updater
+        if state is not None:
+            generator.set_state(state["sampler_rng"])
         self.batches = MetaBatches(self.data, sampler, recipe.train.meta_batch, self.share, recipe.train.episodes - self.standing.done,
                                    prefetch=recipe.train.prefetch, device=device)
 

@@ -112,7 +112,6 @@ def stream(data: Path, steps: int) -> dict[str, Any]:
 
 
 def train(data: Path, steps: int) -> dict[str, Any]:
-    from fsltool.data.store import FewShotData
     from fsltool.recipe import Recipe, TrainConfig, ValidationConfig
     from fsltool.train import meta_train
 

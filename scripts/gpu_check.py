@@ -149,8 +149,9 @@ def check_method(method: str, data: str, steps: int, episodes: int, folder: Path
     result = train(f"omniglot/{method}-5w1s", data, steps, run, device, "data_on_device=true")
     if not result["ok"]:
         return result
-    for where, name in (("device", device), ("cpu", "cpu")):
-        evaluated = evaluate(run, name, episodes) if where == "device" or device != "cpu" else evaluated  # the CPU once
+    on_device = evaluate(run, device, episodes)
+    on_cpu = evaluate(run, "cpu", episodes) if on_device["ok"] and device != "cpu" else on_device  # the CPU once
+    for where, evaluated in (("device", on_device), ("cpu", on_cpu)):
         if not evaluated["ok"]:
             return {**result, **evaluated}
         result[f"accuracy_{where}"], result[f"evaluate_{where}_s"] = evaluated["accuracy"], evaluated["seconds"]

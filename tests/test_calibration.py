@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsltool.checkpoint import load_trained
 from fsltool.confidence import auroc, expected_calibration_error, fit_temperature, fit_threshold, negative_log_likelihood, softmax
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.pack import pack
