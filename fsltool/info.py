@@ -83,9 +83,13 @@ def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int,
     training = [r for r in records if r.get("phase") == "train" and unit in r]
     validations = [r for r in records if r.get("phase") == "val"]
     planned_key = "epochs_planned" if pretraining else "episodes_planned"
-    progress: dict[str, Any] = {"status": "stopped" if holder is None else f"running (pid {holder or 'not yet written'})",
-                                planned_key: recipe["pretrain"]["epochs"] if pretraining else recipe["train"]["episodes"]}
-    if holder is None and trained < progress[planned_key]:  # the folder's recipe.yaml is the one its last start resolved
+    planned_total = recipe["pretrain"]["epochs"] if pretraining else recipe["train"]["episodes"]
+    if holder is not None:
+        status = f"running (pid {holder or 'not yet written'})"
+    else:
+        status = "finished" if trained >= planned_total else "stopped"
+    progress: dict[str, Any] = {"status": status, planned_key: planned_total}
+    if status == "stopped":  # the folder's recipe.yaml is the one its last start resolved
         progress["resume"] = f"fsltool {stage} {folder / 'recipe.yaml'} --resume"
     if training:
         latest = training[-1]

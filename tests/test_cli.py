@@ -63,12 +63,12 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
         assert code == 0, err
         assert json.loads(out)["kind"] == kind
     finished = json.loads(run("info", str(run_dir), "--json")[1])
-    assert (finished["episodes_trained"], finished["episodes_planned"], finished["status"]) == (6, 6, "stopped")
+    assert (finished["episodes_trained"], finished["episodes_planned"], finished["status"]) == (6, 6, "finished")
     assert "resume" not in finished and finished["latest_validation"]["episode"] == 6
     recipe_file = run_dir / "recipe.yaml"  # as a resume with train.episodes=9 leaves it when stopped before a checkpoint
     recipe_file.write_text(recipe_file.read_text().replace("episodes: 6\n", "episodes: 9\n", 1))
     raised = json.loads(run("info", str(run_dir), "--json")[1])
-    assert (raised["episodes_trained"], raised["episodes_planned"]) == (6, 9)
+    assert (raised["episodes_trained"], raised["episodes_planned"], raised["status"]) == (6, 9, "stopped")
     assert raised["resume"] == f"fsltool meta-train {recipe_file} --resume"
 
     code, out, err = run("meta-train", str(REPO / "recipes/synthetic/protonet-quick.yaml"), f"data={data}", "--check")

@@ -121,7 +121,7 @@ def test_a_pretraining_run_evaluates_and_exports_as_a_prototype_classifier(synth
     code, out, err = run_cli("info", str(tmp_path / "pre"), "--json")
     assert code == 0, err
     described = json.loads(out)
-    assert (described["stage"], described["epochs_trained"], described["epochs_planned"], described["status"]) == ("pretrain", 1, 1, "stopped")
+    assert (described["stage"], described["epochs_trained"], described["epochs_planned"], described["status"]) == ("pretrain", 1, 1, "finished")
     assert described["latest_logged_step"] == described["steps_trained"] and "resume" not in described
 
 
