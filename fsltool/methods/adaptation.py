@@ -217,7 +217,15 @@ class TaskNetwork:
         self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
         track: bool = False, norms: NormOverride | None = None,
     ) -> torch.Tensor:
-        """(T, N, C, H, W) images -> (T, N, way) logits.
+        """(T, N, C, H, W) images -> (T, N, way) logits: ``features`` (the same options) through the head."""
+        *body, weight, bias = params
+        return head_logits(self.features(body, images, stats_rows=stats_rows, stat_groups=stat_groups, track=track, norms=norms), weight, bias)
+
+    def features(
+        self, body: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
+        track: bool = False, norms: NormOverride | None = None,
+    ) -> torch.Tensor:
+        """(T, N, C, H, W) images -> (T, N, D) pooled features under ``body`` (the parameters without the head's).
 
         BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images, or
         (None) each of ``stat_groups`` interleaved sets of them with the set's own statistics (image i *
@@ -229,13 +237,10 @@ class TaskNetwork:
             raise ValueError("BatchNorm running statistics are tracked on passes normalised with all their images only")
         tasks, n = images.shape[:2]
         x = self.backbone.normalize(images.flatten(0, 1)).unflatten(0, (tasks, n))
-        *body, weight, bias = params
         layers = chain_layers(self.backbone.features)
         if layers is None:
-            features = self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
-        else:
-            features = self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {})
-        return torch.einsum("tnd,tkd->tnk", features, weight) + bias.unsqueeze(1)
+            return self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
+        return self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {})
 
     @staticmethod
     def _grouped_features(
@@ -335,6 +340,20 @@ def track_grouped_statistics(x: torch.Tensor, module: nn.BatchNorm2d) -> None:
                 module.num_batches_tracked += 1
 
 
+def head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(T, N, D) features, (T, way, D) weights, (T, way) biases -> (T, N, way): each task's linear head."""
+    return torch.einsum("tnd,tkd->tnk", features, weight) + bias.unsqueeze(1)
+
+
+def prototype_head(features: torch.Tensor, labels: torch.Tensor, way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, S, D) support features, (T, S) labels -> the linear head (T, way, D), (T, way) whose logits are
+    ProtoNet's: 2 c_k.f - |c_k|^2 = |f|^2 - |f - c_k|^2, the same softmax as the negative squared Euclidean
+    distance to each class mean c_k (Proto-MAML, Triantafillou et al. 2020)."""
+    members = F.one_hot(labels, way).to(features.dtype)  # (T, S, way)
+    prototypes = members.transpose(1, 2) @ features / members.sum(1).clamp(min=1).unsqueeze(-1)
+    return 2 * prototypes, -prototypes.pow(2).sum(-1)
+
+
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(T, N, way), (T, N) -> (T,) mean cross-entropy per task."""
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
@@ -390,7 +409,8 @@ class AdaptiveMethod(Method):
     to the first scores. From a zero head the first SGD step on the support cross-entropy makes row c equal to
     lr/N * (sum of class c's features - 1/way * sum of all features): a centred class-mean (prototype-like)
     classifier on the body's features. (Kao et al. 2022, "MAML is a noisy contrastive learner", go further and zero
-    the head before every outer step; fsltool only starts from zero.)
+    the head before every outer step; fsltool starts from zero, or, with MAML's ``head_init: prototypes``, from the
+    support set's class means: fsltool.methods.maml.)
     """
 
     embeds_independently = False

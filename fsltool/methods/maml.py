@@ -36,6 +36,12 @@ experiment_config/omniglot_maml++-*.json.
 - ``first_order_until: K``: first order for meta-steps 0..K-1, second order from meta-step K on (the reference's
   ``first_order_to_second_order_epoch``, in epochs; its Omniglot configs use -1: second order throughout).
 
+Proto-MAML (Triantafillou et al. 2020, "Meta-Dataset"), as ``head_init: prototypes``: each task's inner loop starts
+its head at the support set's class means under the body (prototype_head: logits 2 c_k.f - |c_k|^2, ProtoNet's
+softmax) instead of the shared zero-initialised head, which then goes unused. The head's start keeps its graph to
+the body in either order, so first-order MAML with it is fo-Proto-MAML. It lets a body pretrained for ProtoNet start
+every episode at ProtoNet's accuracy at any way, where a zero head needs its inner steps to build a classifier.
+
 MSL and derivative-order annealing read ``meta_steps_done``, a buffer of the state_dict advanced by every
 training meta_step, so a resumed run continues both schedules exactly; it exists only when one of them is on (a
 plain MAML state_dict is unchanged). Per-step BatchNorm and LSLR learn one set per training step, so they refuse
@@ -58,7 +64,9 @@ from fsltool.methods.adaptation import (
     Params,
     batch_norm_layers,
     chain_layers,
+    head_logits,
     inputs_for_autograd,
+    prototype_head,
     require_bool,
     require_positive_float,
     task_losses,
@@ -75,6 +83,11 @@ STEPS: dict[str, Callable[[WorkSizes], tuple[int, int]]] = {
     "grouped": lambda sizes: (sizes.inner_loop_tasks, sizes.query_tasks),
     "lean": lambda sizes: (1, 1),
 }
+
+
+# method_options.head_init: where each task's inner loop starts its linear head. zero: the meta-learned head, which
+# starts at zero (MAML); prototypes: the support set's class means under the body (Proto-MAML).
+HEAD_INITS = ("zero", "prototypes")
 
 
 def multi_step_loss_weights(steps: int, done: int, anneal: int) -> list[float]:
@@ -96,7 +109,7 @@ class MAML(AdaptiveMethod):
     ``test_inner_steps`` (at evaluation), ``inner_lr``, ``first_order``, ``transductive_bn`` (False: queries are
     normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
     as the paper's code, transductive); ``step`` (how meta-training runs a meta-batch: ``grouped``, the fast
-    step, or ``lean``, the least memory; STEPS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
+    step, or ``lean``, the least memory; STEPS); ``head_init`` (HEAD_INITS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
     ``per_step_bn``, ``learn_inner_lr``, ``first_order_until``.
     """
 
@@ -121,9 +134,11 @@ class MAML(AdaptiveMethod):
         learn_inner_lr: bool = False,
         first_order_until: int = 0,
         step: str = "grouped",
+        head_init: str = "zero",
     ) -> None:
         super().__init__(backbone, way, transductive_bn)
         require_choice(self.name, "step", step, STEPS)
+        require_choice(self.name, "head_init", head_init, HEAD_INITS)
         require_positive_int(self.name, "inner_steps", inner_steps)
         require_positive_int(self.name, "test_inner_steps", test_inner_steps)
         for key, flag in (("first_order", first_order), ("multi_step_loss", multi_step_loss), ("per_step_bn", per_step_bn),
@@ -150,6 +165,7 @@ class MAML(AdaptiveMethod):
         self.learn_inner_lr = learn_inner_lr
         self.first_order_until = first_order_until
         self.step_mode = step  # (self.step is the one-episode training step)
+        self.head_init = head_init
         position = {id(p): i for i, p in enumerate(self.network.parameters)}
         # Where each BatchNorm scale and shift sits in the network's parameter list, in step_norms' order.
         self.norm_positions = [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)] if per_step_bn else []
@@ -200,7 +216,8 @@ class MAML(AdaptiveMethod):
         return multi_step_loss_weights(self.inner_steps, self.steps_done(), self.multi_step_loss_epochs)
 
     def adapt(
-        self, meta: Params, support: torch.Tensor, labels: torch.Tensor, steps: int, create_graph: bool, track: bool, keep: Sequence[int] = ()
+        self, meta: Params, support: torch.Tensor, labels: torch.Tensor, steps: int, create_graph: bool, track: bool, keep: Sequence[int] = (),
+        differentiable: bool = True,
     ) -> dict[int, Params]:
         """``steps`` SGD steps on each task's support cross-entropy (batch statistics of the support set), from
         ``meta`` (task-major, in meta_tensors order). Returns, after step i for i in ``keep`` and the last step, the
@@ -209,7 +226,8 @@ class MAML(AdaptiveMethod):
 
         With ``create_graph`` the steps stay differentiable (second order); without it the gradients are
         constants, so the adapted parameters depend on ``meta`` as the identity (first order), and on the learned
-        inner learning rates through their product with those constants."""
+        inner learning rates through their product with those constants. Not ``differentiable`` (evaluation): no
+        graph back to ``meta`` is needed, so none is kept beyond what the steps themselves need."""
         count = len(self.network.parameters)
         network, lrs = meta[:count], (meta[-1] if self.inner_lrs is not None else None)
         per_step = len(self.norm_positions)
@@ -227,9 +245,17 @@ class MAML(AdaptiveMethod):
         after = {}
         for step in range(steps):
             tracked = track and (step == 0 or self.step_norms is not None)
-            losses = task_losses(self.network.logits(parameters_at(step), support, track=tracked, norms=self.norm_override(step)), labels)
+            if step == 0 and self.head_init == "prototypes":  # the head is the last two adapted tensors
+                features = self.network.features(parameters_at(0)[:-2], support, track=tracked, norms=self.norm_override(0))
+                adapted[-2:] = prototype_head(features, labels, self.way)
+                logits = head_logits(features, *adapted[-2:])
+            else:
+                logits = self.network.logits(parameters_at(step), support, track=tracked, norms=self.norm_override(step))
+            losses = task_losses(logits, labels)
             # The sum: each task's parameters only reach its own loss, so each gets its own mean-loss gradient.
-            grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph)
+            # First order keeps step 0's graph all the same where the head's start comes from it (the prototypes).
+            keep_graph = create_graph or (differentiable and step == 0 and self.head_init == "prototypes")
+            grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph, retain_graph=keep_graph)
             if lrs is None:
                 adapted = [p - self.inner_lr * g for p, g in zip(adapted, grads)]
             else:
@@ -251,7 +277,7 @@ class MAML(AdaptiveMethod):
             if params is None:
                 params = self.task_copies(support.shape[0], detach=True)
             create_graph = differentiable and self.second_order_now()
-            adapted = self.adapt(params, support, support_labels, steps, create_graph, track=self.training)[steps - 1]
+            adapted = self.adapt(params, support, support_labels, steps, create_graph, track=self.training, differentiable=differentiable)[steps - 1]
             logits = self.network.query_logits(adapted, support, query, self.transductive, self.norm_override(steps - 1))
         return logits if differentiable else logits.detach()
 
