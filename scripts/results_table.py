@@ -62,6 +62,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
         measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (" (transductive)" if result.get("transductive") else "")
+        if (result["query"], result["episodes"], result["episodes_from"]) != (15, 600, "stored"):  # not the header's protocol
+            measured += f" ({result['way']}w{result['shot']}s{result['query']}q, {result['episodes']:,} {result['episodes_from']} episodes)"
         export = root / f"omniglot-{run.name}-export.json"
         body = json.loads(export.read_text())["verification"] if export.exists() else None
         body_accuracy = f"{body['accuracy']:.2f}" if body and body.get("shape", "").startswith(setting) else ""
