@@ -4,7 +4,7 @@
 # scripts/reproduce_omniglot.sh, each model is tested at 5 and 20 ways), evaluate everything on the 600 stored
 # test episodes, and score the pretrained backbone alone as ProtoNet, Baseline and Baseline++ (Chen et al. 2019).
 # Results: results/omniglot-transfer-*.json. Safe to rerun: a finished stage is kept, a cut one is resumed.
-# METHODS names the meta-fine-tuned methods (default protonet); fomaml, maml and maml++ run their
+# METHODS names the meta-fine-tuned methods (default protonet); fomaml, maml, maml++ and protomaml run their
 # omniglot/<method>-pretrained-<setting> recipes for each of SETTINGS (default all four), each tested
 # non-transductively and with --transductive (their papers' protocol) into results/omniglot-<method>-<setting>-pretrained[-transductive].json,
 # with the run's recipe.yaml and metrics.jsonl copied to results/runs/<run>/ as the evidence.
@@ -27,8 +27,8 @@ read -r -a METHODS <<< "${METHODS:-protonet}"
 read -r -a SETTINGS <<< "${SETTINGS:-5w1s 5w5s 20w1s 20w5s}"
 for method in "${METHODS[@]}"; do
   case $method in
-    protonet|fomaml|maml|maml++) ;;
-    *) echo "transfer_omniglot.sh: METHODS may name protonet, fomaml, maml and maml++, got $method" >&2; exit 2 ;;
+    protonet|fomaml|maml|maml++|protomaml) ;;
+    *) echo "transfer_omniglot.sh: METHODS may name protonet, fomaml, maml, maml++ and protomaml, got $method" >&2; exit 2 ;;
   esac
 done
 CHECKPOINT=${CHECKPOINT:-best}  # which checkpoint is tested: best (by validation) or last (validation trained on)
@@ -66,7 +66,7 @@ protonet() {  # the backbone alone under three classifiers, then ProtoNet meta-f
   done
 }
 
-adapting() {  # METHOD: MAML, first-order MAML or MAML++ meta-fine-tuned for each setting, tested under both BatchNorm protocols
+adapting() {  # METHOD: MAML, first-order MAML, MAML++ or Proto-MAML meta-fine-tuned for each setting, tested under both BatchNorm protocols
   local method=$1 setting run
   for setting in "${SETTINGS[@]}"; do
     run="runs/omniglot/$method-$setting-pretrained$TAG"
