@@ -57,7 +57,7 @@ from fsltool.data.episodes import Episode
 from fsltool.device import device_of, work_sizes
 from fsltool.errors import FsltoolError
 from fsltool.methods.base import ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
-from fsltool.methods.protonet import prototype_scores
+from fsltool.methods.protonet import class_prototypes, prototype_scores
 from fsltool.models.backbones import Backbone
 
 Params = list[torch.Tensor]  # task-major: each (T, *shape), in TaskNetwork.parameters order
@@ -349,8 +349,7 @@ def prototype_head(features: torch.Tensor, labels: torch.Tensor, way: int) -> tu
     """(T, S, D) support features, (T, S) labels -> the linear head (T, way, D), (T, way) whose logits are
     ProtoNet's: 2 c_k.f - |c_k|^2 = |f|^2 - |f - c_k|^2, the same softmax as the negative squared Euclidean
     distance to each class mean c_k (Proto-MAML, Triantafillou et al. 2020)."""
-    members = F.one_hot(labels, way).to(features.dtype)  # (T, S, way)
-    prototypes = members.transpose(1, 2) @ features / members.sum(1).clamp(min=1).unsqueeze(-1)
+    prototypes = class_prototypes(features, labels, way)
     return 2 * prototypes, -prototypes.pow(2).sum(-1)
 
 
