@@ -211,13 +211,18 @@ def with_adapt_steps(method: Method, config: dict[str, Any], steps: int) -> Meth
     if not hasattr(method, "test_inner_steps"):
         raise FsltoolError(f"--adapt-steps: method '{config['method']}' does not fine-tune on the support set at evaluation "
                            "(maml and reptile do)")
-    options = {**config["method_options"], "test_inner_steps": steps}
+    return with_method_options(method, config, f"--adapt-steps {steps}", test_inner_steps=steps)
+
+
+def with_method_options(method: Method, config: dict[str, Any], origin: str, **options: Any) -> Method:
+    """``method``'s trained weights in the method rebuilt from ``config`` with ``options`` changed (its own checks
+    apply; an error names ``origin``): how a trained model is evaluated under other test-time settings."""
     try:
-        adapted = build_model({**config, "method_options": options})
+        rebuilt = build_model({**config, "method_options": {**config["method_options"], **options}})
     except FsltoolError as error:
-        raise FsltoolError(f"--adapt-steps {steps}: {error}") from None
-    adapted.load_state_dict(method.state_dict())
-    return adapted.eval()
+        raise FsltoolError(f"{origin}: {error}") from None
+    rebuilt.load_state_dict(method.state_dict())
+    return rebuilt.eval()
 
 
 def with_classifier(method: Method, name: str) -> Method:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from fsltool.runtime import create_session
 from fsltool.train import meta_train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 torch.set_num_threads(1)  # tests are many small ops: threads cost more than they give, and CI has 2 cores
 
@@ -32,6 +36,16 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py imported as a module (registered, so its dataclasses can look it up)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_queries_independent(method: Method) -> None:

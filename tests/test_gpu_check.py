@@ -7,7 +7,6 @@ meta-step of 32 tasks costs more than the rest of its run): its recipe is checke
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,18 +21,14 @@ from fsltool.data.episodes import EpisodeShape
 from fsltool.data.pack import EpisodePlan, pack
 from fsltool.data.sources.synthetic import synthetic
 from fsltool.recipe import load_recipe
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
 def gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -10,23 +9,14 @@ import click
 import pytest
 import torch
 
-from conftest import quick_recipe
+from conftest import load_script, quick_recipe
 from fsltool.checkpoint import load_checkpoint
 from fsltool.folder_lock import FolderLock
 from fsltool.train import meta_train
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "park_run.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("park_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_parked_run_resumes_where_it_stopped(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    park_run = load_script()
+    park_run = load_script("park_run")
     monkeypatch.chdir(tmp_path)
     straight = quick_recipe(synthetic_file, Path("runs/straight"), episodes=8)
     meta_train(straight, quiet=True)
@@ -56,6 +46,6 @@ def test_a_parked_run_resumes_where_it_stopped(synthetic_file: Path, tmp_path: P
 
 
 def test_paths_outside_the_repository_are_refused(tmp_path: Path) -> None:
-    park_run = load_script()
+    park_run = load_script("park_run")
     with pytest.raises(click.ClickException, match="relative to the repository"):
         park_run.park(tmp_path / "run")
