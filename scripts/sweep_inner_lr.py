@@ -11,11 +11,9 @@ rates are weights of the run, not a setting.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
+from fsltool.atomic import write_json
 from fsltool.checkpoint import load_trained, with_method_options
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
@@ -56,7 +54,7 @@ def main(run: str, shape: str, rates: tuple[float, ...], step_counts: tuple[int,
     if json_out:
         payload = {"run": run, "checkpoint": which, "split": split, "shape": str(episode_shape), "episodes": episodes,
                    "sample_seed": sample_seed, "cells": cells}
-        Path(json_out).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(json_out, payload)
 
 
 if __name__ == "__main__":
