@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fsltool.errors import FsltoolError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # by the device the parameters live on
+STORE_TIMEOUT = timedelta(minutes=5)  # for a handshake among processes that have all passed a barrier
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,26 @@ class Group:
             _merge_running_stats(self, before)
 
     def leave(self, finished: bool) -> None:
-        """Tear the process group down. A run that ``finished`` waits at a barrier first: rank 0 still validates and
-        checkpoints after the last step, and a process that tore its group down meanwhile was seen to abort (gloo,
-        "terminate called without an active exception"). After an error nobody waits: the other processes may
-        never arrive."""
-        if self.world > 1 and dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+        """Tear the process group down. A run that ``finished`` waits twice first: at a barrier (rank 0 still
+        validates and checkpoints after the last step), then until every process has come out of that barrier,
+        through torchrun's rendezvous store. gloo aborts a process ("terminate called without an active exception")
+        whose peer closes its connections while that process is still sending (pytorch/gloo#155), which a barrier
+        alone allows: one process can leave it before the other's last message has gone. After an error nobody
+        waits: the other processes may never arrive."""
+        if self.world == 1 or not dist.is_initialized():
+            return
+        if finished:
+            dist.barrier()
+            self._all_reach("left-barrier")
+        dist.destroy_process_group()
+
+    def _all_reach(self, point: str) -> None:
+        """Return once every process has called this with ``point``: a handshake through the rendezvous store,
+        which under torchrun lives in the launcher and outlives the processes, not through the collective
+        backend."""
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"fsltool/{point}/{self.rank}", "1")
+        store.wait([f"fsltool/{point}/{rank}" for rank in range(self.world)], STORE_TIMEOUT)
 
 
 def _merge_running_stats(group: Group, before: RunningStats) -> None:

@@ -137,3 +137,32 @@ def test_a_cuda_rank_selects_its_own_gpu_before_joining(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **options: calls.append(("join", backend)))
     assert join(torch.device("cuda", 1)) == Group(1, 2)
     assert calls == [("set_device", torch.device("cuda", 1)), ("join", "nccl")]
+
+
+HANDSHAKE = """
+import sys, time
+from pathlib import Path
+from fsltool.distributed import join
+
+group = join()
+marker = Path(sys.argv[1])
+if group.rank == 1:
+    time.sleep(2)  # rank 0 reaches the handshake first and must wait for this process
+    marker.write_text("reached")
+group._all_reach("test")
+if group.rank == 0 and not marker.exists():
+    sys.exit("rank 0 came out of the handshake before rank 1 reached it")
+group.leave(finished=True)
+"""
+
+
+def test_no_process_leaves_the_teardown_handshake_before_every_process_has_reached_it(tmp_path: Path) -> None:
+    """The handshake after the final barrier (so that no process closes its connections while another's barrier
+    is still sending) holds the early process until the late one arrives."""
+    script = tmp_path / "handshake.py"
+    script.write_text(HANDSHAKE)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+              f"--master_port={free_port()}", str(script), str(tmp_path / "marker")]
+    result = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
