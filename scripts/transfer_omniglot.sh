@@ -17,6 +17,11 @@
 #   # Snell et al.'s protocol: train+val for the budgets chosen on train, the last checkpoints tested
 #   TAG=trainval PRETRAIN_OVERRIDES="pretrain.splits=[train,val]" OVERRIDES="train.splits=[train,val]" \
 #     CHECKPOINT=last bash scripts/transfer_omniglot.sh
+#   # MAML's code's protocol: a random character split (fsltool prepare omniglot ... data/omniglot-random.h5
+#   # --split random), trained on its train+val, tested on its rotated test characters
+#   TAG=random-trainval PRETRAIN_OVERRIDES="data=data/omniglot-random.h5 pretrain.splits=[train,val]" \
+#     OVERRIDES="data=data/omniglot-random.h5 train.splits=[train,val]" CHECKPOINT=last METHODS=maml \
+#     bash scripts/transfer_omniglot.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FSLTOOL=${FSLTOOL:-.venv/bin/fsltool}
