@@ -45,12 +45,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def launch(*program: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
+    """``program`` (a script and its arguments, or ``-m module ...``) under a real torchrun of ``processes``."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", *program]
+    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+
+
 def torchrun(recipe: dict[str, Any], folder: Path, *args: str, processes: int = 2, command: str = "meta-train") -> subprocess.CompletedProcess[str]:
     path = folder / f"recipe-{free_port()}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "fsltool", command, str(path), "-q", *args]
-    return subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    return launch("-m", "fsltool", command, str(path), "-q", *args, processes=processes)
 
 
 def assert_same_state(expected_run: Path, got_run: Path) -> None:
@@ -161,8 +166,5 @@ def test_no_process_leaves_the_teardown_handshake_before_every_process_has_reach
     is still sending) holds the early process until the late one arrives."""
     script = tmp_path / "handshake.py"
     script.write_text(HANDSHAKE)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-              f"--master_port={free_port()}", str(script), str(tmp_path / "marker")]
-    result = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())},
-                            capture_output=True, text=True, timeout=300)
+    result = launch(str(script), str(tmp_path / "marker"))
     assert result.returncode == 0, result.stderr[-3000:]
