@@ -21,6 +21,7 @@ from fsltool.models import build_backbone
 from fsltool.models.backbones import Backbone
 from fsltool.models.weights import load_feature_state
 from fsltool.recipe import Recipe, recipe_from_dict
+from fsltool.runs import RunFolder
 
 CHECKPOINT_FORMAT = "fsltool-checkpoint-1"
 
@@ -120,6 +121,21 @@ def checkpoint_path(run: str | Path, which: str = "best") -> Path:
     if not run.exists():
         raise FsltoolError(f"{run}: no such run folder or checkpoint")
     return run
+
+
+def best_validated_checkpoints(run: str | Path, size: int) -> list[tuple[Path, float]]:
+    """The ``size`` numbered checkpoints of the run folder ``run`` with the highest validation accuracy, best
+    first, with their accuracy (``evaluate --ensemble``); refused where the run kept fewer."""
+    folder = Path(run)
+    if not folder.exists():
+        raise FsltoolError(f"{run}: no such run folder")
+    if not folder.is_dir():
+        raise FsltoolError(f"{run}: --ensemble takes a run folder (it scores the run's best-validated numbered checkpoints)")
+    chosen = RunFolder(folder).best_validated(size)
+    if len(chosen) < size:
+        raise FsltoolError(f"{folder}: --ensemble {size} needs {size} numbered checkpoints with a validation score, the run "
+                           f"kept {len(chosen)} (the recipe key train.keep_best_checkpoints keeps the best-validated ones)")
+    return chosen
 
 
 def load_trained(run: str | Path, which: str = "best") -> TrainedModel:

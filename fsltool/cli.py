@@ -549,16 +549,19 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
 @click.option("--adapt-steps", type=click.IntRange(min=1), default=None,
               help="fine-tuning steps on each support set (MAML, Reptile; default: the recipe's test_inner_steps; "
                    "MAML's reference code tests after 10); recorded in the result")
+@click.option("--ensemble", type=click.IntRange(min=1), default=None,
+              help="classify by the mean scores of the run's N best-validated numbered checkpoints, as MAML++'s code "
+                   "tests (5); the run keeps them with train.keep_best_checkpoints; instead of --checkpoint")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
              device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, adapt_steps: int | None,
-             quiet: bool) -> None:
+             ensemble: int | None, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
     """
-    from fsltool.checkpoint import load_trained, training_budget
+    from fsltool.checkpoint import best_validated_checkpoints, load_trained, training_budget
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
     from fsltool.device import prepare_device, resolve_device
@@ -569,10 +572,14 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
     confidence = calibration or open_set
     _refuse_evaluate_combinations(confidence, transductive, untrained, classifier, by_instance, sample_seed)
+    if ensemble is not None:
+        _refuse_ensemble_combinations(confidence, untrained, classifier, by_instance)
     target = resolve_device(device, "--device")
     prepare_device(target, repeating_shapes=False)
-    trained = load_trained(run, which)
-    method = _method_to_evaluate(trained, untrained, adapt_steps, classifier).to(target)
+    chosen = best_validated_checkpoints(run, ensemble) if ensemble is not None else []
+    members = [load_trained(path) for path, _ in chosen] or [load_trained(run, which)]
+    trained = max(members, key=lambda member: member.state["elapsed"])  # an ensemble cost its latest member's training
+    methods = [_method_to_evaluate(member, untrained, adapt_steps, classifier).to(target) for member in members]
     method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
     report: dict[str, Any] = {}  # --calibration / --open-set
@@ -580,19 +587,21 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         if by_instance:
             from fsltool.by_instance import accuracy_by_instance
 
-            by = accuracy_by_instance(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
+            by = accuracy_by_instance(methods[0], data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
             _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
                                                "data": data.path, **data_protocol_of(data.provenance),
                                                "training": None if untrained else training_budget(trained)}, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
-            result = run_evaluation(method, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
+            result = run_evaluation(methods, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
                                     query_batch_statistics=transductive)
         if confidence:
             from fsltool.calibration import confidence_report
 
             report = confidence_report(trained, data, split, episode_shape, episodes, calibration=calibration, open_set=open_set)
-    payload = {**result.to_json(), "run": str(run), "checkpoint": "untrained" if untrained else str(trained.path), "data": data.path,
+    checkpoint = [str(path) for path, _ in chosen] if chosen else "untrained" if untrained else str(trained.path)
+    payload = {**result.to_json(), "run": str(run), "checkpoint": checkpoint, "data": data.path,
+               **({"validation_accuracy": [score for _, score in chosen]} if chosen else {}),
                **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision,
                **({"adapt_steps": adapt_steps} if adapt_steps is not None else {}),
                "training": None if untrained else training_budget(trained), **report}
@@ -613,6 +622,15 @@ def _refuse_evaluate_combinations(confidence: bool, transductive: bool, untraine
                            "go with --untrained, --method, --by-instance or --sample-seed")
     if transductive and (confidence or by_instance):
         raise FsltoolError("--transductive reports accuracy only: it does not go with --calibration, --open-set or --by-instance")
+
+
+def _refuse_ensemble_combinations(confidence: bool, untrained: bool, classifier: str | None, by_instance: bool) -> None:
+    """--ensemble scores the run's own checkpoints by accuracy; it names them itself, so not with --checkpoint."""
+    if confidence or untrained or classifier or by_instance:
+        raise FsltoolError("--ensemble reports the accuracy of the run's own trained checkpoints: it does not go with "
+                           "--calibration, --open-set, --untrained, --method or --by-instance")
+    if click.get_current_context().get_parameter_source("which") is not click.core.ParameterSource.DEFAULT:
+        raise FsltoolError("--ensemble chooses the run's best-validated checkpoints itself: it does not go with --checkpoint")
 
 
 def _method_to_evaluate(trained: TrainedModel, untrained: bool, adapt_steps: int | None, classifier: str | None) -> Method:
@@ -639,7 +657,8 @@ def _print_evaluation(result: EvalResult, title: str, split: str, shape: Episode
         console.print(table)
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
                f"{'transductive' if result.transductive else 'non-transductive'}"
-               f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''})")
+               f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''}"
+               f"{f', ensemble of {result.ensemble} checkpoints' if result.ensemble > 1 else ''})")
 
 
 

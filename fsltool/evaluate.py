@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,6 +35,7 @@ class EvalResult:
     transductive: bool = False  # True when queries of an episode influence each other's scores (BatchNorm)
     support_order: str = CLASS_SORTED  # the order the support set was shown in: CLASS_SORTED or SHUFFLED
     runtime: str = "torch"  # what embedded the images: a key of RUNTIMES
+    ensemble: int = 1  # how many models' mean scores classified each query
 
     @property
     def accuracy(self) -> float:
@@ -59,6 +60,7 @@ class EvalResult:
             "transductive": self.transductive,
             "support_order": self.support_order,
             "runtime": self.runtime,
+            "ensemble": self.ensemble,
         }
 
 
@@ -136,16 +138,22 @@ def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
                      for i in episodes], dtype=np.int64).reshape(len(episodes), length)
 
 
+def members(method: Method | Sequence[Method]) -> list[Method]:
+    """One method, or the members of an ensemble (checkpoints of one run), as a list."""
+    return [method] if isinstance(method, Method) else list(method)
+
+
 def episode_accuracies(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch",
-    query_batch_statistics: bool = False,
+    method: Method | Sequence[Method], data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray,
+    runtime: str = "torch", query_batch_statistics: bool = False,
 ) -> np.ndarray:
-    """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs."""
+    """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs. An ensemble
+    (several methods, as MAML++'s code tests its five best-validated checkpoints) scores by its members' mean
+    scores (logits)."""
     query_labels = episode_labels(shape)[1]
-    if query_batch_statistics:
-        scores = query_batch_scores(method, data, shape, support, query)
-    else:
-        scores = episode_scores(method, data, shape, support, query, runtime)
+    ensemble = members(method)
+    scores = sum(query_batch_scores(member, data, shape, support, query) if query_batch_statistics
+                 else episode_scores(member, data, shape, support, query, runtime) for member in ensemble) / len(ensemble)
     return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
 
 
@@ -268,7 +276,7 @@ def episode_indices(
 
 
 def evaluate(
-    method: Method,
+    method: Method | Sequence[Method],
     data: FewShotData,
     split: str,
     shape: EpisodeShape,
@@ -280,10 +288,13 @@ def evaluate(
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
     ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``, or, with
-    ``query_batch_statistics``, by PyTorch under the transductive protocol of ``query_batch_scores``."""
+    ``query_batch_statistics``, by PyTorch under the transductive protocol of ``query_batch_scores``. Several
+    methods (checkpoints of one run) are scored as an ensemble (``episode_accuracies``)."""
     if query_batch_statistics and runtime != "torch":
         raise FsltoolError(f"--transductive embeds with batch statistics in PyTorch: it does not go with --runtime {runtime}")
+    ensemble = members(method)
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
-    accuracies = episode_accuracies(method, data, shape, support, query, runtime, query_batch_statistics)
-    return EvalResult(split, shape, accuracies, origin, query_batch_statistics or bool(getattr(method, "transductive", False)),
-                      SHUFFLED if method.order_sensitive else CLASS_SORTED, runtime)
+    accuracies = episode_accuracies(ensemble, data, shape, support, query, runtime, query_batch_statistics)
+    transductive = query_batch_statistics or any(getattr(member, "transductive", False) for member in ensemble)
+    return EvalResult(split, shape, accuracies, origin, transductive,
+                      SHUFFLED if ensemble[0].order_sensitive else CLASS_SORTED, runtime, len(ensemble))

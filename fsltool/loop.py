@@ -146,7 +146,8 @@ class Validator:
     shape: EpisodeShape
     episodes: int
     run: RunFolder
-    keep: int
+    keep: int  # the newest numbered checkpoints kept
+    keep_best: int  # and the best-validated ones
     unit: str  # what the numbered checkpoints count: episode | epoch
     precision: str = "fp32"  # the recipe's: validation runs as training does
     best: dict[str, Any] = field(default_factory=dict)  # accuracy, ci95 and the unit's count of the best so far
@@ -166,9 +167,9 @@ class Validator:
             self.best = {"accuracy": result.accuracy, "ci95": result.ci95, self.unit: count}
             checkpoint(self.run.best, elapsed)
         checkpoint(self.run.last, elapsed)
-        if self.keep:
+        if self.keep or self.keep_best:
             checkpoint(self.run.numbered_checkpoint(self.unit, count), elapsed)
-            self.run.prune(self.keep)
+            self.run.prune(self.keep, self.keep_best)
         return f"{result.accuracy:.2f}±{result.ci95:.2f}"
 
 
@@ -250,8 +251,8 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
     run = RunFolder(recipe.output)
     if group.writer:
         run.create(resume=resume, force=force)
-    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints, kind.unit,
-                          recipe.precision)
+    validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints,
+                          settings.keep_best_checkpoints, kind.unit, recipe.precision)
     updater = Updater(optimizer, parameters, settings, group, run.last)
     standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater,
                         [machine_description(device_of(method), group.world)])

@@ -41,6 +41,7 @@ class OptimConfig:
     lr_milestones: list[int] = field(default_factory=list)  # multistep schedule: multiply lr by lr_gamma at each
     log_every: int = 50  # optimizer steps between log rows
     keep_checkpoints: int = 3  # numbered checkpoints kept beside last.pt and best.pt (0: none)
+    keep_best_checkpoints: int = 0  # also keep this many best-validated numbered ones (evaluate --ensemble reads them)
     on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that step and count it)
     prefetch: bool = True  # assemble the next batch on a background thread during the step
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only (fsltool.data.augment)
@@ -112,8 +113,8 @@ DATA_ON_DEVICE = ("auto", True, False)
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed). The length key (episodes, epochs) is the first.
-RESUMABLE_KEYS = {"train": ("episodes", "keep_checkpoints", "on_nonfinite", "prefetch"),
-                  "pretrain": ("epochs", "keep_checkpoints", "on_nonfinite", "prefetch")}
+RESUMABLE_KEYS = {"train": ("episodes", "keep_checkpoints", "keep_best_checkpoints", "on_nonfinite", "prefetch"),
+                  "pretrain": ("epochs", "keep_checkpoints", "keep_best_checkpoints", "on_nonfinite", "prefetch")}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -325,7 +326,7 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
     for key in ("lr", "log_every"):
         if getattr(config, key) <= 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be positive, got {getattr(config, key)}")
-    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints"):
+    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints", "keep_best_checkpoints"):
         if getattr(config, key) < 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be >= 0, got {getattr(config, key)}")
     choices = {"on_nonfinite": NONFINITE_POLICIES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}

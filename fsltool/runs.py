@@ -48,17 +48,35 @@ class RunFolder:
 
     def numbered(self) -> list[Path]:
         """The numbered checkpoints (episode-N.pt, epoch-N.pt), oldest first."""
-        return sorted((*self.checkpoints.glob("episode-*.pt"), *self.checkpoints.glob("epoch-*.pt")),
-                      key=lambda path: int(path.stem.split("-")[1]))
+        return sorted((*self.checkpoints.glob("episode-*.pt"), *self.checkpoints.glob("epoch-*.pt")), key=numbered_count)
 
     def numbered_checkpoint(self, unit: str, count: int) -> Path:
         return self.checkpoints / f"{unit}-{count:08d}.pt"
 
-    def prune(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` numbered checkpoints (last.pt and best.pt are never touched)."""
+    def prune(self, keep: int, keep_best: int = 0) -> None:
+        """Delete the numbered checkpoints that are neither among the newest ``keep`` nor among the ``keep_best``
+        best validated (``best_validated``); last.pt and best.pt are never touched."""
         numbered = self.numbered()
-        for old in numbered[: max(len(numbered) - keep, 0)]:
-            old.unlink(missing_ok=True)
+        kept = set(numbered[max(len(numbered) - keep, 0) :] if keep else [])
+        kept.update(path for path, _ in self.best_validated(keep_best))
+        for old in numbered:
+            if old not in kept:
+                old.unlink(missing_ok=True)
+
+    def validation_scores(self) -> dict[int, float]:
+        """Validation accuracy by count (episodes or epochs) from the metrics log: what each numbered checkpoint,
+        written at a validation, scored."""
+        if not self.metrics.is_file():
+            return {}
+        rows = (json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip())
+        return {row.get("episode", row.get("epoch")): row["accuracy"] for row in rows if row.get("phase") == "val"}
+
+    def best_validated(self, count: int) -> list[tuple[Path, float]]:
+        """The ``count`` numbered checkpoints with the highest validation accuracy (the later one first on a tie),
+        best first, with their accuracy: fewer where fewer were kept and scored."""
+        scores = self.validation_scores()
+        scored = [(path, scores[numbered_count(path)]) for path in self.numbered() if numbered_count(path) in scores]
+        return sorted(scored, key=lambda item: (item[1], numbered_count(item[0])), reverse=True)[:count]
 
     def save_recipe(self, recipe: Recipe) -> None:
         """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
@@ -94,6 +112,11 @@ class RunFolder:
             atomic_write(path, lambda file: file.write(text.encode()))
         except OSError as error:
             raise write_error(path, what, error) from None
+
+
+def numbered_count(checkpoint: Path) -> int:
+    """The episode or epoch count in a numbered checkpoint's name (episode-00000125.pt: 125)."""
+    return int(checkpoint.stem.split("-")[1])
 
 
 def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpoint: Path, recipe_file: Path) -> None:

@@ -6,7 +6,7 @@
 Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
 recipe.yaml give the training budget (episodes and the splits trained on) and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
 where there is one, the exported body's prototype accuracy on the same stored episodes (MAML, Reptile). A
-transductive result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
+transductive or ensemble (`--ensemble N`) result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         if recipe.get("init"):
             budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
-        measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (" (transductive)" if result.get("transductive") else "")
+        labels = [*(["transductive"] if result.get("transductive") else []),
+                  *([f"ensemble of {result['ensemble']}"] if result.get("ensemble", 1) > 1 else [])]
+        measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (f" ({', '.join(labels)})" if labels else "")
         if (result["query"], result["episodes"], result["episodes_from"]) != (15, 600, "stored"):  # not the header's protocol
             measured += f" ({result['way']}w{result['shot']}s{result['query']}q, {result['episodes']:,} {result['episodes_from']} episodes)"
         export = root / f"omniglot-{run.name}-export.json"
