@@ -138,15 +138,19 @@ def test_pruning_keeps_every_checkpoint_while_fewer_than_keep(tmp_path: Path) ->
 )
 def test_how_often_a_run_validates_does_not_change_its_training(synthetic_file: Path, tmp_path: Path, method: str,
                                                                options: dict[str, object]) -> None:
-    """Validation draws on no training randomness and moves no training state (BatchNorm statistics included), so a
-    shorter budget ends where a longer run was at that count, and the ensemble's members lie on one trajectory
-    whatever validation.every the recipe sets."""
-    ends = []
-    for every in (1, 4):
-        recipe = quick_recipe(synthetic_file, tmp_path / f"every-{every}", method=method, method_options=options,
-                              backbone="conv4-strided", shape="5w1s5q", episodes=4, lr=0.01)
+    """Validation draws on no training randomness and moves no training state (BatchNorm statistics included), so
+    the ensemble's members lie on one trajectory whatever validation.every the recipe sets; and under a constant
+    learning rate a shorter budget ends exactly where a longer run was at that count."""
+    def trained_to(episodes: int, every: int, count: int) -> dict[str, torch.Tensor]:
+        recipe = quick_recipe(synthetic_file, tmp_path / f"{episodes}-every-{every}", method=method, method_options=options,
+                              backbone="conv4-strided", shape="5w1s5q", episodes=episodes, lr=0.01, keep_checkpoints=4)
         recipe.validation.every = every
         meta_train(recipe, quiet=True)
-        ends.append(torch.load(tmp_path / f"every-{every}" / "checkpoints" / "last.pt", weights_only=False)["model"])
-    for key in ends[0]:
-        assert torch.equal(ends[0][key], ends[1][key]), key
+        return torch.load(RunFolder(recipe.output).numbered_checkpoint("episode", count), weights_only=False)["model"]
+
+    often, seldom, shorter = trained_to(4, 1, 4), trained_to(4, 4, 4), trained_to(2, 2, 2)
+    at_2 = torch.load(tmp_path / "4-every-1" / "checkpoints" / "episode-00000002.pt", weights_only=False)["model"]
+    for key in often:
+        assert torch.equal(often[key], seldom[key]), key
+        assert torch.equal(at_2[key], shorter[key]), key
+    assert any(not torch.equal(often[key], at_2[key]) for key in often)  # the runs did train
