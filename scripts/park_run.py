@@ -4,7 +4,8 @@
     python scripts/park_run.py unpark runs/omniglot/reptile-5w5s-100k   # results/parked/... -> the run folder
     fsltool meta-train runs/omniglot/reptile-5w5s-100k/recipe.yaml --resume   # continues exactly
 
-`park` copies what an exact resume needs (recipe.yaml, metrics.jsonl, checkpoints/last.pt and best.pt) to
+`park` copies what an exact resume needs (recipe.yaml, metrics.jsonl, checkpoints/last.pt and best.pt), and the
+best-validated numbered checkpoints a recipe keeps for `evaluate --ensemble` (train.keep_best_checkpoints), to
 results/parked/<the folder's path>/, to be committed; a running run is refused (stop it first: its last
 checkpoint is what moves). `unpark` copies them back and refuses to overwrite a folder that already holds a
 checkpoint. `drop` deletes a parked copy once the run has finished and its evidence is in results/runs/.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from fsltool.folder_lock import lock_holder
 from fsltool.runs import RunFolder
@@ -40,7 +42,17 @@ def copy_run(source: RunFolder, target: RunFolder) -> list[Path]:
         if origin.is_file():
             shutil.copy2(origin, destination)
             written.append(destination)
+    for member in ensemble_members(source):
+        written.append(Path(shutil.copy2(member, target.checkpoints / member.name)))
     return written
+
+
+def ensemble_members(run: RunFolder) -> list[Path]:
+    """The best-validated numbered checkpoints the run's recipe keeps (``keep_best_checkpoints`` of its train or
+    pretrain section): what ``evaluate --ensemble`` scores, which last.pt alone cannot give back."""
+    recipe = yaml.safe_load(run.recipe.read_text()) if run.recipe.is_file() else None
+    sections = [(recipe or {}).get(section) or {} for section in ("train", "pretrain")]
+    return [path for path, _ in run.best_validated(max(int(section.get("keep_best_checkpoints", 0)) for section in sections))]
 
 
 def park(folder: Path, parked_root: Path = PARKED) -> list[Path]:

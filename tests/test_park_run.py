@@ -49,3 +49,22 @@ def test_paths_outside_the_repository_are_refused(tmp_path: Path) -> None:
     park_run = load_script("park_run")
     with pytest.raises(click.ClickException, match="relative to the repository"):
         park_run.park(tmp_path / "run")
+
+
+def test_parking_carries_the_ensembles_members(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that keeps its best-validated checkpoints (train.keep_best_checkpoints) parks and unparks them too, so
+    ``evaluate --ensemble`` works on the next machine."""
+    from fsltool.runs import RunFolder
+
+    park_run = load_script("park_run")
+    monkeypatch.chdir(tmp_path)
+    recipe = quick_recipe(synthetic_file, Path("runs/ensemble"), episodes=8, keep_checkpoints=1, keep_best_checkpoints=2, lr=0.01)
+    recipe.validation.every = 2
+    meta_train(recipe, quiet=True)
+    members = {path.name for path, _ in RunFolder("runs/ensemble").best_validated(2)}
+    assert len(members) == 2
+    parked = {path.name for path in park_run.park(Path("runs/ensemble"))}
+    assert parked == {"recipe.yaml", "metrics.jsonl", "last.pt", "best.pt", *members}
+    shutil.rmtree("runs/ensemble")
+    park_run.unpark(Path("runs/ensemble"))
+    assert {path.name for path, _ in RunFolder("runs/ensemble").best_validated(2)} == members
