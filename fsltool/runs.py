@@ -74,6 +74,8 @@ class RunFolder:
     def best_validated(self, count: int) -> list[tuple[Path, float]]:
         """The ``count`` numbered checkpoints with the highest validation accuracy (the later one first on a tie),
         best first, with their accuracy: fewer where fewer were kept and scored."""
+        if count < 1:
+            return []  # no metrics log to read: prune calls this at every validation, mostly with 0
         scores = self.validation_scores()
         scored = [(path, scores[numbered_count(path)]) for path in self.numbered() if numbered_count(path) in scores]
         return sorted(scored, key=lambda item: (item[1], numbered_count(item[0])), reverse=True)[:count]

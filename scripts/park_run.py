@@ -21,6 +21,7 @@ import click
 import yaml
 
 from fsltool.folder_lock import lock_holder
+from fsltool.recipe import recipe_from_dict
 from fsltool.runs import RunFolder
 
 PARKED = Path("results/parked")
@@ -50,9 +51,10 @@ def copy_run(source: RunFolder, target: RunFolder) -> list[Path]:
 def ensemble_members(run: RunFolder) -> list[Path]:
     """The best-validated numbered checkpoints the run's recipe keeps (``keep_best_checkpoints`` of its train or
     pretrain section): what ``evaluate --ensemble`` scores, which last.pt alone cannot give back."""
-    recipe = yaml.safe_load(run.recipe.read_text()) if run.recipe.is_file() else None
-    sections = [(recipe or {}).get(section) or {} for section in ("train", "pretrain")]
-    return [path for path, _ in run.best_validated(max(int(section.get("keep_best_checkpoints", 0)) for section in sections))]
+    if not run.recipe.is_file():
+        return []
+    recipe = recipe_from_dict(yaml.safe_load(run.recipe.read_text()))
+    return [path for path, _ in run.best_validated(max(recipe.train.keep_best_checkpoints, recipe.pretrain.keep_best_checkpoints))]
 
 
 def park(folder: Path, parked_root: Path = PARKED) -> list[Path]:

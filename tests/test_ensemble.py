@@ -87,7 +87,7 @@ def test_an_ensemble_classifies_by_its_members_mean_scores(ensemble_run: Path, s
         assert evaluate(members[:1], data, "test", shape).accuracies.tolist() == alone[0].accuracies.tolist()
 
 
-def test_evaluate_ensemble_scores_the_best_validated_checkpoints(ensemble_run: Path, tmp_path: Path) -> None:
+def test_evaluate_ensemble_scores_the_best_validated_checkpoints(ensemble_run: Path) -> None:
     code, out, err = run_cli("evaluate", str(ensemble_run), "--ensemble", "3", "--transductive", "--json", "-")
     assert code == 0, err
     payload = json.loads(out)
