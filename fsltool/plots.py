@@ -3,7 +3,6 @@ out as a grid (support, queries, and a trained model's predictions). Rendered of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,18 @@ import numpy as np  # noqa: E402
 
 from fsltool.atomic import atomic_path  # noqa: E402
 from fsltool.errors import FsltoolError  # noqa: E402
+from fsltool.runs import RunFolder  # noqa: E402
 
 CORRECT, WRONG = "#1a7f37", "#cf222e"
 
 
 def read_metrics(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The training and validation rows of a run's metrics.jsonl."""
-    path = run / "metrics.jsonl"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError as error:
-        raise FsltoolError(f"{path}: cannot read the run's metrics ({error.strerror or error})") from None
-    except ValueError as error:
-        raise FsltoolError(f"{path}: not a metrics log ({error})") from None
+    folder = RunFolder(run)
+    path = folder.metrics
+    if not path.is_file():
+        raise FsltoolError(f"{path}: cannot read the run's metrics (no such file)")
+    rows = folder.rows()
     train = [r for r in rows if r.get("phase") == "train"]
     val = [r for r in rows if r.get("phase") == "val"]
     if not train and not val:

@@ -63,13 +63,32 @@ class RunFolder:
             if old not in kept:
                 old.unlink(missing_ok=True)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The metrics log's rows in order (none before the first is written). A log edited into something else
+        is an error naming the file and line, not a traceback."""
+        if not self.metrics.is_file():
+            return []
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except OSError as error:
+            raise FsltoolError(f"{self.metrics}: cannot read the run's metrics ({error.strerror or error})") from None
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise FsltoolError(f"{self.metrics}: line {number} is not a metrics row ({error})") from None
+            if not isinstance(row, dict):
+                raise FsltoolError(f"{self.metrics}: line {number} is not a metrics row (a JSON object)")
+            rows.append(row)
+        return rows
+
     def validation_scores(self) -> dict[int, float]:
         """Validation accuracy by count (episodes or epochs) from the metrics log: what each numbered checkpoint,
         written at a validation, scored."""
-        if not self.metrics.is_file():
-            return {}
-        rows = (json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip())
-        return {row.get("episode", row.get("epoch")): row["accuracy"] for row in rows if row.get("phase") == "val"}
+        return {row.get("episode", row.get("epoch")): row["accuracy"] for row in self.rows() if row.get("phase") == "val"}
 
     def best_validated(self, count: int) -> list[tuple[Path, float]]:
         """The ``count`` numbered checkpoints with the highest validation accuracy (the later one first on a tie),

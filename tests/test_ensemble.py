@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,20 @@ def test_evaluate_ensemble_needs_a_run_folder(ensemble_run: Path, tmp_path: Path
     assert code == 2 and "no such run folder" in err
 
 
+
+
+def test_an_edited_metrics_log_is_a_one_line_error_naming_its_line(ensemble_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "edited"
+    shutil.copytree(ensemble_run, copy)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text("\n".join([*lines[:2], '{"episode": 4, "phase": "val", "accu', *lines[2:]]) + "\n")
+    code, out, err = run_cli("evaluate", str(copy), "--ensemble", "2")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "metrics.jsonl: line 3 is not a metrics row" in err, err
+    (copy / "metrics.jsonl").write_text("\n".join([*lines[:2], "[4, 97.5]", *lines[2:]]) + "\n")
+    code, _, err = run_cli("plot", "curves", str(copy), "--out", str(tmp_path / "curves.png"))
+    assert code == 2 and "metrics.jsonl: line 3 is not a metrics row (a JSON object)" in err, err
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_pruning_keeps_every_checkpoint_while_fewer_than_keep(tmp_path: Path) -> None:
