@@ -79,9 +79,12 @@ adapting() {  # METHOD: MAML, first-order MAML, MAML++ or Proto-MAML meta-fine-t
     "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" -q --json "results/omniglot-$method-$setting-pretrained$TAG.json"
     "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --transductive -q \
       --json "results/omniglot-$method-$setting-pretrained$TAG-transductive.json"
-    if [ "$method" = maml++ ]; then  # its paper's protocol: the mean logits of the 5 best-validated checkpoints, transductive
+    if [ "$method" = maml++ ]; then  # its paper's protocol: the mean logits of the 5 best-validated checkpoints, transductive,
       "$FSLTOOL" evaluate "$run" --ensemble 5 --transductive -q \
         --json "results/omniglot-$method-$setting-pretrained$TAG-ensemble-transductive.json"
+      # and as its code tests: one query per class (the batch statistics of one query a class), 5,000 sampled tasks
+      "$FSLTOOL" evaluate "$run" --ensemble 5 --transductive --shape "${setting}1q" --episodes 5000 --sample-seed 0 -q \
+        --json "results/omniglot-$method-$setting-pretrained$TAG-ensemble-transductive-1q.json"
     fi
     if [ -n "$ADAPT_STEPS" ]; then  # also after another number of fine-tuning steps, under both protocols
       "$FSLTOOL" evaluate "$run" --checkpoint "$CHECKPOINT" --adapt-steps "$ADAPT_STEPS" -q \
