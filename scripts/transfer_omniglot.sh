@@ -82,8 +82,11 @@ adapting() {  # METHOD: MAML, first-order MAML, MAML++ or Proto-MAML meta-fine-t
     if [ "$method" = maml++ ]; then  # its paper's protocol: the mean logits of the 5 best-validated checkpoints, transductive,
       "$FSLTOOL" evaluate "$run" --ensemble 5 --transductive -q \
         --json "results/omniglot-$method-$setting-pretrained$TAG-ensemble-transductive.json"
-      # and as its code tests: one query per class (the batch statistics of one query a class), 5,000 sampled tasks
-      "$FSLTOOL" evaluate "$run" --ensemble 5 --transductive --shape "${setting}1q" --episodes 5000 --sample-seed 0 -q \
+      # and as its code tests: one query per class (the batch statistics of one query a class), on sampled tasks
+      # (5,000 at 5 ways, 1,000 at 20: about 25,000 and 20,000 query predictions)
+      local tasks=5000
+      [ "${setting%%w*}" = 5 ] || tasks=1000
+      "$FSLTOOL" evaluate "$run" --ensemble 5 --transductive --shape "${setting}1q" --episodes "$tasks" --sample-seed 0 -q \
         --json "results/omniglot-$method-$setting-pretrained$TAG-ensemble-transductive-1q.json"
     fi
     if [ -n "$ADAPT_STEPS" ]; then  # also after another number of fine-tuning steps, under both protocols
