@@ -129,13 +129,15 @@ def _run_prepare(listing_factory: Callable[[], Any], out: str, shapes: str, quer
         console.print(f"  skipped {path}", highlight=False)
 
 
-def _ratios(text: str) -> tuple[float, float, float]:
+def _three_numbers(option: str, text: str, kind: type, example: str) -> tuple[Any, Any, Any]:
+    """An option's train,val,test triple, e.g. ``--split-ratios 0.64,0.16,0.2``; anything else is a one-line error."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(kind(v) for v in text.split(","))
     except ValueError:
-        raise FsltoolError(f"--split-ratios {text!r}: expected three numbers like 0.64,0.16,0.2") from None
+        values = ()
     if len(values) != 3:
-        raise FsltoolError(f"--split-ratios {text!r}: expected three numbers like 0.64,0.16,0.2")
+        numbers = "whole numbers" if kind is int else "numbers"
+        raise FsltoolError(f"{option} {text!r}: expected three {numbers} (train,val,test) like {example}")
     return values  # type: ignore[return-value]
 
 
@@ -180,14 +182,17 @@ def prepare_synthetic(out: str, classes: int, images_per_class: int, size: int, 
                    "random: 1028/172/423 characters drawn at random with --split-seed, alphabets shared between "
                    "splits (the Relation Network and MAML reference code's kind of split)")
 @click.option("--split-seed", default=1, show_default=True, help="the seed of --split random's shuffle")
+@click.option("--split-counts", default=None, metavar="TRAIN,VAL,TEST",
+              help="--split random's character counts (default 1028,172,423); the test characters depend only on the "
+                   "seed and the test count. MAML's code: 1100,100,423; MAML++'s: 1150,50,423")
 @click.option("--rotated-splits", default="train,val,test", show_default=True,
               help="the splits that get the rotated classes; train,val: upright test characters, as the Reptile reference code")
 @click.option("--resample", type=click.Choice(["lanczos", "nearest"]), default="lanczos", show_default=True,
               help="lanczos: antialiased grey strokes; nearest: binary glyphs, the images the papers' reference code "
                    "trained on (Pillow resizes the 1-bit PNGs by nearest neighbour)")
 @_episode_options
-def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, rotated_splits: str,
-                     resample: str, **common: Any) -> None:
+def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str, split_seed: int, split_counts: str | None,
+                     rotated_splits: str, resample: str, **common: Any) -> None:
     """Omniglot from images_background.zip / images_evaluation.zip (or their folders) in ROOT, split by the Vinyals,
     the Lake or a seeded random character protocol.
 
@@ -202,8 +207,10 @@ def prepare_omniglot(root: str, out: str, rotations: bool, size: int, split: str
     """
     from fsltool.data.sources.omniglot import omniglot
 
+    counts = None if split_counts is None else _three_numbers("--split-counts", split_counts, int, "1150,50,423")
     _run_prepare(lambda: omniglot(root=root, rotations=rotations, size=size or None, split=split, split_seed=split_seed,
-                                  resample=resample, rotated_splits=tuple(rotated_splits.split(","))), out, **common)
+                                  split_counts=counts, resample=resample, rotated_splits=tuple(rotated_splits.split(","))),
+                 out, **common)
 
 
 @prepare.command("folder")
@@ -223,7 +230,7 @@ def prepare_folder(root: str, out: str, channels: str, size: int | None, split_r
     """
     from fsltool.data.sources.folder import folder
 
-    ratios = _ratios(split_ratios)
+    ratios = _three_numbers("--split-ratios", split_ratios, float, "0.64,0.16,0.2")
     _run_prepare(lambda: folder(root=root, channels=int(channels), size=size, split_ratios=ratios,
                                 split_seed=split_seed, split_lists=split_lists), out, **common)
 
@@ -520,7 +527,8 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
     vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits),
     Omniglot's resampling (``image_resample``) and, where not every split has them, the splits with rotated classes,
     so numbers are compared only within one protocol."""
-    keys = {"split": "class_split", "split_seed": "class_split_seed", "resample": "image_resample", "rotated_splits": "rotated_splits"}
+    keys = {"split": "class_split", "split_seed": "class_split_seed", "split_counts": "class_split_counts",
+            "resample": "image_resample", "rotated_splits": "rotated_splits"}
     return {name: provenance[key] for key, name in keys.items() if key in provenance}
 
 

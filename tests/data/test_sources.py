@@ -491,6 +491,47 @@ def test_random_split_is_seeded_by_character_and_keeps_rotations_together(tmp_pa
     assert "split_seed" not in omniglot(root=root).provenance
 
 
+def test_random_split_counts_cut_the_same_shuffle_and_keep_its_test_characters(tmp_path: Path) -> None:
+    """MAML's and MAML++'s codes cut the shuffle at other counts (1100/100/423, 1150/50/423): the same seed and test
+    count keep the test characters; counts that do not add up, or on another protocol, are one-line errors."""
+    from click.testing import CliRunner
+
+    from fsltool.cli import data_protocol_of, main
+    from fsltool.data.store import FewShotData
+
+    root = make_omniglot_zips(tmp_path / "zips")
+
+    def characters(listing: SourceListing) -> dict[str, set[str]]:
+        by_split: dict[str, set[str]] = {}
+        for spec in listing.classes:
+            by_split.setdefault(spec.split, set()).add(spec.name.rsplit("/", 1)[0])
+        return by_split
+
+    default = characters(omniglot(root=str(root), split="random", split_seed=3))
+    counted = omniglot(root=str(root), split="random", split_seed=3, split_counts=(1, 2, 1))
+    moved = characters(counted)
+    assert {split: len(names) for split, names in moved.items()} == {"train": 1, "val": 2, "test": 1}
+    assert moved["test"] == default["test"] and default["val"] <= moved["val"]
+    assert counted.provenance["split_counts"] == [1, 2, 1] and data_protocol_of(counted.provenance)["class_split_counts"] == [1, 2, 1]
+    with pytest.raises(FsltoolError, match=r"^omniglot --split-counts 2,2,1: they add up to 5, the source has 4 characters$"):
+        omniglot(root=str(root), split="random", split_counts=(2, 2, 1))
+    with pytest.raises(FsltoolError, match=r"^omniglot --split-counts 3,0,1: give three positive character counts"):
+        omniglot(root=str(root), split="random", split_counts=(3, 0, 1))
+    with pytest.raises(FsltoolError, match=r"^omniglot --split-counts: only --split random"):
+        omniglot(root=str(root), split_counts=(2, 1, 1))
+
+    out = tmp_path / "counted.h5"
+    args = ["prepare", "omniglot", str(root), str(out), "--split", "random", "--split-seed", "3", "--shapes", "2w1s",
+            "--query", "1", "--episodes", "2", "--episode-splits", "val", "--no-rotations", "--quiet"]
+    bad = CliRunner().invoke(main, [*args, "--split-counts", "2,2"])
+    assert bad.exit_code == 2 and "--split-counts '2,2': expected three whole numbers (train,val,test)" in bad.output
+    assert not out.exists()
+    result = CliRunner().invoke(main, [*args, "--split-counts", "1,2,1"])
+    assert result.exit_code == 0, result.output
+    with FewShotData(out) as data:
+        assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 1, "val": 2, "test": 1}
+
+
 def test_rotated_splits_leave_the_other_splits_upright(tmp_path: Path) -> None:
     """Reptile's reference protocol: rotated training classes, upright test characters; recorded for evaluate."""
     from click.testing import CliRunner

@@ -18,7 +18,9 @@ the same classes, and both protocols on the same ones.
 MAML++ reference code split Omniglot (a seeded shuffle of the character folders: 1200 characters to train on,
 the other 423 to test; MAML++ also holds some out to validate). Their exact lists follow the file system's listing
 order and cannot be rebuilt; this split has their kind and counts, so a number measured on it can be set beside
-theirs, and beside the same method's number on the alphabet-disjoint Vinyals split.
+theirs, and beside the same method's number on the alphabet-disjoint Vinyals split. ``split_counts`` (train, val,
+test) cuts the same shuffle at other counts: the test characters are the first of the shuffle, so counts with the
+same test count keep the same test characters (MAML's code: 1100 / 100 / 423; MAML++'s: 1150 / 50 / 423).
 
 Resampling to 28x28: ``lanczos`` (the default) gives antialiased grey strokes. ``nearest`` gives the reference
 code's images: the Prototypical Networks, MAML (and through its resized copy the Relation Network) and Reptile code
@@ -106,33 +108,49 @@ def lake_split(part: str, alphabet: str) -> str:
     return SPLITS[1] if alphabet in VAL_ALPHABETS else SPLITS[0]
 
 
-def random_split(characters: list[tuple[str, str]], seed: int) -> dict[tuple[str, str], str]:
+def random_split(characters: list[tuple[str, str]], seed: int,
+                 counts: tuple[int, int, int] | None = None) -> dict[tuple[str, str], str]:
     """The random split (module docstring): ``characters`` shuffled by Python's seeded ``random.Random`` (stable
-    across Python versions), the first test, the next val, the rest train, at the Vinyals split's proportions
-    (exactly its counts on the whole of Omniglot; at least one character each)."""
+    across Python versions), the first test, the next val, the rest train, at ``counts`` (train, val, test
+    characters, which must add up to all of them) or else the Vinyals split's proportions (exactly its counts on
+    the whole of Omniglot; at least one character each)."""
     order = sorted(characters)
     random.Random(seed).shuffle(order)
-    total = sum(VINYALS_COUNTS.values())
-    test, val = (max(1, round(len(order) * VINYALS_COUNTS[split] / total)) for split in ("test", "val"))
+    if counts is None:
+        total = sum(VINYALS_COUNTS.values())
+        test, val = (max(1, round(len(order) * VINYALS_COUNTS[split] / total)) for split in ("test", "val"))
+    else:
+        _check_split_counts(counts, len(order))
+        _, val, test = counts
     return {key: SPLITS[2] if i < test else SPLITS[1] if i < test + val else SPLITS[0] for i, key in enumerate(order)}
 
 
+def _check_split_counts(counts: tuple[int, int, int], characters: int) -> None:
+    text = ",".join(map(str, counts))
+    if len(counts) != 3 or any(count < 1 for count in counts):
+        raise FsltoolError(f"omniglot --split-counts {text}: give three positive character counts, train,val,test")
+    if sum(counts) != characters:
+        raise FsltoolError(f"omniglot --split-counts {text}: they add up to {sum(counts)}, the source has {characters} characters")
+
+
 def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split: str = "vinyals", split_seed: int = 1,
-             resample: str = "lanczos", rotated_splits: tuple[str, ...] = SPLITS) -> SourceListing:
+             split_counts: tuple[int, int, int] | None = None, resample: str = "lanczos",
+             rotated_splits: tuple[str, ...] = SPLITS) -> SourceListing:
     """List Omniglot as classes ``Alphabet/characterNN/rotDDD``: grey, inverted (ink high), resized to ``size`` by
     ``resample`` (lanczos or nearest, module docstring), split by the ``split`` protocol (``vinyals``, ``lake`` or
-    ``random`` with ``split_seed``, module docstring), with rotated classes (``rotations``) in ``rotated_splits``.
+    ``random`` with ``split_seed`` and ``split_counts``, module docstring), with rotated classes (``rotations``) in
+    ``rotated_splits``.
 
     Each of the two parts is read from ``<root>/<part>.zip`` when present, else from the folder ``<root>/<part>/``.
     Listing reads only the zip directories and folder names; no image is decoded.
     """
     root = str(root)
-    _check_options(split, resample, rotated_splits)
+    _check_options(split, resample, rotated_splits, split_counts)
     require_folder(root, "omniglot root")
     check_image_options(1, size)
     reader = _OmniglotReader(size, resample)
     characters, part_of, forms = _characters(root, reader)
-    shuffled = random_split(list(characters), split_seed) if split == "random" else {}
+    shuffled = random_split(list(characters), split_seed, split_counts) if split == "random" else {}
     classes = []
     for (alphabet, character), items in sorted(characters.items()):
         if split == "lake":
@@ -155,15 +173,18 @@ def omniglot(*, root: str, rotations: bool = True, size: int | None = 28, split:
         "form": forms,
         "split": split,
         **({"split_seed": split_seed} if split == "random" else {}),
+        **({"split_counts": list(split_counts)} if split_counts is not None else {}),
         "resample": resample,
         "invert": True,  # stored ink-high: a user's dark-on-white image must be inverted the same way
     }
     return SourceListing(classes, (1, side, side), reader.load, reader.describe, provenance)
 
 
-def _check_options(split: str, resample: str, rotated_splits: tuple[str, ...]) -> None:
+def _check_options(split: str, resample: str, rotated_splits: tuple[str, ...], split_counts: tuple[int, ...] | None) -> None:
     if split not in SPLIT_PROTOCOLS:
         raise FsltoolError(f"omniglot --split {split!r}: must be one of {', '.join(SPLIT_PROTOCOLS)}")
+    if split_counts is not None and split != "random":
+        raise FsltoolError(f"omniglot --split-counts: only --split random is cut at chosen counts (not --split {split})")
     if resample not in RESAMPLING:
         raise FsltoolError(f"omniglot --resample {resample!r}: must be one of {', '.join(RESAMPLING)}")
     unknown = [name for name in rotated_splits if name not in SPLITS]
