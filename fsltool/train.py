@@ -16,7 +16,7 @@ from rich.progress import TextColumn
 
 from fsltool.checkpoint import build_model, load_init_backbone, model_config, save_checkpoint
 from fsltool.console import console, progress_bar
-from fsltool.data.augment import augment_episode, episode_generator
+from fsltool.data.augment import augment_episode, check_augment_fits, episode_generator
 from fsltool.data.batches import MetaBatches
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.store import FewShotData, open_for_run
@@ -100,6 +100,7 @@ class MetaTraining:
         self.share = group.share(recipe.train.meta_batch)
         self.data = open_for_run(recipe.data, recipe.data_on_device, device)
         self.val_shape = stored_shapes_needed(recipe, self.data)
+        check_augment_fits(recipe.train.augment, self.data.image_shape, recipe.data)
         self.method, config = build_for_training(recipe, self.data, device, resume=resume)
         if not self.method.meta_trainable:
             raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "

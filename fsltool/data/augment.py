@@ -24,7 +24,9 @@ class AugmentConfig:
     """``train.augment``: natural = random resized crop, horizontal flip, colour jitter (RGB photos);
     padded = zero padding and a random crop back to the image's size (a shift by whole pixels, torchvision's
     RandomCrop(size, padding) as RFS and the CIFAR recipes use it), flip, colour jitter; glyph = random affine
-    (rotation, scale, shift) for greyscale characters; none = off."""
+    (rotation, scale, shift) for greyscale characters; class_rot90 = each class of an episode, support and query
+    alike, turned by a random multiple of 90 degrees (MAML++'s Omniglot training, on upright classes; episodes
+    only, not pretraining batches); none = off."""
 
     kind: str = "none"
     crop_scale: float = 0.5  # natural: a crop covers [crop_scale, 1] of the image's area (aspect 3/4 to 4/3)
@@ -40,11 +42,21 @@ def check_augment(config: AugmentConfig, where: str, section: str = "train") -> 
     """Values a recipe may not hold, named by their key (in the recipe's ``train`` or ``pretrain`` section)."""
     if config.kind not in KINDS:
         raise FsltoolError(f"{where}: recipe key '{section}.augment.kind': {config.kind!r} is not one of {', '.join(KINDS)}")
+    if config.kind in EPISODE_KINDS and section != "train":
+        raise FsltoolError(f"{where}: recipe key '{section}.augment.kind': {config.kind} turns the classes of episodes; "
+                           f"pretraining batches have none (use it in train.augment)")
     ranges = {"crop_scale": (0.01, 1.0), "padding": (0.0, 0.5), "color_jitter": (0.0, 0.99), "rotation": (0.0, 180.0), "scale": (0.0, 0.9), "shift": (0.0, 0.5)}
     for key, (low, high) in ranges.items():
         value = getattr(config, key)
         if not math.isfinite(value) or not low <= value <= high:
             raise FsltoolError(f"{where}: recipe key '{section}.augment.{key}' must be in [{low:g}, {high:g}], got {value}")
+
+
+def check_augment_fits(config: AugmentConfig, image_shape: tuple[int, ...], data: str) -> None:
+    """Refuse, before training, an augmentation the data's images cannot take: quarter turns keep only squares."""
+    if config.kind == "class_rot90" and image_shape[-1] != image_shape[-2]:
+        raise FsltoolError(f"{data}: recipe key 'train.augment.kind': class_rot90 needs square images, "
+                           f"these are {image_shape[-2]}x{image_shape[-1]}")
 
 
 def episode_generator(seed: int, step: int, position: int) -> torch.Generator:
@@ -126,7 +138,8 @@ _KIND = {
     "padded": _Kind(_padded_theta, "nearest", "zeros", True),
     "glyph": _Kind(lambda n, config, generator, size: _glyph_theta(n, config, generator), "bilinear", "border", False),
 }
-KINDS = ("none", *_KIND)
+EPISODE_KINDS = ("class_rot90",)  # need an episode's classes, so train.augment only
+KINDS = ("none", *_KIND, *EPISODE_KINDS)
 
 
 def augment_images(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -142,10 +155,25 @@ def augment_images(images: torch.Tensor, config: AugmentConfig, generator: torch
     return images
 
 
+def rotate_classes(images: torch.Tensor, labels: torch.Tensor, way: int, generator: torch.Generator) -> torch.Tensor:
+    """Each class's images turned by the same random multiple of 90 degrees (exact: whole-pixel rotations of square
+    images), one draw per class."""
+    turns = torch.randint(4, (way,), generator=generator).to(labels.device)[labels]
+    rotated = images.clone()
+    for quarter in range(1, 4):
+        chosen = turns == quarter  # a handful of masks per episode: no host sync beyond the indexing itself
+        rotated[chosen] = torch.rot90(images[chosen], quarter, dims=(-2, -1))
+    return rotated
+
+
 def augment_episode(episode: Episode, config: AugmentConfig, generator: torch.Generator) -> Episode:
     """The episode with its support and query images augmented in one batch (labels and shape unchanged)."""
     if config.kind == "none":
         return episode
-    images = augment_images(torch.cat([episode.support, episode.query]), config, generator)
+    images = torch.cat([episode.support, episode.query])
+    if config.kind == "class_rot90":
+        images = rotate_classes(images, torch.cat([episode.support_labels, episode.query_labels]), episode.shape.way, generator)
+    else:
+        images = augment_images(images, config, generator)
     support_count = episode.support.shape[0]
     return Episode(images[:support_count], episode.support_labels, images[support_count:], episode.query_labels, episode.shape)

@@ -113,3 +113,58 @@ def test_augmented_run_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> 
     plain = quick_recipe(synthetic_file, tmp_path / "plain", episodes=8)
     meta_train(plain, quiet=True)
     assert any(not torch.equal(straight[key], parameters(tmp_path / "plain")[key]) for key in straight)
+
+
+def test_class_rotation_turns_each_class_as_one_by_quarter_turns() -> None:
+    """MAML++'s Omniglot augmentation: every image of a class (support and query) turned by the same multiple of
+    90 degrees, exactly; the classes' turns are drawn apart and repeat with the episode's seed."""
+    from fsltool.data.augment import augment_episode
+    from fsltool.data.episodes import Episode, EpisodeShape
+
+    shape = EpisodeShape(20, 2, 3)
+    support_labels, query_labels = (torch.arange(20).repeat_interleave(n) for n in (2, 3))
+    episode = Episode(torch.rand(40, 1, 9, 9), support_labels, torch.rand(60, 1, 9, 9), query_labels, shape)
+    config = AugmentConfig(kind="class_rot90")
+    out = augment_episode(episode, config, episode_generator(0, 3, 1))
+    assert torch.equal(out.support_labels, support_labels) and torch.equal(out.query_labels, query_labels)
+    turns = {}
+    for images, rotated, labels in ((episode.support, out.support, support_labels), (episode.query, out.query, query_labels)):
+        for image, turned, label in zip(images, rotated, labels.tolist()):
+            quarter = next(k for k in range(4) if torch.equal(torch.rot90(image, k, dims=(-2, -1)), turned))
+            assert turns.setdefault(label, quarter) == quarter  # one turn per class
+    assert set(turns.values()) == {0, 1, 2, 3}
+    again = augment_episode(episode, config, episode_generator(0, 3, 1))
+    assert torch.equal(again.support, out.support) and torch.equal(again.query, out.query)
+
+
+def test_class_rotation_is_refused_where_it_cannot_apply(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretraining batches have no episode classes, and quarter turns keep only square images: both refused before
+    any run folder is written."""
+    from fsltool import train
+    from fsltool.data.augment import check_augment, check_augment_fits
+    from fsltool.data.store import FewShotData
+
+    with pytest.raises(FsltoolError, match=r"'pretrain.augment.kind': class_rot90 turns the classes of episodes"):
+        check_augment(AugmentConfig(kind="class_rot90"), "r.yaml", "pretrain")
+    check_augment(AugmentConfig(kind="class_rot90"), "r.yaml", "train")
+    with pytest.raises(FsltoolError, match=r"^d.h5: recipe key 'train.augment.kind': class_rot90 needs square images, these are 28x32$"):
+        check_augment_fits(AugmentConfig(kind="class_rot90"), (3, 28, 32), "d.h5")
+    check_augment_fits(AugmentConfig(kind="class_rot90"), (1, 28, 28), "d.h5")
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=2)
+    recipe.train.augment = AugmentConfig(kind="class_rot90")
+    meta_train(recipe, quiet=True)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+    opened = train.open_for_run
+
+    def wide(*args: object) -> FewShotData:  # the same data, seen as 28x32 images
+        data = opened(*args)
+        data.image_shape = (*data.image_shape[:-2], 28, 32)
+        return data
+
+    monkeypatch.setattr(train, "open_for_run", wide)
+    recipe = quick_recipe(synthetic_file, tmp_path / "wide", episodes=2)
+    recipe.train.augment = AugmentConfig(kind="class_rot90")
+    with pytest.raises(FsltoolError, match="class_rot90 needs square images, these are 28x32"):
+        meta_train(recipe, quiet=True)
+    assert not (tmp_path / "wide").exists()
