@@ -159,11 +159,8 @@ def rotate_classes(images: torch.Tensor, labels: torch.Tensor, way: int, generat
     """Each class's images turned by the same random multiple of 90 degrees (exact: whole-pixel rotations of square
     images), one draw per class."""
     turns = torch.randint(4, (way,), generator=generator).to(labels.device)[labels]
-    rotated = images.clone()
-    for quarter in range(1, 4):
-        chosen = turns == quarter  # a handful of masks per episode: no host sync beyond the indexing itself
-        rotated[chosen] = torch.rot90(images[chosen], quarter, dims=(-2, -1))
-    return rotated
+    every_turn = torch.stack([torch.rot90(images, quarter, dims=(-2, -1)) for quarter in range(4)])
+    return every_turn[turns, torch.arange(len(images), device=images.device)]  # gathered on the device: no host sync
 
 
 def augment_episode(episode: Episode, config: AugmentConfig, generator: torch.Generator) -> Episode:
