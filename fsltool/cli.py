@@ -525,11 +525,12 @@ def recipes_check(recipe: str, overrides: tuple[str, ...]) -> None:
 def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
     """How the data file was packed, where numbers depend on it, for a result's JSON: the class split (Omniglot's
     vinyals, lake or random and its seed, a benchmark's named split; the test classes differ between splits),
-    Omniglot's resampling (``image_resample``) and, where not every split has them, the splits with rotated classes,
-    so numbers are compared only within one protocol."""
+    Omniglot's resampling (``image_resample``) and, where not every split has them, the splits with rotated classes
+    (none for a file packed with ``--no-rotations``), so numbers are compared only within one protocol."""
     keys = {"split": "class_split", "split_seed": "class_split_seed", "split_counts": "class_split_counts",
             "resample": "image_resample", "rotated_splits": "rotated_splits"}
-    return {name: provenance[key] for key, name in keys.items() if key in provenance}
+    protocol = {name: provenance[key] for key, name in keys.items() if key in provenance}
+    return {**protocol, "rotated_splits": []} if provenance.get("rotations") is False else protocol
 
 
 @main.command()

@@ -530,6 +530,8 @@ def test_random_split_counts_cut_the_same_shuffle_and_keep_its_test_characters(t
     assert result.exit_code == 0, result.output
     with FewShotData(out) as data:
         assert {split: len(classes) for split, classes in data.splits.items()} == {"train": 1, "val": 2, "test": 1}
+        assert data_protocol_of(data.provenance) == {"class_split": "random", "class_split_seed": 3, "class_split_counts": [1, 2, 1],
+                                                     "image_resample": "lanczos", "rotated_splits": []}  # --no-rotations: none
 
 
 def test_rotated_splits_leave_the_other_splits_upright(tmp_path: Path) -> None:
