@@ -46,18 +46,25 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             missing.append(path.name)
             continue
         log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        tested_at = result.get("training", {}).get("episodes")
+        if tested_at is not None and str(result.get("checkpoint", "")).endswith("last.pt"):  # a run continued after this test
+            log = [row for row in log if row.get("episode", 0) <= tested_at]
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
         budget = f"{steps} × {batch} of {recipe['train']['shape']}" if batch > 1 else f"{steps} of {recipe['train']['shape']}"
         budget += " on " + "+".join(recipe["train"].get("splits", ["train"]))  # runs from before train.splits: train alone
         if result.get("class_split", "vinyals") != "vinyals":  # other test classes: set beside the paper's kind of split
             budget += f"; {result['class_split']} class split" + (f" (seed {result['class_split_seed']})" if "class_split_seed" in result else "")
+            if "class_split_counts" in result:  # the reference code's own counts (MAML++: 1150/50/423 characters)
+                budget += f" of {'/'.join(map(str, result['class_split_counts']))} characters"
         if result.get("image_resample", "lanczos") != "lanczos":  # the reference code's binary glyphs, not fsltool's default
             budget += f"; {result['image_resample']} resampling"
         if "adapt_steps" in result:  # evaluated with another number of fine-tuning steps than the recipe's
             budget += f"; {result['adapt_steps']} fine-tuning steps at test"
         if "rotated_splits" in result:  # e.g. Reptile's upright test characters
-            budget += f"; rotated classes in {'+'.join(result['rotated_splits'])} only"
+            budget += f"; rotated classes in {'+'.join(result['rotated_splits'])} only" if result["rotated_splits"] else "; no rotated classes"
+        if recipe["train"].get("augment", {}).get("kind", "none") != "none":  # e.g. MAML++'s quarter turns of each class
+            budget += f"; {recipe['train']['augment']['kind']} augmentation"
         if recipe.get("init"):
             budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
