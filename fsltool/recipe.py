@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from fsltool.data.augment import AugmentConfig, check_augment
-from fsltool.data.episodes import EpisodeShape
+from fsltool.data.episodes import EpisodeShape, TrainingShape
 from fsltool.device import DEVICE_NAME
 from fsltool.errors import FsltoolError
 
@@ -261,9 +261,11 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     for key in ("data", "output"):
         if not getattr(recipe, key):
             raise FsltoolError(f"{where}: recipe key {key!r} is required")
-    for key, text in (("train.shape", recipe.train.shape), ("validation.shape", recipe.validation.shape), ("test_shape", recipe.test_shape)):
+    for key, text, parse in (("train.shape", recipe.train.shape, TrainingShape.parse),
+                             ("validation.shape", recipe.validation.shape, EpisodeShape.parse),
+                             ("test_shape", recipe.test_shape, EpisodeShape.parse)):
         try:
-            EpisodeShape.parse(text)
+            parse(text)
         except FsltoolError as error:
             raise FsltoolError(f"{where}: recipe key {key!r}: {error}") from None
     positive = {
@@ -356,7 +358,7 @@ def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
         if stage == "pretrain":
             data.classes_of(recipe.pretrain.splits)
         else:
-            data.sampler(recipe.train.splits, EpisodeShape.parse(recipe.train.shape), torch.Generator())
+            data.sampler(recipe.train.splits, TrainingShape.parse(recipe.train.shape).largest, torch.Generator())
             build_model(model_config(recipe, data.image_shape, data.mean, data.std, data.provenance))
         data.stored_episodes("val", EpisodeShape.parse(recipe.validation.shape))
         data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))

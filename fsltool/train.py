@@ -18,7 +18,7 @@ from fsltool.checkpoint import build_model, load_init_backbone, model_config, sa
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, check_augment_fits, episode_generator
 from fsltool.data.batches import MetaBatches
-from fsltool.data.episodes import Episode, EpisodeShape
+from fsltool.data.episodes import Episode, EpisodeShape, TrainingShape
 from fsltool.data.store import FewShotData, open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
@@ -109,7 +109,8 @@ class MetaTraining:
         parameters = trainable_parameters(self.method)
         optimizer, self.scheduler = make_optimizer(recipe.train, parameters, recipe.train.episodes)
         generator = torch.Generator().manual_seed(recipe.seed + 1)
-        sampler = self.data.sampler(recipe.train.splits, EpisodeShape.parse(recipe.train.shape), generator)
+        shapes = TrainingShape.parse(recipe.train.shape)
+        sampler = self.data.sampler(recipe.train.splits, shapes.largest, generator)
 
         self.run_folder, self.standing, state = open_run(recipe, META_TRAINING, group, self.method, config, optimizer, self.scheduler,
                                                          parameters, self.data, self.val_shape, resume=resume, force=force)
@@ -117,7 +118,7 @@ class MetaTraining:
         if state is not None:
             generator.set_state(state["sampler_rng"])
         self.batches = MetaBatches(self.data, sampler, recipe.train.meta_batch, self.share, recipe.train.episodes - self.standing.done,
-                                   prefetch=recipe.train.prefetch, device=device)
+                                   prefetch=recipe.train.prefetch, device=device, shapes=shapes)
 
     def checkpoint_at(self, episode: int) -> Callable[[Path, float], None]:
         def write(path: Path, elapsed: float) -> None:

@@ -34,6 +34,8 @@ def test_base_merge_and_overrides(tmp_path: Path) -> None:
         ("data: d\noutput: o\ntrain:\n  episodes: 1.5\n", [], r"'train.episodes': expected int"),
         ("data: d\noutput: o\ntrain:\n  episodes: 0\n", [], r"'train.episodes' must be positive"),
         ("data: d\noutput: o\ntrain:\n  shape: 5way\n", [], r"'train.shape'"),
+        ("data: d\noutput: o\n", ["train.shape=5w5-1s"], r"recipe key 'train.shape': episode shape '5w5-1s': the range of shots must rise"),
+        ("data: d\noutput: o\n", ["validation.shape=5w1-5s"], r"recipe key 'validation.shape': episode shape '5w1-5s' is not of the form"),
         ("data: d\noutput: o\n", ["train.lr_schedule=exponential"], r"'train.lr_schedule': 'exponential' is not one of step, multistep, linear, cosine"),
         ("data: d\noutput: o\n", ["train.warmup=-1"], r"'train.warmup' must be >= 0, got -1"),
         ("data: d\noutput: o\nmethod: protonett\n", [], r"unknown method 'protonett'"),

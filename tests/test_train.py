@@ -363,3 +363,29 @@ def test_bf16_pretraining_steps_run_in_bfloat16(synthetic_file: Path, tmp_path: 
     recipe.precision = "bf16"
     pretrain(recipe, quiet=True)
     assert {dtype for _, dtype in seen} == {torch.bfloat16} and {training for training, _ in seen} == {True, False}
+
+
+def test_a_range_of_shots_trains_and_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> None:
+    """train.shape 5w1-4s3q: a shot drawn per meta-batch (SNAIL's protocol); resume stays exact."""
+    settings = {"shape": "5w1-4s3q", "meta_batch": 2, "keep_checkpoints": 3, "lr_step": 3}
+    meta_train(quick_recipe(synthetic_file, tmp_path / "straight", **settings), quiet=True)
+    assert_resume_from_episode_4_is_exact(quick_recipe(synthetic_file, tmp_path / "resumed", **settings), tmp_path / "straight")
+
+
+@pytest.mark.parametrize(("method", "backbone", "options"), [
+    ("protonet", "conv4", {}),
+    ("matchingnet", "conv4", {"fce": True}),
+    ("relationnet", "conv4-relation", {}),
+    ("maml", "conv4", {"way": 5, "inner_steps": 1}),
+    ("reptile", "conv4", {"way": 5, "inner_steps": 2}),
+    ("snail", "conv4", {"way": 5, "sequence_length": 16, "tc_filters": 8, "attention": [[8, 4], [8, 8], [16, 8]], "batch_norm_over": "meta_batch"}),
+    ("mann", "conv4", {"way": 5, "hidden": 16, "slots": 8, "slot_size": 4, "heads": 1}),
+])
+def test_every_meta_trained_method_trains_on_a_range_of_shots(method: str, backbone: str, options: dict[str, object], synthetic_file: Path, tmp_path: Path) -> None:
+    recipe = quick_recipe(synthetic_file, tmp_path / method, method=method, backbone=backbone, method_options=options,
+                          shape="5w1-3s2q", episodes=6, meta_batch=2)
+    recipe.validation.every = 6
+    meta_train(recipe, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert [row["episode"] for row in rows if row["phase"] == "train"] == [2, 4, 6]
+    assert all(math.isfinite(row["loss"]) for row in rows if row["phase"] == "train")

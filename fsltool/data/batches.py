@@ -10,19 +10,21 @@ from functools import partial
 import numpy as np
 import torch
 
-from fsltool.data.episodes import Episode, EpisodeSampler
+from fsltool.data.episodes import Episode, EpisodeSampler, EpisodeShape, TrainingShape
 from fsltool.data.store import FewShotData
 from fsltool.data.transfer import Prefetcher, upload
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
+Drawn = tuple[EpisodeShape, Indices]  # one meta-batch: its shape and this process's episodes' indices
 CPU = torch.device("cpu")
 
 
 class MetaBatches:
     """Meta-batches of ``meta_batch`` episodes, of which this process assembles the positions in ``share`` (all of
-    them in a one-process run; see fsltool.distributed).
+    them in a one-process run; see fsltool.distributed). ``shapes`` gives each meta-batch's shape (a shot drawn per
+    meta-batch from a range, or the sampler's one shape).
 
-    The indices of every episode are drawn on the calling thread, in order, whatever the share and whether or not
+    The shape and the indices of every episode are drawn on the calling thread, in order, whatever the share and whether or not
     ``prefetch`` is on, so the episodes never depend on either. Episodes are assembled on ``device``. With
     ``prefetch`` the next meta-batch's images (HDF5 reads or a gather, the copy to the device, the float
     conversion) are assembled on a background thread while the caller trains on the current one.
@@ -31,19 +33,23 @@ class MetaBatches:
     """
 
     def __init__(self, data: FewShotData, sampler: EpisodeSampler, meta_batch: int, share: range, count: int, *,
-                 prefetch: bool, device: torch.device = CPU) -> None:
+                 prefetch: bool, device: torch.device = CPU, shapes: TrainingShape | None = None) -> None:
         self._data, self._sampler, self._meta_batch, self._share, self._device = data, sampler, meta_batch, share, device
+        shape = sampler.shape
+        self._shapes = shapes or TrainingShape(shape.way, shape.shot, shape.shot, shape.query)
         self._remaining = count  # meta-batches still to hand out: nothing is drawn past the last one
         self._prefetcher: Prefetcher[list[Episode]] | None = Prefetcher(device) if prefetch else None
         self._pending: tuple[torch.Tensor, Callable[[], list[Episode]]] | None = None
 
-    def _draw(self) -> tuple[torch.Tensor, Indices]:
+    def _draw(self) -> tuple[torch.Tensor, Drawn]:
         state = self._sampler.generator.get_state()
-        drawn = [self._sampler.sample() for _ in range(self._meta_batch)]
-        return state, [drawn[position] for position in self._share]
+        shape = self._shapes.draw(self._sampler.generator)
+        drawn = [self._sampler.sample(shape) for _ in range(self._meta_batch)]
+        return state, (shape, [drawn[position] for position in self._share])
 
-    def _assemble(self, indices: Indices) -> list[Episode]:
-        return [self._data.episode(support, query, self._sampler.shape, self._device) for support, query in indices]
+    def _assemble(self, drawn: Drawn) -> list[Episode]:
+        shape, indices = drawn
+        return [self._data.episode(support, query, shape, self._device) for support, query in indices]
 
     def next(self) -> list[Episode]:
         """This process's episodes of the next meta-batch, on the device."""
@@ -51,8 +57,8 @@ class MetaBatches:
         self._pending = None
         self._remaining -= 1
         if self._prefetcher is not None and self._remaining > 0:
-            state, indices = self._draw()
-            self._pending = (state, self._prefetcher.submit(partial(self._assemble, indices)))
+            state, drawn = self._draw()
+            self._pending = (state, self._prefetcher.submit(partial(self._assemble, drawn)))
         return batch
 
     def sampler_state(self) -> torch.Tensor:

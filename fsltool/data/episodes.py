@@ -13,6 +13,7 @@ from fsltool.data.transfer import upload
 from fsltool.errors import FsltoolError
 
 _SHAPE = re.compile(r"^(\d+)w(\d+)s(?:(\d+)q)?$")
+_TRAINING_SHAPE = re.compile(r"^(\d+)w(\d+)(?:-(\d+))?s(?:(\d+)q)?$")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,48 @@ class EpisodeShape:
 
     def __str__(self) -> str:
         return f"{self.way}w{self.shot}s{self.query}q"
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """Training episodes: ``5w1s15q`` (one shape), or ``20w1-5s2q``: N-way with Q queries per class and a shot drawn
+    uniformly from 1 to 5 for every meta-batch, as SNAIL trains one model per way for every shot. A whole
+    meta-batch shares its shot, so its episodes stack (grouped MAML steps, one BatchNorm pass over the meta-batch)."""
+
+    way: int
+    fewest_shots: int
+    most_shots: int
+    query: int
+
+    @classmethod
+    def parse(cls, text: str, default_query: int = 15) -> TrainingShape:
+        match = _TRAINING_SHAPE.match(str(text).strip())
+        if not match:
+            raise FsltoolError(f"episode shape {text!r} is not of the form 5w1s, 5w1s15q or 20w1-5s2q (a range of shots)")
+        fewest = int(match[2])
+        most = int(match[3]) if match[3] is not None else fewest
+        if match[3] is not None and most <= fewest:
+            raise FsltoolError(f"episode shape {text!r}: the range of shots must rise, e.g. 1-5")
+        shape = cls(int(match[1]), fewest, most, int(match[4]) if match[4] is not None else default_query)
+        if shape.way < 2 or fewest < 1 or shape.query < 1:
+            raise FsltoolError(f"episode shape {text!r}: way must be >= 2, shot and query >= 1")
+        return shape
+
+    @property
+    def largest(self) -> EpisodeShape:
+        """The episodes with the most images per class: what every class of the split must supply."""
+        return EpisodeShape(self.way, self.most_shots, self.query)
+
+    def draw(self, generator: torch.Generator) -> EpisodeShape:
+        """The next meta-batch's shape; one shape draws nothing, so fixed-shape runs keep their episodes."""
+        if self.fewest_shots == self.most_shots:
+            return self.largest
+        shot = int(torch.randint(self.fewest_shots, self.most_shots + 1, (1,), generator=generator))
+        return EpisodeShape(self.way, shot, self.query)
+
+    def __str__(self) -> str:
+        shots = f"{self.fewest_shots}-{self.most_shots}" if self.fewest_shots != self.most_shots else str(self.most_shots)
+        return f"{self.way}w{shots}s{self.query}q"
 
 
 @dataclass
@@ -97,9 +140,11 @@ class EpisodeSampler:
         self._count = torch.as_tensor(class_count, dtype=torch.long)[self._classes]
         self._max_count = int(self._count.max()) if len(self._count) else 0
 
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (support indices, query indices) into the image array, ordered class by class."""
-        shape = self.shape
+    def sample(self, shape: EpisodeShape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (support indices, query indices) into the image array, ordered class by class: an episode of the
+        sampler's shape, or of ``shape`` (no more ways or images per class than the sampler's shape, which the split
+        was checked for)."""
+        shape = shape or self.shape
         chosen = torch.randperm(len(self._classes), generator=self.generator)[: shape.way]
         keys = torch.rand(shape.way, self._max_count, generator=self.generator)
         keys[torch.arange(self._max_count) >= self._count[chosen, None]] = 2.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsltool.data.episodes import EpisodeSampler, EpisodeShape, check_split_fits
+from fsltool.data.episodes import EpisodeSampler, EpisodeShape, TrainingShape, check_split_fits
 from fsltool.errors import FsltoolError
 
 
@@ -15,6 +15,34 @@ def test_shape_parsing() -> None:
     for bad in ("5way", "0w1s", "5w0s", "5w1s0q", "w1s"):
         with pytest.raises(FsltoolError):
             EpisodeShape.parse(bad)
+
+
+def test_training_shape_parsing_takes_one_shape_or_a_rising_range_of_shots() -> None:
+    assert TrainingShape.parse("20w1-5s2q") == TrainingShape(20, 1, 5, 2)
+    assert TrainingShape.parse("5w1s") == TrainingShape(5, 1, 1, 15)
+    assert TrainingShape.parse("20w1-5s2q").largest == EpisodeShape(20, 5, 2)
+    assert str(TrainingShape(20, 1, 5, 2)) == "20w1-5s2q" and str(TrainingShape(5, 2, 2, 3)) == "5w2s3q"
+    for bad in ("5w3-1s", "5w2-2s", "5w0-3s", "1w1-5s", "5w1-5s0q", "5w1-s", "5w-5s"):
+        with pytest.raises(FsltoolError, match=repr(bad)):
+            TrainingShape.parse(bad)
+    with pytest.raises(FsltoolError):
+        EpisodeShape.parse("5w1-5s")  # stored and evaluated episodes have one shot
+
+
+def test_training_shape_draws_every_shot_of_its_range_and_one_shape_draws_nothing() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shots = [TrainingShape(5, 1, 5, 2).draw(generator).shot for _ in range(2000)]
+    counts = np.bincount(shots, minlength=6)[1:]
+    assert counts.min() > 0.8 * 400 and counts.max() < 1.2 * 400
+    state = generator.get_state()
+    assert TrainingShape(5, 3, 3, 2).draw(generator) == EpisodeShape(5, 3, 2)
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_sampler_draws_a_smaller_shape_than_its_own_on_request() -> None:
+    sampler = make_sampler([8] * 6, EpisodeShape(5, 5, 2))
+    support, query = sampler.sample(EpisodeShape(5, 2, 2))
+    assert support.shape == (10,) and query.shape == (10,)
 
 
 def make_sampler(counts: list[int], shape: EpisodeShape, seed: int = 0) -> EpisodeSampler:
