@@ -152,7 +152,7 @@ CASES: dict[str, Case] = {
     "wrong type": Case(lambda t, f: recipe(t, f, train__episodes="ten"), "recipe key 'train.episodes': expected int, got 'ten'"),
     "unknown device": Case(lambda t, f: recipe(t, f, device="gpu"), "recipe key 'device': 'gpu' is not one of auto, cpu, cuda, cuda:N"),
     "wrong type for a flag": Case(lambda t, f: recipe(t, f, train__prefetch="yes"), "recipe key 'train.prefetch': expected bool, got 'yes'"),
-    "zero way": Case(lambda t, f: recipe(t, f, train__shape="0w1s"), "recipe key 'train.shape': episode shape 0w1s15q: way must be >= 2"),
+    "zero way": Case(lambda t, f: recipe(t, f, train__shape="0w1s"), "recipe key 'train.shape': episode shape '0w1s': way must be >= 2"),
     "zero shot": Case(lambda t, f: recipe(t, f, train__shape="5w0s"), "way must be >= 2, shot and query >= 1"),
     "negative shape": Case(lambda t, f: recipe(t, f, train__shape="-5w1s"), "'-5w1s' is not of the form"),
     "zero episodes": Case(lambda t, f: recipe(t, f, train__episodes=0), "'train.episodes' must be positive, got 0"),
