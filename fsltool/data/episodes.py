@@ -12,8 +12,23 @@ import torch
 from fsltool.data.transfer import upload
 from fsltool.errors import FsltoolError
 
-_SHAPE = re.compile(r"^(\d+)w(\d+)s(?:(\d+)q)?$")
-_TRAINING_SHAPE = re.compile(r"^(\d+)w(\d+)(?:-(\d+))?s(?:(\d+)q)?$")
+_SHAPE = re.compile(r"^(\d+)w(\d+)(?:-(\d+))?s(?:(\d+)q)?$")
+
+
+def _parse_shape(text: str, default_query: int, allow_range: bool) -> tuple[int, int, int, int]:
+    """(way, fewest shots, most shots, queries) of ``5w1s``, ``5w1s15q`` or, where allowed, ``20w1-5s2q``."""
+    match = _SHAPE.match(str(text).strip())
+    if not match or (match[3] is not None and not allow_range):
+        forms = "5w1s, 5w1s15q or 20w1-5s2q (a range of shots)" if allow_range else "5w1s or 5w1s15q"
+        raise FsltoolError(f"episode shape {text!r} is not of the form {forms}")
+    way, fewest = int(match[1]), int(match[2])
+    most = int(match[3]) if match[3] is not None else fewest
+    query = int(match[4]) if match[4] is not None else default_query
+    if match[3] is not None and most <= fewest:
+        raise FsltoolError(f"episode shape {text!r}: the range of shots must rise, e.g. 1-5")
+    if way < 2 or fewest < 1 or query < 1:
+        raise FsltoolError(f"episode shape {text!r}: way must be >= 2, shot and query >= 1")
+    return way, fewest, most, query
 
 
 @dataclass(frozen=True)
@@ -26,18 +41,8 @@ class EpisodeShape:
 
     @classmethod
     def parse(cls, text: str, default_query: int = 15) -> EpisodeShape:
-        match = _SHAPE.match(str(text).strip())
-        if not match:
-            raise FsltoolError(f"episode shape {text!r} is not of the form 5w1s or 5w1s15q")
-        way, shot = int(match[1]), int(match[2])
-        query = int(match[3]) if match[3] is not None else default_query
-        shape = cls(way, shot, query)
-        shape.check()
-        return shape
-
-    def check(self) -> None:
-        if self.way < 2 or self.shot < 1 or self.query < 1:
-            raise FsltoolError(f"episode shape {self}: way must be >= 2, shot and query >= 1")
+        way, shot, _, query = _parse_shape(text, default_query, allow_range=False)
+        return cls(way, shot, query)
 
     @property
     def per_class(self) -> int:
@@ -60,17 +65,7 @@ class TrainingShape:
 
     @classmethod
     def parse(cls, text: str, default_query: int = 15) -> TrainingShape:
-        match = _TRAINING_SHAPE.match(str(text).strip())
-        if not match:
-            raise FsltoolError(f"episode shape {text!r} is not of the form 5w1s, 5w1s15q or 20w1-5s2q (a range of shots)")
-        fewest = int(match[2])
-        most = int(match[3]) if match[3] is not None else fewest
-        if match[3] is not None and most <= fewest:
-            raise FsltoolError(f"episode shape {text!r}: the range of shots must rise, e.g. 1-5")
-        shape = cls(int(match[1]), fewest, most, int(match[4]) if match[4] is not None else default_query)
-        if shape.way < 2 or fewest < 1 or shape.query < 1:
-            raise FsltoolError(f"episode shape {text!r}: way must be >= 2, shot and query >= 1")
-        return shape
+        return cls(*_parse_shape(text, default_query, allow_range=True))
 
     @property
     def largest(self) -> EpisodeShape:
