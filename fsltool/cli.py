@@ -18,6 +18,7 @@ from fsltool.errors import FsltoolError
 if TYPE_CHECKING:  # the commands import what they use when they run: `fsltool --help` stays fast
     from fsltool.checkpoint import TrainedModel
     from fsltool.data.episodes import EpisodeShape
+    from fsltool.data.store import FewShotData
     from fsltool.evaluate import EvalResult
     from fsltool.methods import Method
 
@@ -594,12 +595,9 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     report: dict[str, Any] = {}  # --calibration / --open-set
     with FewShotData(data_path or trained.recipe.data) as data:
         if by_instance:
-            from fsltool.by_instance import accuracy_by_instance
-
-            by = accuracy_by_instance(methods[0], data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
-            _report_by_instance(by.to_json(), {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
-                                               "data": data.path, **data_protocol_of(data.provenance),
-                                               "training": None if untrained else training_budget(trained)}, json_out)
+            source = {"run": str(run), "checkpoint": "untrained" if untrained else str(trained.path),
+                      "training": None if untrained else training_budget(trained)}
+            _evaluate_by_instance(methods[0], data, split, episode_shape, episodes, sample_seed, runtime, source, json_out)
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(methods, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
@@ -650,6 +648,16 @@ def _method_to_evaluate(trained: TrainedModel, untrained: bool, adapt_steps: int
     if adapt_steps is not None:
         method = with_adapt_steps(method, trained.config, adapt_steps)
     return with_classifier(method, classifier) if classifier else method
+
+
+def _evaluate_by_instance(method: Method, data: FewShotData, split: str, shape: EpisodeShape, episodes: int | None,
+                          sample_seed: int | None, runtime: str, source: dict[str, Any], json_out: str | None) -> None:
+    """``evaluate --by-instance``: MANN's protocol, accuracy by how often the query's class was seen before;
+    ``source`` names the run, checkpoint and training budget in the JSON."""
+    from fsltool.by_instance import accuracy_by_instance
+
+    by = accuracy_by_instance(method, data, split, shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime)
+    _report_by_instance(by.to_json(), {**source, "data": data.path, **data_protocol_of(data.provenance)}, json_out)
 
 
 def _print_evaluation(result: EvalResult, title: str, split: str, shape: EpisodeShape, adapt_steps: int | None, quiet: bool) -> None:
