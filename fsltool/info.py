@@ -89,6 +89,8 @@ def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int,
     else:
         status = "finished" if trained >= planned_total else "stopped"
     progress: dict[str, Any] = {"status": status, planned_key: planned_total}
+    if not pretraining:  # a range of shots (20w1-5s2q) is only seen here, not in the validation rows
+        progress["train_shape"] = str(recipe["train"]["shape"])
     if status == "stopped":  # the folder's recipe.yaml is the one its last start resolved
         progress["resume"] = f"fsltool {stage} {folder / 'recipe.yaml'} --resume"
     if training:

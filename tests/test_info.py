@@ -25,10 +25,11 @@ def started_run(folder: Path, recipe: dict[str, object], log: list[dict[str, obj
 
 def test_a_run_before_its_first_checkpoint(tmp_path: Path) -> None:
     log = [{"episode": 50 * i, "phase": "train", "episodes_per_s": 2.0, "elapsed": 25.0 * i} for i in range(1, 7)]
-    run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 1000}}, log)
+    run = started_run(tmp_path / "run", {"method": "protonet", "train": {"episodes": 1000, "shape": "20w1-5s2q"}}, log)
     with FolderLock(run, "run folder"):
         running = describe(run)
     assert running["status"] == f"running (pid {os.getpid()})" and running["checkpoint"] == "none yet"
+    assert running["train_shape"] == "20w1-5s2q"
     assert (running["stage"], running["episodes_planned"], running["latest_logged_episode"]) == ("meta-train", 1000, 300)
     assert running["episodes_per_s"] == 2.0 and running["time_left"].startswith("6 min")  # 700 episodes at 2 per s
     assert "resume" not in running
