@@ -473,12 +473,12 @@ def recipes_list(as_json: bool) -> None:
         return
     from rich.table import Table
 
-    from fsltool.console import console
+    from fsltool.console import results
 
     table = Table("name", "what it trains")
     for recipe in found:
         table.add_row(recipe.name, recipe.summary)
-    console.print(table)
+    results.print(table)
 
 
 @recipes.command("show")
@@ -686,7 +686,7 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out
         return
     from rich.table import Table
 
-    from fsltool.console import console
+    from fsltool.console import results
 
     table = Table(title=f"accuracy by instance, {result['way']}-way sequences of {result['sequence_length']} steps, "
                         f"{result['episodes']} {result['episodes_from']} {result['split']} episodes")
@@ -694,7 +694,7 @@ def _report_by_instance(result: dict[str, Any], source: dict[str, Any], json_out
         table.add_column(column)
     for instance, row in result["by_instance"].items():
         table.add_row(instance, f"{row['accuracy']:.2f}", f"± {row['ci95']:.2f}")
-    console.print(table)
+    results.print(table)
     if json_out:
         write_json(json_out, payload)
 
@@ -1005,6 +1005,6 @@ def info(target: str, as_json: bool) -> None:
         details["recipe"] = str(Path(target) / "recipe.yaml")
     from rich.pretty import Pretty
 
-    from fsltool.console import console
+    from fsltool.console import results
 
-    console.print(Pretty(details, expand_all=False), soft_wrap=True)
+    results.print(Pretty(details, expand_all=False), soft_wrap=True)

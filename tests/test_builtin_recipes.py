@@ -27,6 +27,8 @@ def test_list_names_every_recipe_but_the_bases() -> None:
     assert "omniglot/protonet-5w1s" in listed and all(r.summary for r in list_recipes())
     code, out, _ = invoke("recipes", "list", "--json")
     assert code == 0 and {row["name"] for row in json.loads(out)} == listed
+    code, out, err = invoke("recipes", "list")  # the table is the result: on stdout
+    assert code == 0 and "omniglot/protonet-5w1s" in out and not err
 
 
 def test_copy_is_self_contained_and_equal_to_the_original(tmp_path: Path) -> None:

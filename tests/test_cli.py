@@ -62,6 +62,8 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
         code, out, err = run("info", str(target), "--json")
         assert code == 0, err
         assert json.loads(out)["kind"] == kind
+    code, out, err = run("info", str(run_dir))  # the view is the result: on stdout, to pipe and redirect
+    assert code == 0 and "'status': 'finished'" in out and "'episodes_trained': 6" in out and not err
     finished = json.loads(run("info", str(run_dir), "--json")[1])
     assert (finished["episodes_trained"], finished["episodes_planned"], finished["status"]) == (6, 6, "finished")
     assert "resume" not in finished and finished["latest_validation"]["episode"] == 6
