@@ -401,7 +401,11 @@ _training_run_options = _stacked(
 
 @main.command("meta-train")
 @_training_run_options
-def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool) -> None:
+@click.option("--branch-from", "branch_from", metavar="CHECKPOINT",
+              help="start a new run from another run's checkpoint (a run folder: its last.pt), with this recipe's "
+                   "length and learning-rate schedule from there on; the rest of the recipe must be that run's")
+def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, resume: bool, force: bool, quiet: bool, as_json: bool,
+                       branch_from: str | None) -> None:
     """Meta-train the method a RECIPE (a file, or a built-in name) names; KEY=VALUE arguments override its keys.
 
     Example: fsltool meta-train recipes/omniglot/protonet-5w1s.yaml train.episodes=2000 output=runs/try
@@ -412,7 +416,7 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
         return
     from fsltool.train import meta_train
 
-    result = meta_train(loaded, resume=resume, force=force, quiet=quiet or as_json)
+    result = meta_train(loaded, resume=resume, force=force, quiet=quiet or as_json, branch_from=branch_from)
     if not result.writer:  # under torchrun, rank 0 alone validated and wrote the run
         return
     if as_json:

@@ -38,7 +38,8 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     return {"kind": "checkpoint", "path": str(path), "method": state["model_config"]["method"],
             "backbone": state["model_config"]["backbone"], **progress,
             "best_validation": state["best"], "training_seconds": round(state["elapsed"], 1),
-            "fsltool_version": state["fsltool_version"], "recipe": state["recipe"]}
+            "fsltool_version": state["fsltool_version"],
+            **({"branched_from": state["branched_from"]} if "branched_from" in state else {}), "recipe": state["recipe"]}
 
 
 def logged_tail(metrics: Path, size: int = 65536) -> list[dict[str, Any]]:

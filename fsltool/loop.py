@@ -26,7 +26,7 @@ from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.folder_lock import FolderLock
 from fsltool.methods import Method
-from fsltool.recipe import OptimConfig, Recipe
+from fsltool.recipe import OptimConfig, Recipe, recipe_from_dict
 from fsltool.runs import RunFolder, check_resumable
 
 
@@ -173,6 +173,14 @@ class Validator:
         return f"{result.accuracy:.2f}±{result.ci95:.2f}"
 
 
+@dataclass(frozen=True)
+class BranchPoint:
+    """Another run's checkpoint a new run starts from (``meta-train --branch-from``), loaded and checked."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+
 @dataclass
 class Standing:
     """What every training loop checkpoints and a resumed run takes back alike (the method and the configuration
@@ -189,6 +197,7 @@ class Standing:
     machines: list[str]
     done: int = 0
     seconds_before: float = 0.0
+    origin: dict[str, Any] | None = None  # the checkpoint a branched run started from, and its count
     began: float = field(default_factory=time.perf_counter)
 
     def resume(self, run: RunFolder, section: str, planned: int, verb: str) -> dict[str, Any]:
@@ -196,27 +205,57 @@ class Standing:
         (the ``section``'s key); returns the checkpoint for the loop's own parts (sampler, heads)."""
         state = load_checkpoint(run.last)
         check_resumable(state["recipe"], self.recipe, section, run.last, run.recipe)
+        self._take_back(state, run.last, section, planned, verb)
+        self.validator.best = state["best"]
+        self.origin = state.get("branched_from")
+        if self.updater.group.writer:
+            run.truncate_metrics(self.validator.unit, self.done)
+        return state
+
+    def branch(self, point: BranchPoint, run: RunFolder, section: str, planned: int, verb: str) -> dict[str, Any]:
+        """Start the new ``run`` from another run's checkpoint (checked by the caller as branchable): as a resume,
+        except that the learning rate follows this recipe's schedule from the checkpoint on. The log starts with the
+        source's history; the best validation is carried over where its checkpoint can be, and otherwise best.pt is
+        chosen among the branch's own validations."""
+        source, state = point.checkpoint, point.state
+        self._take_back(state, source, section, planned, verb)
+        factor = self.scheduler.lr_lambdas[0]  # this recipe's schedule: the saved state holds the step, not the function
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(self.done)
+        unit = self.validator.unit
+        self.origin = {"checkpoint": str(source), unit: self.done}
+        source_run = RunFolder(source.parent.parent)
+        same_validation = recipe_from_dict(state["recipe"]).validation == self.recipe.validation
+        best = carried_best(source, state, source_run, unit) if same_validation else None
+        if best is not None:
+            self.validator.best = state["best"]
+        if self.updater.group.writer:
+            if best is not None:
+                run.adopt_best(best)
+            run.start_log_from(source_run, unit, self.done)
+        return state
+
+    def _take_back(self, state: dict[str, Any], checkpoint: Path, section: str, planned: int, verb: str) -> None:
+        """What resuming and branching take from a checkpoint: weights, optimizer and schedule state, random state,
+        skipped steps, where the run stands and the machines it was trained on."""
         unit = self.validator.unit
         if state[unit] >= planned:
-            raise FsltoolError(f"{run.last}: already {verb} {state[unit]} {unit}s; raise {section}.{unit}s to continue")
+            raise FsltoolError(f"{checkpoint}: already {verb} {state[unit]} {unit}s; raise {section}.{unit}s to continue")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        self.validator.best = state["best"]
         self.updater.skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
         self.done, self.seconds_before = state[unit], state["elapsed"]
         self.machines = trained_on(state, self.machines[0])
-        if self.updater.group.writer:
-            run.truncate_metrics(unit, self.done)
-        return state
 
     def snapshot(self, count: int, elapsed: float) -> dict[str, Any]:
         """The checkpoint's common part at ``count`` steps of the unit and ``elapsed`` training seconds."""
         return {"recipe": self.recipe.to_dict(), "model_config": self.config, "model": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), self.validator.unit: count, "best": dict(self.validator.best),
-                "elapsed": elapsed, "skipped_nonfinite": self.updater.skipped, "machines": self.machines}
+                "elapsed": elapsed, "skipped_nonfinite": self.updater.skipped, "machines": self.machines,
+                **({"branched_from": self.origin} if self.origin else {})}
 
     def start_clock(self) -> None:
         self.began = time.perf_counter()
@@ -241,12 +280,29 @@ META_TRAINING = LoopKind("train", "episode", "trained")
 PRETRAINING = LoopKind("pretrain", "epoch", "pretrained")
 
 
+def carried_best(source: Path, state: dict[str, Any], source_run: RunFolder, unit: str) -> Path | None:
+    """The checkpoint of the best validation up to the branch point ``state`` (loaded from ``source``): the source
+    itself, the source run's numbered checkpoint of that count, or its best.pt if that is still the one; None when
+    none of these is (the numbered one pruned and best.pt overwritten by a later validation)."""
+    count = state["best"][unit]
+    if count == state[unit]:
+        return source
+    numbered = source_run.numbered_checkpoint(unit, count)
+    if numbered.is_file():
+        return numbered
+    if source_run.best.is_file() and load_checkpoint(source_run.best)[unit] == count:
+        return source_run.best
+    return None
+
+
 def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, config: dict[str, Any],
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, parameters: list[nn.Parameter],
-             data: FewShotData, val_shape: EpisodeShape, *, resume: bool, force: bool) -> tuple[RunFolder, Standing, dict[str, Any] | None]:
-    """Open the recipe's run folder for a loop of ``kind``, new or resumed: the folder (created by the writing
-    process), the loop's Standing (with its Validator and Updater), and, when resuming, the last checkpoint for the
-    loop's own parts. The recipe is saved once a resumed run has been checked against it."""
+             data: FewShotData, val_shape: EpisodeShape, *, resume: bool, force: bool,
+             branch: BranchPoint | None = None) -> tuple[RunFolder, Standing, dict[str, Any] | None]:
+    """Open the recipe's run folder for a loop of ``kind``, new, resumed or branched from another run's checkpoint:
+    the folder (created by the writing process), the loop's Standing (with its Validator and Updater), and, when
+    resuming or branching, the checkpoint for the loop's own parts. The recipe is saved once a resumed run has been
+    checked against it."""
     settings = getattr(recipe, kind.section)
     run = RunFolder(recipe.output)
     if group.writer:
@@ -256,7 +312,13 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
     updater = Updater(optimizer, parameters, settings, group, run.last)
     standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater,
                         [machine_description(device_of(method), group.world)])
-    state = standing.resume(run, kind.section, getattr(settings, f"{kind.unit}s"), kind.verb) if resume else None
+    planned = getattr(settings, f"{kind.unit}s")
+    if resume:
+        state = standing.resume(run, kind.section, planned, kind.verb)
+    elif branch is not None:
+        state = standing.branch(branch, run, kind.section, planned, kind.verb)
+    else:
+        state = None
     if group.writer:
         run.save_recipe(recipe)
     return run, standing, state

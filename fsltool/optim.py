@@ -49,3 +49,10 @@ def make_optimizer(config: OptimConfig, parameters: list[nn.Parameter], total: i
     """The optimizer over ``parameters`` and its schedule (``lr_factor``), stepped once per schedule unit."""
     optimizer = OPTIMIZERS[config.optimizer](parameters, config)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
+
+
+def first_schedule_difference(before: OptimConfig, before_total: int, now: OptimConfig, now_total: int, steps: int) -> int | None:
+    """The first of schedule steps 0 .. ``steps`` - 1 at which the two schedules give different learning rates (each
+    over its own total), or None: a branch is exact only where the steps already taken agree, bit for bit."""
+    old, new = lr_factor(before, before_total), lr_factor(now, now_total)
+    return next((step for step in range(steps) if before.lr * old(step) != now.lr * new(step)), None)

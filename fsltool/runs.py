@@ -5,6 +5,7 @@ pretraining (counted in optimizer steps, checkpointed by epoch)."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,20 @@ class RunFolder:
         rows = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)[unit] <= count]
         self._replace(self.metrics, "".join(row + "\n" for row in rows), "the metrics log")
 
+    def adopt_best(self, checkpoint: Path) -> None:
+        """A branched run's best.pt: a copy of the source run's best checkpoint up to the branch point."""
+        with open(checkpoint, "rb") as source:
+            try:
+                atomic_write(self.best, lambda file: shutil.copyfileobj(source, file))
+            except OSError as error:
+                raise write_error(self.best, "the best checkpoint", error) from None
+
+    def start_log_from(self, source: RunFolder, unit: str, count: int) -> None:
+        """A branched run's log begins with its source run's rows up to the branch point (``unit`` up to ``count``),
+        so that it reads as one run."""
+        rows = [row for row in source.rows() if row.get(unit, 0) <= count]
+        self._replace(self.metrics, "".join(json.dumps(row) + "\n" for row in rows), "the metrics log")
+
     def log(self, row: dict[str, Any]) -> None:
         """Append one row; a write that fails (a full disk) is cut back off, so the log holds whole rows only."""
         data = (json.dumps(row) + "\n").encode()
@@ -147,6 +162,44 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpo
         allowed = ", ".join(f"{section}.{key}" for key in RESUMABLE_KEYS[section])
         raise FsltoolError(f"{checkpoint}: the recipe differs from the one this run was started with (see {recipe_file}); "
                            f"only {allowed}, device and data_on_device may change on --resume")
+
+
+# What a branch (``meta-train --branch-from``) may change besides the resumable keys: the learning-rate schedule,
+# which is then checked step by step against the one that trained the checkpoint (fsltool.optim).
+SCHEDULE_KEYS = ("lr_schedule", "lr_step", "lr_gamma", "lr_milestones", "warmup")
+
+
+def check_branchable(saved: dict[str, Any], recipe: Recipe, checkpoint: Path) -> None:
+    """Refuse to branch from ``checkpoint`` with a recipe that trains differently from the one that wrote it in
+    anything but the meta-training length and schedule, checkpoint keeping, the output folder, validation and the
+    device; the first difference is named."""
+    differences = _differences(_branchable(saved), _branchable(recipe.to_dict()))
+    if differences:
+        key, before, now = differences[0]
+        raise FsltoolError(f"{checkpoint}: recipe key {key!r} is {now!r} here but {before!r} in the run that wrote this "
+                           "checkpoint; a branch changes only train.episodes, the learning-rate schedule "
+                           f"({', '.join('train.' + key for key in SCHEDULE_KEYS)}), validation, output and checkpoint keeping")
+
+
+def _branchable(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A saved recipe, defaults filled in, minus the keys a branch may change."""
+    full = _resumable(recipe, "train")
+    for key in ("output", "validation", "test_shape"):
+        full.pop(key)
+    full["train"] = {key: value for key, value in full["train"].items() if key not in SCHEDULE_KEYS}
+    return full
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two nested dicts, with both values (None where absent)."""
+    found = []
+    for key in sorted(before.keys() | now.keys()):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append((f"{prefix}{key}", a, b))
+    return found
 
 
 def _resumable(recipe: dict[str, Any], section: str) -> dict[str, Any]:

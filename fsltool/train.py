@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.progress import TextColumn
 
-from fsltool.checkpoint import build_model, load_init_backbone, model_config, save_checkpoint
+from fsltool.checkpoint import build_model, checkpoint_path, load_checkpoint, load_init_backbone, model_config, save_checkpoint
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, check_augment_fits, episode_generator
 from fsltool.data.batches import MetaBatches
@@ -22,13 +22,13 @@ from fsltool.data.episodes import Episode, EpisodeShape, TrainingShape
 from fsltool.data.store import FewShotData, open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
-from fsltool.loop import META_TRAINING, autocast_for, open_run, run_in_group, shown, stop_requests
+from fsltool.loop import META_TRAINING, BranchPoint, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
-from fsltool.optim import make_optimizer, trainable_parameters
-from fsltool.recipe import Recipe
-from fsltool.runs import Window
+from fsltool.optim import first_schedule_difference, make_optimizer, trainable_parameters
+from fsltool.recipe import Recipe, recipe_from_dict
+from fsltool.runs import Window, check_branchable
 
 
 @dataclass
@@ -43,10 +43,40 @@ class TrainResult:
     writer: bool  # this process wrote the run folder (the only one that has validation results under torchrun)
 
 
-def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False) -> TrainResult:
+def meta_train(recipe: Recipe, *, resume: bool = False, force: bool = False, quiet: bool = False,
+               branch_from: str | Path | None = None) -> TrainResult:
     """Meta-train ``recipe``: in this process, or, under torchrun, as one of WORLD_SIZE data-parallel processes
-    (fsltool.distributed) of which rank 0 alone writes the run folder and validates."""
-    return run_in_group(recipe, quiet, lambda group, device, quiet: _meta_train(recipe, group, device, resume=resume, force=force, quiet=quiet))
+    (fsltool.distributed) of which rank 0 alone writes the run folder and validates. ``branch_from`` (a checkpoint,
+    or a run folder for its last.pt) starts a new run from another run's checkpoint (`branch_point`)."""
+    if resume and branch_from is not None:
+        raise FsltoolError("--resume continues the run in the recipe's output folder and --branch-from starts a new one; give one")
+    branch = branch_point(branch_from, recipe) if branch_from is not None else None
+    return run_in_group(recipe, quiet, lambda group, device, quiet: MetaTraining(recipe, group, device, resume=resume, force=force,
+                                                                                 branch=branch).run(quiet))
+
+
+def branch_point(source: str | Path, recipe: Recipe) -> BranchPoint:
+    """Another meta-training run's checkpoint, checked as a start for ``recipe``: the same training in every key
+    but the length, the learning-rate schedule, validation, output and checkpoint keeping, and a schedule that gave
+    the same learning rate at every step already taken. The branch then continues exactly as a run of ``recipe``
+    started from scratch would have from that step (tested)."""
+    checkpoint = checkpoint_path(source, "last")
+    if Path(recipe.output).resolve() in checkpoint.resolve().parents:
+        raise FsltoolError(f"{checkpoint}: a branch starts a new run folder, not {recipe.output} that holds its checkpoint; "
+                           "give the branch another output")
+    state = load_checkpoint(checkpoint)
+    if state.get("stage") == "pretrain":
+        raise FsltoolError(f"{checkpoint}: a pretraining checkpoint; a meta-training run starts from it with init: RUN")
+    check_branchable(state["recipe"], recipe, checkpoint)
+    done = state["episode"]
+    if done >= recipe.train.episodes:
+        raise FsltoolError(f"{checkpoint}: already trained {done} episodes; raise train.episodes above that to branch from it")
+    before = recipe_from_dict(state["recipe"]).train
+    step = first_schedule_difference(before, before.episodes, recipe.train, recipe.train.episodes, done)
+    if step is not None:
+        raise FsltoolError(f"{checkpoint}: this recipe's learning-rate schedule gives episode {step + 1} another rate than the run "
+                           f"that wrote the checkpoint did; a branch may change the schedule only after its {done} episodes")
+    return BranchPoint(checkpoint, state)
 
 
 def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> None:
@@ -84,10 +114,6 @@ def build_for_training(recipe: Recipe, data: FewShotData, device: torch.device, 
     return method, config
 
 
-def _meta_train(recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool, quiet: bool) -> TrainResult:
-    return MetaTraining(recipe, group, device, resume=resume, force=force).run(quiet)
-
-
 class MetaTraining:
     """One process's meta-training run: built from the recipe (data, method, optimizer, sampler, run folder, or
     all of these taken back from the last checkpoint), then `run` steps, logs, validates and checkpoints until the
@@ -95,13 +121,14 @@ class MetaTraining:
 
     window: Window  # training statistics since the last log row
 
-    def __init__(self, recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool) -> None:
+    def __init__(self, recipe: Recipe, group: Group, device: torch.device, *, resume: bool, force: bool,
+                 branch: BranchPoint | None = None) -> None:
         self.recipe, self.group, self.device = recipe, group, device
         self.share = group.share(recipe.train.meta_batch)
         self.data = open_for_run(recipe.data, recipe.data_on_device, device)
         self.val_shape = stored_shapes_needed(recipe, self.data)
         check_augment_fits(recipe.train.augment, self.data.image_shape, recipe.data)
-        self.method, config = build_for_training(recipe, self.data, device, resume=resume)
+        self.method, config = build_for_training(recipe, self.data, device, resume=resume or branch is not None)
         if not self.method.meta_trainable:
             raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "
                                "(recipe method: " + recipe.method + ") or meta-train protonet")
@@ -113,7 +140,8 @@ class MetaTraining:
         sampler = self.data.sampler(recipe.train.splits, shapes.largest, generator)
 
         self.run_folder, self.standing, state = open_run(recipe, META_TRAINING, group, self.method, config, optimizer, self.scheduler,
-                                                         parameters, self.data, self.val_shape, resume=resume, force=force)
+                                                         parameters, self.data, self.val_shape, resume=resume, force=force,
+                                                         branch=branch)
         self.validator, self.updater = self.standing.validator, self.standing.updater
         if state is not None:
             generator.set_state(state["sampler_rng"])
