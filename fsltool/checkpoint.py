@@ -64,13 +64,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise write_error(path, "the checkpoint", error) from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``: nothing in a checkpoint is ever executed."""
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load with ``weights_only=True``: nothing in a checkpoint is ever executed. ``mmap`` maps the tensors instead
+    of reading them, for a caller that reads only the small entries (`fsltool info` over many runs)."""
     path = Path(path)
     if not path.is_file():
         raise FsltoolError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FsltoolError(f"{path}: not a readable fsltool checkpoint ({reason})") from None

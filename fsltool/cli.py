@@ -995,7 +995,8 @@ def plot_episode(target: str, split: str, shape: str | None, index: int, which: 
 @click.argument("target", type=click.Path())
 @json_option
 def info(target: str, as_json: bool) -> None:
-    """Describe a data file, a run folder or checkpoint, or an exported model (folder or .onnx).
+    """Describe a data file, a run folder or checkpoint, or an exported model (folder or .onnx); a folder of run
+    folders gets one line per run (status, progress, validation).
 
     Example: fsltool info data/omniglot.h5
     """
@@ -1005,6 +1006,9 @@ def info(target: str, as_json: bool) -> None:
     if as_json:
         _echo_json(details)
         return
+    if details["kind"] == "run folders":
+        _print_runs(details)
+        return
     if details["kind"] == "run folder":  # the resolved recipe is the folder's recipe.yaml: too long to repeat here
         details["recipe"] = str(Path(target) / "recipe.yaml")
     from rich.pretty import Pretty
@@ -1012,3 +1016,29 @@ def info(target: str, as_json: bool) -> None:
     from fsltool.console import results
 
     results.print(Pretty(details, expand_all=False), soft_wrap=True)
+
+
+def _print_runs(details: dict[str, Any]) -> None:
+    """`info` on a folder of runs: one line per run, in aligned columns (grep-able, whatever the terminal width)."""
+    from fsltool.info import TIME_LEFT_NOTE
+
+    def validation(found: dict[str, Any] | None) -> str:
+        if not found:
+            return "-"
+        return f"{found['accuracy']:.2f} ± {found['ci95']:.2f} at {found.get('episode', found.get('epoch')):,}"
+
+    rows = [("run", "method", "status", "trained", "best validation", "latest validation", "time left")]
+    root = Path(details["path"])
+    for run in details["runs"]:
+        name = str(Path(run["path"]).relative_to(root))
+        if "error" in run:
+            rows.append((name, "-", "unreadable: " + run["error"], "", "", "", ""))
+            continue
+        unit = "epoch" if run["stage"] == "pretrain" else "episode"
+        done = max(run[f"{unit}s_trained"], run.get("latest_logged_episode", 0))  # a running run has logged past its checkpoint
+        rows.append((name, run["method"], run["status"], f"{done:,} / {run[f'{unit}s_planned']:,} {unit}s",
+                     validation(run.get("best_validation")), validation(run.get("latest_validation")),
+                     run.get("time_left", "-").removesuffix(TIME_LEFT_NOTE)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -12,6 +12,7 @@ from fsltool.errors import FsltoolError
 from fsltool.folder_lock import lock_holder
 
 RATE_WINDOW = 5  # logged training lines averaged for the current speed
+TIME_LEFT_NOTE = " at that speed (validations not counted)"
 
 
 def describe_onnx(path: Path) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
 def describe_checkpoint(path: Path) -> dict[str, Any]:
     from fsltool.checkpoint import checkpoint_path, load_checkpoint
 
-    state = load_checkpoint(checkpoint_path(path))
+    state = load_checkpoint(checkpoint_path(path), mmap=True)
     progress = ({"stage": "pretrain", "epochs_trained": state["epoch"], "steps_trained": state["step"]} if state.get("stage") == "pretrain"
                 else {"stage": "meta-train", "episodes_trained": state["episode"]})
     return {"kind": "checkpoint", "path": str(path), "method": state["model_config"]["method"],
@@ -104,7 +105,7 @@ def run_progress(folder: Path, recipe: dict[str, Any], stage: str, trained: int,
         if pretraining:
             planned = round(planned * latest["step"] / latest["epoch"]) if latest.get("epoch") else 0  # steps per epoch from the log
         if holder is not None and rates and planned:
-            progress["time_left"] = duration(max(0, planned - latest[unit]) / progress[rate_key]) + " at that speed (validations not counted)"
+            progress["time_left"] = duration(max(0, planned - latest[unit]) / progress[rate_key]) + TIME_LEFT_NOTE
     if validations:
         progress["latest_validation"] = {key: validations[-1][key] for key in (unit, "epoch", "accuracy", "ci95", "shape") if key in validations[-1]}
     return progress
@@ -133,6 +134,38 @@ def describe_run_folder(path: Path) -> dict[str, Any]:
             "checkpoint": "none yet", "method": recipe.get("method"), "backbone": recipe.get("backbone"), "recipe": recipe}
 
 
+def run_folders_under(root: Path, depth: int = 3) -> list[Path]:
+    """The run folders (those with a checkpoints/ folder) at most ``depth`` levels below ``root``, sorted by path;
+    nothing is looked for inside a run folder."""
+    found, level = [], [root]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                (found if (child / "checkpoints").is_dir() else below).append(child)
+        level = below
+    return sorted(found)
+
+
+def describe_runs(root: Path) -> dict[str, Any]:
+    """Where every run folder under ``root`` stands (a folder of background runs, at a glance); a folder that
+    cannot be read is listed with its error instead of stopping the listing."""
+    runs = []
+    for folder in run_folders_under(root):
+        try:
+            details = describe_run_folder(folder)
+        except FsltoolError as error:
+            runs.append({"path": str(folder), "error": str(error)})
+            continue
+        pretraining = details.get("stage") == "pretrain"
+        unit = "epoch" if pretraining else "episode"
+        runs.append({"path": str(folder), "stage": details.get("stage"), "method": details.get("method"), "status": details["status"],
+                     f"{unit}s_trained": details.get(f"{unit}s_trained", 0), f"{unit}s_planned": details[f"{unit}s_planned"],
+                     **{key: details[key] for key in ("latest_logged_episode", "best_validation", "latest_validation", "time_left")
+                        if key in details}})
+    return {"kind": "run folders", "path": str(root), "runs": runs}
+
+
 def describe(target: str | Path) -> dict[str, Any]:
     path = Path(target)
     if not path.exists():
@@ -143,7 +176,9 @@ def describe(target: str | Path) -> dict[str, Any]:
                     "files": sorted(p.name for p in path.iterdir())}
         if (path / "checkpoints").is_dir():
             return describe_run_folder(path)
-        raise FsltoolError(f"{path}: neither a run folder nor an export folder")
+        if run_folders_under(path):
+            return describe_runs(path)
+        raise FsltoolError(f"{path}: neither a run folder, an export folder nor a folder of run folders")
     with open(path, "rb") as file:
         magic = file.read(8)
     if magic.startswith(b"\x89HDF"):

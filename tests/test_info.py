@@ -75,3 +75,30 @@ def test_a_run_resumed_elsewhere_names_every_machine() -> None:
     assert trained_on({}, "a") == ["a"]  # a checkpoint from before the record
     assert trained_on({"machines": ["a"]}, "a") == ["a"]
     assert trained_on({"machines": ["a"]}, "b") == ["a", "b"]
+
+
+def test_a_folder_of_runs_is_listed_one_run_per_line(tmp_path: Path) -> None:
+    """`fsltool info runs/`: every run folder below (not inside a run), with its status and progress; one that
+    cannot be read is listed with its error rather than ending the listing."""
+    from tests.conftest import run_cli
+
+    log = [{"episode": 50 * i, "phase": "train", "episodes_per_s": 2.0} for i in range(1, 4)]
+    started_run(tmp_path / "runs" / "a", {"method": "protonet", "train": {"episodes": 1000}}, log)
+    started_run(tmp_path / "runs" / "group" / "b", {"method": "maml", "train": {"episodes": 400}}, log[:1])
+    (tmp_path / "runs" / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints" / "inner" / "checkpoints").mkdir(parents=True)  # inside a run: not listed
+    with FolderLock(tmp_path / "runs" / "a", "run folder"):
+        listed = describe(tmp_path / "runs")
+        code, out, _ = run_cli("info", str(tmp_path / "runs"))
+    assert listed["kind"] == "run folders"
+    runs = {Path(run["path"]).relative_to(tmp_path / "runs").as_posix(): run for run in listed["runs"]}
+    assert list(runs) == ["a", "broken", "group/b"]
+    assert runs["a"]["status"].startswith("running") and runs["a"]["latest_logged_episode"] == 150
+    assert runs["group/b"]["status"] == "stopped" and runs["group/b"]["episodes_planned"] == 400
+    assert "neither a checkpoint nor a readable recipe.yaml" in runs["broken"]["error"]
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4 and lines[0].split()[:3] == ["run", "method", "status"]
+    assert lines[1].split()[:5] == ["a", "protonet", "running", "(pid", f"{os.getpid()})"] and "150 / 1,000 episodes" in lines[1]
+    assert lines[3].startswith("group/b") and "stopped" in lines[3]
+    with pytest.raises(FsltoolError, match="nor a folder of run folders"):
+        describe(tmp_path / "runs" / "group" / "b" / "checkpoints")
