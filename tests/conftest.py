@@ -103,10 +103,11 @@ def assert_resume_from_episode_4_is_exact(recipe: Recipe, straight_run: Path) ->
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def trained(recipe: Recipe) -> Path:
-    """Meta-train ``recipe`` quietly, validating once at the end; the run folder."""
-    recipe.validation.every = recipe.train.episodes
-    meta_train(recipe, quiet=True)
+def trained(recipe: Recipe, validate_every: int | None = None, **options: object) -> Path:
+    """Meta-train ``recipe`` quietly, validating every ``validate_every`` episodes (default: once, at the end);
+    ``options`` go to meta_train. The run folder."""
+    recipe.validation.every = validate_every or recipe.train.episodes
+    meta_train(recipe, quiet=True, **options)  # type: ignore[arg-type]
     return Path(recipe.output)
 
 

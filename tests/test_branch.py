@@ -13,7 +13,7 @@ from fsltool.checkpoint import load_checkpoint
 from fsltool.errors import FsltoolError
 from fsltool.info import describe
 from fsltool.train import meta_train
-from tests.conftest import quick_recipe, run_cli
+from tests.conftest import quick_recipe, run_cli, trained
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -28,22 +28,16 @@ def logged(run: Path, phase: str) -> list[dict]:
 def source(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 episodes halving the learning rate every 2, validated and checkpointed every 2 (all kept)."""
     run = tmp_path_factory.mktemp("source") / "run"
-    recipe = quick_recipe(synthetic_file, run, episodes=8, lr_step=2, lr=0.01, keep_checkpoints=10)
-    recipe.validation.every = 2
-    meta_train(recipe, quiet=True)
-    return run
+    return trained(quick_recipe(synthetic_file, run, episodes=8, lr_step=2, lr=0.01, keep_checkpoints=10), 2)
 
 
 def test_a_branch_ends_exactly_as_the_new_recipe_run_from_scratch(source: Path, synthetic_file: Path, tmp_path: Path) -> None:
     """Halving every 4 episodes agrees with halving every 2 on the first 2 episodes: branched from episode 2 of the
     source, 10 episodes of the new schedule end with exactly the parameters of that recipe trained from scratch,
     with the source's log up to episode 2 and the same log rows after it."""
-    def longer(output: Path):
-        recipe = quick_recipe(synthetic_file, output, episodes=10, lr_step=4, lr=0.01)
-        recipe.validation.every = 2
-        return recipe
-    meta_train(longer(tmp_path / "scratch"), quiet=True)
-    meta_train(longer(tmp_path / "branch"), quiet=True, branch_from=source / "checkpoints" / "episode-00000002.pt")
+    trained(quick_recipe(synthetic_file, tmp_path / "scratch", episodes=10, lr_step=4, lr=0.01), 2)
+    trained(quick_recipe(synthetic_file, tmp_path / "branch", episodes=10, lr_step=4, lr=0.01), 2,
+            branch_from=source / "checkpoints" / "episode-00000002.pt")
     scratch, branch = weights(tmp_path / "scratch"), weights(tmp_path / "branch")
     for key in scratch:
         assert torch.equal(scratch[key], branch[key]), key
@@ -76,9 +70,7 @@ def test_the_best_validation_is_carried_with_its_checkpoint(source: Path, synthe
     that checkpoint as best.pt, until one of its own validations beats it."""
     best = load_checkpoint(source / "checkpoints" / "last.pt")["best"]
     scored_zero(monkeypatch)
-    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=10, lr_step=2, lr=0.01)
-    recipe.validation.every = 2
-    meta_train(recipe, quiet=True, branch_from=source)
+    trained(quick_recipe(synthetic_file, tmp_path / "run", episodes=10, lr_step=2, lr=0.01), 2, branch_from=source)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["best"] == best
     source_best = source / "checkpoints" / f"episode-{best['episode']:08d}.pt"
     assert (tmp_path / "run" / "checkpoints" / "best.pt").read_bytes() == source_best.read_bytes()

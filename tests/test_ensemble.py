@@ -16,7 +16,7 @@ from fsltool.data.store import FewShotData
 from fsltool.evaluate import episode_scores, evaluate
 from fsltool.runs import RunFolder
 from fsltool.train import meta_train
-from tests.conftest import quick_recipe, run_cli
+from tests.conftest import quick_recipe, run_cli, trained
 
 
 def folder_with_validations(path: Path, accuracies: dict[int, float]) -> RunFolder:
@@ -56,10 +56,7 @@ def test_a_checkpoint_without_a_validation_row_is_never_among_the_best(tmp_path:
 def ensemble_run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 episodes validated every 2 (six validations), keeping the newest numbered checkpoint and the 3 best."""
     output = tmp_path_factory.mktemp("runs") / "ensemble"
-    recipe = quick_recipe(synthetic_file, output, episodes=12, keep_checkpoints=1, keep_best_checkpoints=3, lr=0.01)
-    recipe.validation.every = 2
-    meta_train(recipe, quiet=True)
-    return output
+    return trained(quick_recipe(synthetic_file, output, episodes=12, keep_checkpoints=1, keep_best_checkpoints=3, lr=0.01), 2)
 
 
 def test_training_keeps_the_best_validated_checkpoints(ensemble_run: Path) -> None:
