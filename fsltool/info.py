@@ -136,12 +136,16 @@ def describe_run_folder(path: Path) -> dict[str, Any]:
 
 def run_folders_under(root: Path, depth: int = 3) -> list[Path]:
     """The run folders (those with a checkpoints/ folder) at most ``depth`` levels below ``root``, sorted by path;
-    nothing is looked for inside a run folder."""
+    nothing is looked for inside a run folder, nor in a folder that cannot be read."""
     found, level = [], [root]
     for _ in range(depth):
         below = []
         for folder in level:
-            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
                 (found if (child / "checkpoints").is_dir() else below).append(child)
         level = below
     return sorted(found)
