@@ -413,6 +413,13 @@ def meta_train_command(recipe: str, overrides: tuple[str, ...], check: bool, res
     loaded = _load_recipe(recipe, overrides)
     if check:
         _check_recipe(recipe, loaded)
+        if branch_from is not None:
+            from fsltool.console import console
+            from fsltool.train import branch_point
+
+            point = branch_point(branch_from, loaded)
+            console.print(f"{point.checkpoint}: a valid branch point (episode {point.state['episode']:,} of "
+                          f"{loaded.train.episodes:,})", highlight=False, soft_wrap=True)
         return
     from fsltool.train import meta_train
 

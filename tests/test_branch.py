@@ -103,6 +103,12 @@ def test_a_branch_that_would_not_be_exact_is_refused_before_anything_is_written(
 
 
 def test_the_cli_branches_and_refuses_a_branch_into_its_own_folder_or_with_resume(source: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli("meta-train", str(source / "recipe.yaml"), "train.episodes=10", "train.lr_step=1", f"output={tmp_path / 'branch'}",
+                           "--branch-from", str(source), "--check")
+    assert code == 2 and "another rate" in err and not (tmp_path / "branch").exists()
+    code, _, err = run_cli("meta-train", str(source / "recipe.yaml"), "train.episodes=10", f"output={tmp_path / 'branch'}",
+                           "--branch-from", str(source), "--check")
+    assert code == 0 and "a valid branch point (episode 8 of 10)" in err and not (tmp_path / "branch").exists()
     code, _, err = run_cli("meta-train", str(source / "recipe.yaml"), "train.episodes=10", f"output={tmp_path / 'branch'}",
                            "--branch-from", str(source), "-q")
     assert code == 0, err
