@@ -111,3 +111,25 @@ def test_links_in_code_blocks_are_ignored_and_duplicates_numbered(tmp_path: Path
 def test_every_relative_link_resolves() -> None:
     broken = broken_links(PAGES)
     assert not broken, f"{len(broken)} broken relative link(s) in README.md and docs/*.md:\n" + "\n".join(broken)
+
+
+def table_cells(line: str) -> int:
+    """The cells of a markdown table row: its pipes outside code spans and not escaped, less the outer two."""
+    text = INLINE_CODE.sub("code", line.strip()).replace("\\|", "")
+    return text.count("|") - 1
+
+
+def test_every_table_row_has_its_header_s_cells() -> None:
+    """A row with a separator too many or too few renders its numbers under the wrong column."""
+    wrong = []
+    for page in PAGES:
+        header = None
+        for number, line in prose_lines(page.read_text()):
+            if not line.lstrip().startswith("|"):
+                header = None
+                continue
+            if header is None:
+                header = table_cells(line)
+            elif table_cells(line) != header:
+                wrong.append(f"{page.relative_to(ROOT)}:{number}: {table_cells(line)} cells, header {header}")
+    assert not wrong, "\n".join(wrong)
