@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
                 else {"stage": "meta-train", "episodes_trained": state["episode"]})
     return {"kind": "checkpoint", "path": str(path), "method": state["model_config"]["method"],
             "backbone": state["model_config"]["backbone"], **progress,
-            "best_validation": state["best"], "training_seconds": round(state["elapsed"], 1),
+            "best_validation": state["best"] if math.isfinite(state["best"]["accuracy"]) else None,  # None before the first validation
+            "training_seconds": round(state["elapsed"], 1),
             "fsltool_version": state["fsltool_version"],
             **({"branched_from": state["branched_from"]} if "branched_from" in state else {}), "recipe": state["recipe"]}
 

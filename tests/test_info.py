@@ -102,3 +102,25 @@ def test_a_folder_of_runs_is_listed_one_run_per_line(tmp_path: Path) -> None:
     assert lines[3].startswith("group/b") and "stopped" in lines[3]
     with pytest.raises(FsltoolError, match="nor a folder of run folders"):
         describe(tmp_path / "runs" / "group" / "b" / "checkpoints")
+
+
+def test_a_run_stopped_before_its_first_validation_has_no_best_yet(synthetic_file: Path, tmp_path: Path) -> None:
+    """A checkpoint written by a stop before any validation holds best -inf: info says None, and its JSON stays
+    strict JSON (no -Infinity)."""
+    import math
+
+    from fsltool.checkpoint import load_checkpoint, save_checkpoint
+    from tests.conftest import quick_recipe, run_cli, trained
+
+    run = trained(quick_recipe(synthetic_file, tmp_path / "run", episodes=2))
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    save_checkpoint(last, {**state, "best": {"accuracy": -math.inf, "ci95": math.nan, "episode": 0}})
+    assert describe(run)["best_validation"] is None
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+    code, out, _ = run_cli("info", str(run), "--json")
+    assert code == 0 and json.loads(out, parse_constant=strict)["best_validation"] is None
+    code, out, _ = run_cli("info", str(tmp_path))
+    assert code == 0 and "inf" not in out
