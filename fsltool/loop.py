@@ -224,23 +224,24 @@ class Standing:
             group["lr"] = base * factor(self.done)
         unit = self.validator.unit
         self.origin = {"checkpoint": str(source), unit: self.done}
-        source_run = RunFolder(source.parent.parent)
+        # A checkpoint outside a run folder's checkpoints/ has no history or other checkpoints to carry.
+        source_run = RunFolder(source.parent.parent) if source.parent.name == "checkpoints" else None
         same_validation = recipe_from_dict(state["recipe"]).validation == self.recipe.validation
-        best = carried_best(source, state, source_run, unit) if same_validation else None
+        best = carried_best(source, state, source_run, unit) if same_validation and source_run else None
         if best is not None:
             self.validator.best = state["best"]
         if self.updater.group.writer:
             if best is not None:
                 run.adopt_best(best)
-            run.start_log_from(source_run, unit, self.done)
+            if source_run is not None:
+                run.truncate_metrics(unit, self.done, source=source_run)
         return state
 
     def _take_back(self, state: dict[str, Any], checkpoint: Path, section: str, planned: int, verb: str) -> None:
         """What resuming and branching take from a checkpoint: weights, optimizer and schedule state, random state,
         skipped steps, where the run stands and the machines it was trained on."""
         unit = self.validator.unit
-        if state[unit] >= planned:
-            raise FsltoolError(f"{checkpoint}: already {verb} {state[unit]} {unit}s; raise {section}.{unit}s to continue")
+        refuse_finished(checkpoint, state[unit], planned, LoopKind(section, unit, verb))
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -280,6 +281,12 @@ META_TRAINING = LoopKind("train", "episode", "trained")
 PRETRAINING = LoopKind("pretrain", "epoch", "pretrained")
 
 
+def refuse_finished(checkpoint: Path, done: int, planned: int, kind: LoopKind) -> None:
+    """A checkpoint already at the recipe's ``planned`` count has nothing left to resume or branch into."""
+    if done >= planned:
+        raise FsltoolError(f"{checkpoint}: already {kind.verb} {done} {kind.unit}s; raise {kind.section}.{kind.unit}s to continue")
+
+
 def carried_best(source: Path, state: dict[str, Any], source_run: RunFolder, unit: str) -> Path | None:
     """The checkpoint of the best validation up to the branch point ``state`` (loaded from ``source``): the source
     itself, the source run's numbered checkpoint of that count, or its best.pt if that is still the one; None when
@@ -290,7 +297,7 @@ def carried_best(source: Path, state: dict[str, Any], source_run: RunFolder, uni
     numbered = source_run.numbered_checkpoint(unit, count)
     if numbered.is_file():
         return numbered
-    if source_run.best.is_file() and load_checkpoint(source_run.best)[unit] == count:
+    if source_run.best.is_file() and load_checkpoint(source_run.best, mmap=True)[unit] == count:
         return source_run.best
     return None
 

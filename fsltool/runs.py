@@ -104,13 +104,11 @@ class RunFolder:
         """The resolved recipe (base merged, overrides applied) beside the run, as it is being trained."""
         self._replace(self.recipe, dump_recipe(recipe), "the resolved recipe")
 
-    def truncate_metrics(self, unit: str, count: int) -> None:
-        """On resume, drop log rows written after the checkpoint (rows whose ``unit`` exceeds ``count``), so the log
-        reads as one uninterrupted run."""
-        if not self.metrics.is_file():
-            return
-        rows = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)[unit] <= count]
-        self._replace(self.metrics, "".join(row + "\n" for row in rows), "the metrics log")
+    def truncate_metrics(self, unit: str, count: int, source: RunFolder | None = None) -> None:
+        """Keep the log rows up to the checkpoint (``unit`` at most ``count``), so the log reads as one run: on
+        resume, dropping those written after it; for a branch, the ``source`` run's rows up to the branch point."""
+        rows = [row for row in (source or self).rows() if row.get(unit, 0) <= count]
+        self._replace(self.metrics, "".join(json.dumps(row) + "\n" for row in rows), "the metrics log")
 
     def adopt_best(self, checkpoint: Path) -> None:
         """A branched run's best.pt: a copy of the source run's best checkpoint up to the branch point."""
@@ -119,12 +117,6 @@ class RunFolder:
                 atomic_write(self.best, lambda file: shutil.copyfileobj(source, file))
             except OSError as error:
                 raise write_error(self.best, "the best checkpoint", error) from None
-
-    def start_log_from(self, source: RunFolder, unit: str, count: int) -> None:
-        """A branched run's log begins with its source run's rows up to the branch point (``unit`` up to ``count``),
-        so that it reads as one run."""
-        rows = [row for row in source.rows() if row.get(unit, 0) <= count]
-        self._replace(self.metrics, "".join(json.dumps(row) + "\n" for row in rows), "the metrics log")
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row; a write that fails (a full disk) is cut back off, so the log holds whole rows only."""

@@ -22,7 +22,7 @@ from fsltool.data.episodes import Episode, EpisodeShape, TrainingShape
 from fsltool.data.store import FewShotData, open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
-from fsltool.loop import META_TRAINING, BranchPoint, autocast_for, open_run, run_in_group, shown, stop_requests
+from fsltool.loop import META_TRAINING, BranchPoint, autocast_for, open_run, refuse_finished, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
 from fsltool.models.weights import load_backbone_weights
@@ -69,8 +69,7 @@ def branch_point(source: str | Path, recipe: Recipe) -> BranchPoint:
         raise FsltoolError(f"{checkpoint}: a pretraining checkpoint; a meta-training run starts from it with init: RUN")
     check_branchable(state["recipe"], recipe, checkpoint)
     done = state["episode"]
-    if done >= recipe.train.episodes:
-        raise FsltoolError(f"{checkpoint}: already trained {done} episodes; raise train.episodes above that to branch from it")
+    refuse_finished(checkpoint, done, recipe.train.episodes, META_TRAINING)
     before = recipe_from_dict(state["recipe"]).train
     step = first_schedule_difference(before, before.episodes, recipe.train, recipe.train.episodes, done)
     if step is not None:
