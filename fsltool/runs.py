@@ -150,9 +150,12 @@ def numbered_count(checkpoint: Path) -> int:
 def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpoint: Path, recipe_file: Path) -> None:
     """Refuse to resume with a recipe that differs from the saved one in anything but ``section``'s resumable keys,
     the device and where the data is kept on it."""
-    if _resumable(saved, section) != _resumable(recipe.to_dict(), section):
+    differences = _differences(_resumable(saved, section), _resumable(recipe.to_dict(), section))
+    if differences:
+        key, before, now = differences[0]
         allowed = ", ".join(f"{section}.{key}" for key in RESUMABLE_KEYS[section])
-        raise FsltoolError(f"{checkpoint}: the recipe differs from the one this run was started with (see {recipe_file}); "
+        raise FsltoolError(f"{checkpoint}: the recipe differs from the one this run was started with (see {recipe_file}): "
+                           f"key {key!r} is {now!r} here but was {before!r}; "
                            f"only {allowed}, device and data_on_device may change on --resume")
 
 

@@ -165,7 +165,7 @@ CASES: dict[str, Case] = {
     "truncated data file": Case(lambda t, f: recipe(t, f, data=str(truncated(f["data"], t / "cut.h5"))), "cut.h5: not a readable HDF5 file"),
     "foreign HDF5 file": Case(lambda t, f: recipe(t, f, data=str(foreign_hdf5(t / "other.h5"))), "other.h5: not an fsltool data file"),
     "resume with another method": Case(lambda t, f: ["meta-train", str(run_copy(t, f) / "recipe.yaml"), "method=maml", "--resume", "-q"],
-                                       "the recipe differs from the one this run was started with"),
+                                       "key 'method' is 'maml' here but was 'protonet'; only train.episodes"),
     "unwritable output folder (meta-train)": Case(lambda t, f: recipe(t, f, output=str(unwritable_folder(t) / "run")), "cannot write the run folder"),
     "unwritable output folder (prepare)": Case(lambda t, f: ["prepare", "synthetic", str(unwritable_folder(t) / "out.h5"), "--classes", "40", "--shapes", "5w1s", "-q"],
                                                "cannot write here"),
