@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsltool.builtin_recipes import find_recipe, list_recipes, recipe_path
 from fsltool.errors import FsltoolError
@@ -84,3 +85,35 @@ def test_every_builtin_recipe_loads_and_validates(recipe) -> None:
     """Static checks only (keys, types, shapes, method and backbone options): no data file is needed."""
     loaded = load_recipe(recipe.path)
     assert loaded.output.startswith("runs/") and loaded.data.startswith("data/")
+
+
+def shipped_inits() -> list:
+    """The built-in recipes whose init is a checkpoint committed in this repository (not a run folder to make)."""
+    return [recipe for recipe in list_recipes() if (init := load_recipe(recipe.path).init) and not init.startswith("runs/")]
+
+
+def test_some_recipes_start_from_a_committed_checkpoint() -> None:
+    assert {recipe.name for recipe in shipped_inits()} >= {"omniglot/reptile-from-5way-20w1s", "omniglot/reptile-from-5way-20w5s"}
+
+
+@pytest.mark.parametrize("recipe", shipped_inits(), ids=lambda r: r.name)
+def test_a_committed_init_checkpoint_loads_into_the_recipes_network(recipe) -> None:
+    """The checkpoint is in the repository (a clone reproduces the run) and fits the recipe's backbone: its feature
+    layers arrive unchanged, while the method's own head (another way here) starts fresh."""
+    from fsltool.checkpoint import build_model, load_checkpoint, model_config
+    from fsltool.train import start_backbone
+
+    loaded = load_recipe(recipe.path)
+    path = REPO / loaded.init
+    assert path.is_file(), path
+    saved = load_checkpoint(path)
+    shape = tuple(saved["model_config"]["image_shape"])
+    method = build_model(model_config(loaded, shape, saved["model_config"]["mean"], saved["model_config"]["std"], {}))
+    fresh = {key: value.clone() for key, value in method.state_dict().items()}
+    loaded.init = str(path)
+    start_backbone(method, loaded, shape)
+    features = {key: value for key, value in saved["model"].items() if key.startswith("backbone.features.")}
+    assert features and all(torch.equal(method.state_dict()[key], value) for key, value in features.items())
+    assert any(not torch.equal(fresh[key], features[key]) for key in features)
+    head = [key for key in fresh if not key.startswith("backbone.")]
+    assert head and all(torch.equal(method.state_dict()[key], fresh[key]) for key in head)
