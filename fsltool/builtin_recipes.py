@@ -1,5 +1,6 @@
 """The recipes that ship with fsltool: find them by name (``omniglot/protonet-5w1s``), list them, and copy one
-out as a single self-contained file to edit. Base files (``*-base.yaml``) are building blocks, not listed."""
+out as a single self-contained file to edit. Base files (``*-base.yaml``) are building blocks, not listed. Some
+recipes start from a checkpoint that ships with them (``init: NAME.pt``): found here too, by file name."""
 
 from __future__ import annotations
 
@@ -21,6 +22,34 @@ def recipes_root() -> Path:
         if candidate.is_dir():
             return candidate
     raise FsltoolError(f"no built-in recipes found (looked in {PACKAGE_DIR / 'recipes'} and {PACKAGE_DIR.parent / 'recipes'})")
+
+
+def starting_points_root() -> Path | None:
+    """The checkpoints that ship for recipes' ``init:``: package data (fsltool/inits) inside an installed wheel, the
+    repository's results/init/ folder in a source checkout or an editable install; None if neither is there."""
+    for candidate in (PACKAGE_DIR / "inits", PACKAGE_DIR.parent / "results" / "init"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def list_starting_points() -> list[Path]:
+    root = starting_points_root()
+    return sorted(root.glob("*.pt")) if root is not None else []
+
+
+def init_path(text: str) -> Path:
+    """What a recipe's ``init`` names: an existing run folder or checkpoint file, else a checkpoint that ships with
+    fsltool, by its file name (so a built-in recipe starts from it wherever it runs, from a clone or a wheel)."""
+    path = Path(text)
+    if path.exists():
+        return path
+    if path.name == text:
+        for shipped in list_starting_points():
+            if text in (shipped.name, shipped.stem):
+                return shipped
+    names = ", ".join(p.name for p in list_starting_points()) or "none"
+    raise FsltoolError(f"{text}: no such run folder or checkpoint, nor a checkpoint that ships with fsltool (shipped: {names})")
 
 
 @dataclass

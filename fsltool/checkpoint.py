@@ -14,6 +14,7 @@ import torch
 
 from fsltool import __version__
 from fsltool.atomic import atomic_write
+from fsltool.builtin_recipes import init_path
 from fsltool.disk import write_error
 from fsltool.errors import FsltoolError
 from fsltool.methods import Method, build_method
@@ -198,10 +199,11 @@ _NON_STRUCTURAL = ("weights", "freeze", "freeze_statistics", "flatten", "pool", 
 
 
 def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:
-    """Start ``backbone`` from the backbone of the run ``recipe.init`` names (its best checkpoint): the same
-    backbone, options and image shape, or a one-line error naming both. Only the feature network is taken:
-    the normalisation is the data file's, and heads are the new method's own. Returns the checkpoint read."""
-    path = checkpoint_path(recipe.init, "best")
+    """Start ``backbone`` from the backbone of what ``recipe.init`` names (a run's best checkpoint, a checkpoint
+    file, or one that ships with fsltool): the same backbone, options and image shape, or a one-line error naming
+    both. Only the feature network is taken: the normalisation is the data file's, and heads are the new method's
+    own. Returns the checkpoint read."""
+    path = checkpoint_path(init_path(recipe.init), "best")
     state = load_checkpoint(path)
     theirs = state["model_config"]
     mine = {"backbone": recipe.backbone, "backbone_options": recipe.backbone_options, "image_shape": list(image_shape)}

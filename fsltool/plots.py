@@ -84,7 +84,7 @@ def plot_learning_curves(run: str | Path, out: str | Path | None = None) -> Path
 @dataclass
 class TimeCurve:
     """A run's validation accuracy against wall-clock minutes since its campaign began: a run started from
-    another (``init:``) begins when that whole run ended, and carries that run's curve as ``before``."""
+    another (``init:``) begins when what it started from was made, and carries that run's curve as ``before``."""
 
     label: str
     minutes: np.ndarray
@@ -92,33 +92,55 @@ class TimeCurve:
     ci95: np.ndarray
     shape: str
     before: TimeCurve | None = None
+    start: float = 0.0  # minutes spent before this run began
 
 
-def _init_run(run: Path) -> Path | None:
-    """The run a run started from (its recipe's ``init``): where the recipe says, or, for runs whose folders were
-    moved together (committed evidence), the folder of that name beside this one."""
+def _run_beside(path: Path, run: Path) -> Path | None:
+    """The run folder ``path``, where it is or, for run folders moved together (committed evidence), the folder
+    of that name beside ``run``; None if neither holds metrics."""
+    for candidate in (path, run.parent / path.name):
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None
+
+
+def _started_from(run: Path) -> tuple[TimeCurve | None, float]:
+    """What a run started from (its recipe's ``init``): that run's curve, if found, and the minutes it cost. A run
+    folder counts whole (its best checkpoint is only known once it ends); a checkpoint file counts up to its own
+    time, its run's curve cut there (the run named in the checkpoint's recipe, where that says or beside this
+    one; not drawn if neither has it)."""
     import yaml
+
+    from fsltool.builtin_recipes import init_path
+    from fsltool.checkpoint import load_checkpoint
 
     recipe = run / "recipe.yaml"
     init = (yaml.safe_load(recipe.read_text()) or {}).get("init") if recipe.is_file() else None
     if not init:
-        return None
-    for candidate in (Path(init), run.parent / Path(init).name):
-        if (candidate / "metrics.jsonl").is_file():
-            return candidate
-    raise FsltoolError(f"{run}: started from init run {init}, whose metrics.jsonl is in neither {init} nor {run.parent}")
+        return None, 0.0
+    folder = _run_beside(Path(init), run)
+    if folder is not None:
+        curve = time_curve(folder)
+        return curve, float(curve.minutes[-1])
+    path = init_path(init)
+    if path.is_dir():
+        raise FsltoolError(f"{run}: started from init run {init}, whose metrics.jsonl is in neither {init} nor {run.parent}")
+    state = load_checkpoint(path, mmap=True)
+    writer = _run_beside(Path(state["recipe"]["output"]), run)
+    curve = time_curve(writer, until=state["elapsed"]) if writer is not None else None
+    return curve, (curve.start if curve is not None else 0.0) + state["elapsed"] / 60
 
 
-def time_curve(run: str | Path) -> TimeCurve:
+def time_curve(run: str | Path, until: float | None = None) -> TimeCurve:
+    """``run``'s curve; ``until``: only its validations up to that many seconds of its own training."""
     run = Path(run)
     _, val = read_metrics(run)
+    val = [r for r in val if until is None or r["elapsed"] <= until]
     if not val:
         raise FsltoolError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
-    init = _init_run(run)
-    before = time_curve(init) if init is not None else None
-    offset = before.minutes[-1] if before is not None else 0.0  # the whole earlier run had to finish first
-    return TimeCurve(str(run), offset + np.array([r["elapsed"] / 60 for r in val]), np.array([r["accuracy"] for r in val]),
-                     np.array([r.get("ci95", 0.0) for r in val]), str(val[-1].get("shape", "")), before)
+    before, start = _started_from(run)
+    return TimeCurve(str(run), start + np.array([r["elapsed"] / 60 for r in val]), np.array([r["accuracy"] for r in val]),
+                     np.array([r.get("ci95", 0.0) for r in val]), str(val[-1].get("shape", "")), before, start)
 
 
 def plot_time_to_accuracy(runs: list[str | Path], out: str | Path) -> Path:
@@ -134,7 +156,9 @@ def plot_time_to_accuracy(runs: list[str | Path], out: str | Path) -> Path:
         ax.fill_between(curve.minutes, curve.accuracy - curve.ci95, curve.accuracy + curve.ci95, alpha=0.15, color=line.get_color())
         earlier = curve.before
         while earlier is not None:
-            ax.plot(earlier.minutes, earlier.accuracy, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{earlier.label} (before)")
+            other_shape = f", {earlier.shape}" if earlier.shape != curve.shape else ""
+            ax.plot(earlier.minutes, earlier.accuracy, linestyle="--", color=line.get_color(), alpha=0.7,
+                    label=f"{earlier.label} (before{other_shape})")
             earlier = earlier.before
     ax.set(xlabel="wall-clock minutes (training and validation)", ylabel=f"validation accuracy (%), {shapes.pop()}",
            title="time to accuracy")

@@ -347,11 +347,12 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
 def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
     """The checks that need the data file: it opens, and holds what the recipe's ``stage`` needs (meta-train: enough
     classes and images for the training episodes, and the model builds on its images: the method and backbone
-    options and their pairing; pretrain: the splits to pretrain on), and the stored validation and test episodes of
-    the recipe's shapes."""
+    options and their pairing, and its starting weights load; pretrain: the splits to pretrain on), and the stored
+    validation and test episodes of the recipe's shapes."""
     import torch
 
     from fsltool.checkpoint import build_model, model_config
+    from fsltool.train import start_backbone
     from fsltool.data.store import FewShotData
 
     with FewShotData(recipe.data) as data:
@@ -359,7 +360,8 @@ def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
             data.classes_of(recipe.pretrain.splits)
         else:
             data.sampler(recipe.train.splits, TrainingShape.parse(recipe.train.shape).largest, torch.Generator())
-            build_model(model_config(recipe, data.image_shape, data.mean, data.std, data.provenance))
+            method = build_model(model_config(recipe, data.image_shape, data.mean, data.std, data.provenance))
+            start_backbone(method, recipe, data.image_shape)
         data.stored_episodes("val", EpisodeShape.parse(recipe.validation.shape))
         data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))
 

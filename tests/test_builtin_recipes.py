@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsltool.builtin_recipes import find_recipe, list_recipes, recipe_path
+from fsltool.builtin_recipes import find_recipe, init_path, list_recipes, list_starting_points, recipe_path
 from fsltool.errors import FsltoolError
 from fsltool.recipe import load_recipe
 from tests.conftest import run_cli
@@ -78,6 +78,9 @@ def test_the_wheel_ships_every_recipe_folder() -> None:
     assert all(config["package-dir"].get(f"fsltool.recipes.{folder}") == f"recipes/{folder}" for folder in folders)
     packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fsltool").rglob("__init__.py")}
     assert packages <= set(config["packages"])
+    # the checkpoints recipes start from (init: NAME.pt) ship too
+    assert "fsltool.inits" in config["packages"] and config["package-dir"]["fsltool.inits"] == "results/init"
+    assert config["package-data"]["fsltool.inits"] == ["*.pt"]
 
 
 @pytest.mark.parametrize("recipe", list_recipes(), ids=lambda r: r.name)
@@ -88,32 +91,57 @@ def test_every_builtin_recipe_loads_and_validates(recipe) -> None:
 
 
 def shipped_inits() -> list:
-    """The built-in recipes whose init is a checkpoint committed in this repository (not a run folder to make)."""
-    return [recipe for recipe in list_recipes() if (init := load_recipe(recipe.path).init) and not init.startswith("runs/")]
+    """The built-in recipes whose init is a checkpoint that ships with fsltool (not a run folder to make)."""
+    shipped = {path.name for path in list_starting_points()}
+    return [recipe for recipe in list_recipes() if load_recipe(recipe.path).init in shipped]
 
 
-def test_some_recipes_start_from_a_committed_checkpoint() -> None:
+def test_some_recipes_start_from_a_shipped_checkpoint() -> None:
     assert {recipe.name for recipe in shipped_inits()} >= {"omniglot/reptile-from-5way-20w1s", "omniglot/reptile-from-5way-20w5s"}
+    assert all(path.parent == REPO / "results" / "init" for path in list_starting_points())  # in a clone: committed there
 
 
 @pytest.mark.parametrize("recipe", shipped_inits(), ids=lambda r: r.name)
-def test_a_committed_init_checkpoint_loads_into_the_recipes_network(recipe) -> None:
-    """The checkpoint is in the repository (a clone reproduces the run) and fits the recipe's backbone: its feature
-    layers arrive unchanged, while the method's own head (another way here) starts fresh."""
+def test_a_shipped_init_checkpoint_loads_into_the_recipes_network(recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint is found by name from any folder and fits the recipe's backbone: its feature layers arrive
+    unchanged, while the method's own head (another way here) starts fresh."""
     from fsltool.checkpoint import build_model, load_checkpoint, model_config
     from fsltool.train import start_backbone
 
+    monkeypatch.chdir(tmp_path)
     loaded = load_recipe(recipe.path)
-    path = REPO / loaded.init
-    assert path.is_file(), path
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(init_path(loaded.init))
     shape = tuple(saved["model_config"]["image_shape"])
     method = build_model(model_config(loaded, shape, saved["model_config"]["mean"], saved["model_config"]["std"], {}))
     fresh = {key: value.clone() for key, value in method.state_dict().items()}
-    loaded.init = str(path)
     start_backbone(method, loaded, shape)
     features = {key: value for key, value in saved["model"].items() if key.startswith("backbone.features.")}
     assert features and all(torch.equal(method.state_dict()[key], value) for key, value in features.items())
     assert any(not torch.equal(fresh[key], features[key]) for key in features)
     head = [key for key in fresh if not key.startswith("backbone.")]
     assert head and all(torch.equal(method.state_dict()[key], fresh[key]) for key in head)
+
+
+def test_init_names_a_path_first_then_a_shipped_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = list_starting_points()[0]
+    monkeypatch.chdir(tmp_path)
+    assert init_path(shipped.name) == shipped and init_path(shipped.stem) == shipped
+    (tmp_path / shipped.name).write_bytes(b"mine")  # a file of that name here is the user's: it wins
+    assert init_path(shipped.name) == Path(shipped.name)
+    with pytest.raises(FsltoolError, match=rf"^sub/{shipped.name}: no such run folder or checkpoint"):
+        init_path(f"sub/{shipped.name}")  # a path is never taken for a shipped name
+    with pytest.raises(FsltoolError, match=rf"^nowhere.pt: no such run folder or checkpoint, nor a checkpoint that ships with fsltool \(shipped: .*{shipped.name}"):
+        init_path("nowhere.pt")
+
+
+def test_check_loads_the_starting_weights(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`recipes check` fails where meta-train would, before any training: an init that is not there, or whose
+    network does not fit; a built-in recipe's shipped init is found from any folder."""
+    monkeypatch.chdir(tmp_path)
+    shapes = ("validation.shape=5w1s5q", "test_shape=5w1s5q")
+    code, _, err = invoke("recipes", "check", "omniglot/reptile-from-5way-20w1s", f"data={synthetic_file}", "train.shape=20w1s5q", *shapes)
+    assert code == 0, err
+    for bad, message in (("init=nowhere.pt", "nowhere.pt: no such run folder or checkpoint"),
+                         ("init=reptile-5w5s-100k-episode-30000.pt", "has backbone 'conv4-strided'")):
+        code, _, err = invoke("recipes", "check", "synthetic/protonet-quick", f"data={synthetic_file}", *shapes, bad)
+        assert code == 2 and err.count("\n") == 1 and message in err, err

@@ -179,6 +179,35 @@ def test_time_to_accuracy_puts_a_fine_tuning_run_after_its_pretraining(synthetic
     assert code == 0, err
 
 
+def test_time_to_accuracy_counts_a_checkpoint_init_up_to_that_checkpoint(synthetic_file: Path, tmp_path: Path) -> None:
+    """A run started from a checkpoint file (not a run folder) begins when that checkpoint was written: the
+    earlier run's curve is cut there, and still counted if that run's folder is gone."""
+    from fsltool.checkpoint import load_checkpoint
+    from fsltool.plots import time_curve
+
+    meta_train(quick_recipe(synthetic_file, tmp_path / "first", episodes=8), quiet=True)
+    checkpoint = tmp_path / "first" / "checkpoints" / "episode-00000004.pt"
+    seconds = load_checkpoint(checkpoint)["elapsed"]
+    recipe = quick_recipe(synthetic_file, tmp_path / "then", episodes=4)
+    recipe.init = str(checkpoint)
+    meta_train(recipe, quiet=True)
+    then = time_curve(tmp_path / "then")
+    assert then.start == pytest.approx(seconds / 60) and then.before is not None
+    assert then.before.minutes.tolist() == pytest.approx([time_curve(tmp_path / "first").minutes[0]])  # validated at 4 and 8: cut at 4
+    own = [row["elapsed"] / 60 for row in map(json.loads, (tmp_path / "then" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "val"]
+    assert then.minutes.tolist() == pytest.approx([seconds / 60 + m for m in own])
+    code, _, err = run_cli("plot", "time", str(tmp_path / "then"), "--out", str(tmp_path / "time.png"))
+    assert code == 0, err
+
+    kept = tmp_path / "kept.pt"
+    kept.write_bytes(checkpoint.read_bytes())
+    (tmp_path / "first").rename(tmp_path / "elsewhere")  # the run that wrote it is gone: no curve, the same start
+    recipe.init, recipe.output = str(kept), str(tmp_path / "again")
+    meta_train(recipe, quiet=True)
+    again = time_curve(tmp_path / "again")
+    assert again.before is None and again.start == pytest.approx(seconds / 60)
+
+
 def test_multistep_schedule_decays_at_each_milestone_epoch(synthetic_file: Path, tmp_path: Path) -> None:
     recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=3, lr_schedule="multistep", lr_milestones=[1, 2], lr_gamma=0.1)
     pretrain(recipe, quiet=True)
