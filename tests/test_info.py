@@ -4,15 +4,18 @@ metrics log, running or stopped by the folder's lock."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 
+from fsltool.checkpoint import load_checkpoint, save_checkpoint, trained_on
 from fsltool.errors import FsltoolError
 from fsltool.folder_lock import FolderLock
 from fsltool.info import describe
 from fsltool.recipe import dump_recipe, recipe_from_dict
+from tests.conftest import quick_recipe, run_cli, trained
 
 
 def started_run(folder: Path, recipe: dict[str, object], log: list[dict[str, object]]) -> Path:
@@ -70,8 +73,6 @@ def test_the_latest_validation_is_found_behind_many_training_rows(tmp_path: Path
 
 
 def test_a_run_resumed_elsewhere_names_every_machine() -> None:
-    from fsltool.checkpoint import trained_on
-
     assert trained_on({}, "a") == ["a"]  # a checkpoint from before the record
     assert trained_on({"machines": ["a"]}, "a") == ["a"]
     assert trained_on({"machines": ["a"]}, "b") == ["a", "b"]
@@ -80,8 +81,6 @@ def test_a_run_resumed_elsewhere_names_every_machine() -> None:
 def test_a_folder_of_runs_is_listed_one_run_per_line(tmp_path: Path) -> None:
     """`fsltool info runs/`: every run folder below (not inside a run), with its status and progress; one that
     cannot be read is listed with its error rather than ending the listing."""
-    from tests.conftest import run_cli
-
     log = [{"episode": 50 * i, "phase": "train", "episodes_per_s": 2.0} for i in range(1, 4)]
     started_run(tmp_path / "runs" / "a", {"method": "protonet", "train": {"episodes": 1000}}, log)
     started_run(tmp_path / "runs" / "group" / "b", {"method": "maml", "train": {"episodes": 400}}, log[:1])
@@ -107,11 +106,6 @@ def test_a_folder_of_runs_is_listed_one_run_per_line(tmp_path: Path) -> None:
 def test_a_run_stopped_before_its_first_validation_has_no_best_yet(synthetic_file: Path, tmp_path: Path) -> None:
     """A checkpoint written by a stop before any validation holds best -inf: info says None, and its JSON stays
     strict JSON (no -Infinity)."""
-    import math
-
-    from fsltool.checkpoint import load_checkpoint, save_checkpoint
-    from tests.conftest import quick_recipe, run_cli, trained
-
     run = trained(quick_recipe(synthetic_file, tmp_path / "run", episodes=2))
     last = run / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
