@@ -168,7 +168,8 @@ class MetaTraining:
             outputs: list[StepOutput] = self.method.meta_step(batch, self.task_share)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.
         loss_tensor = torch.stack([output.loss for output in outputs]).sum() / self.recipe.train.meta_batch
-        correct = torch.stack([(output.scores.argmax(-1) == one.query_labels).sum() for output, one in zip(outputs, batch)]).sum()
+        correct = torch.stack([(output.scores.argmax(-1) == (one.query_labels if output.labels is None else output.labels)).sum()
+                               for output, one in zip(outputs, batch)]).sum()
         queries = sum(output.scores.shape[0] for output in outputs)
         totals = self.group.sum(torch.stack([loss_tensor.detach().double(), correct.double(),
                                              correct.new_full((), queries, dtype=torch.float64)]))

@@ -21,6 +21,7 @@ from fsltool.models.backbones import Backbone
 class StepOutput:
     loss: torch.Tensor
     scores: torch.Tensor  # (queries, way): higher is more likely
+    labels: torch.Tensor | None = None  # the scored queries' labels where a method scores only some (None: all, in order)
 
 
 @dataclass(frozen=True)

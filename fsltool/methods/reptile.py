@@ -209,13 +209,17 @@ class Reptile(AdaptiveMethod):
     def _steps(self, episodes: Sequence[Episode], share: TaskShare | None) -> list[StepOutput]:
         """Per task: the inner loop on the episode's support and query images, then the surrogate loss
         0.5 * ||theta - theta'||^2 and, for the training log, the trained copy's query scores (images it trained
-        on: a training accuracy, not a held-out one)."""
+        on: a training accuracy, not a held-out one), of one query per class unless BatchNorm is transductive."""
         support, support_labels, query, query_labels = stack_episodes(episodes)
         images, labels = torch.cat([support, query], 1), torch.cat([support_labels, query_labels], 1)
         adapted = self.train_copies(images, labels, self.inner_steps, self.inner_batch, None, track=self.training, share=share,
                                     absorb=self.training)
         losses = sum(0.5 * (p.unsqueeze(0) - a).pow(2).flatten(1).sum(1) for p, a in zip(self.network.parameters, adapted))
+        # Non-transductive scores of a query do not depend on the other queries: the log takes the first query of
+        # each class (queries come class by class), a fifth of the meta-step's time saved at 20w1s9q.
+        every = 1 if self.transductive else episodes[0].shape.query
+        logged, logged_labels = query[:, ::every], query_labels[:, ::every]
         with torch.no_grad():
-            scores = self.network.query_logits(adapted, support, query, self.transductive)
+            scores = self.network.query_logits(adapted, support, logged, self.transductive)
         assert isinstance(losses, torch.Tensor)
-        return [StepOutput(loss, task_scores) for loss, task_scores in zip(losses, scores)]
+        return [StepOutput(loss, task_scores, labels) for loss, task_scores, labels in zip(losses, scores, logged_labels)]

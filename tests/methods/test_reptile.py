@@ -86,7 +86,16 @@ def test_the_loops_sgd_step_on_the_surrogate_is_the_reptile_update() -> None:
     for output, task_copies in zip(outputs, zip(*copies)):
         distance = sum(0.5 * (before - c).pow(2).sum() for before, c in zip(theta, task_copies))
         torch.testing.assert_close(output.loss.detach(), distance)
-        assert output.scores.shape == (3 * 2, 3)
+    # the log's scores: the trained copies' on the first query of each class (non-transductive: each query alone)
+    support, query = torch.stack([e.support for e in episodes]), torch.stack([e.query for e in episodes])
+    with torch.no_grad():
+        every_query = method.network.query_logits(copies, support, query, False)
+    for output, task_scores in zip(outputs, every_query):
+        assert output.scores.shape == (3, 3) and output.labels.tolist() == [0, 1, 2]
+        torch.testing.assert_close(output.scores, task_scores[::2], rtol=1e-12, atol=1e-12)
+    transductive = tiny_reptile(transductive_bn=True)
+    for output, episode in zip(transductive.meta_step(episodes), episodes):  # the query batch's statistics: every query
+        assert output.scores.shape == (3 * 2, 3) and torch.equal(output.labels, episode.query_labels)
 
 
 @pytest.mark.parametrize("transductive_bn", [False, True])
