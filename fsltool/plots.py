@@ -127,15 +127,20 @@ def _started_from(run: Path) -> tuple[TimeCurve | None, float]:
         raise FsltoolError(f"{run}: started from init run {init}, whose metrics.jsonl is in neither {init} nor {run.parent}")
     state = load_checkpoint(path, mmap=True)
     writer = _run_beside(Path(state["recipe"]["output"]), run)
-    curve = time_curve(writer, until=state["elapsed"]) if writer is not None else None
+    validated = writer is not None and _validations(writer, state["elapsed"])  # a checkpoint may precede any validation
+    curve = time_curve(writer, until=state["elapsed"]) if validated else None
     return curve, (curve.start if curve is not None else 0.0) + state["elapsed"] / 60
+
+
+def _validations(run: Path, until: float | None = None) -> list[dict[str, Any]]:
+    """``run``'s validation rows; ``until``: those up to that many seconds of its own training."""
+    return [row for row in read_metrics(run)[1] if until is None or row["elapsed"] <= until]
 
 
 def time_curve(run: str | Path, until: float | None = None) -> TimeCurve:
     """``run``'s curve; ``until``: only its validations up to that many seconds of its own training."""
     run = Path(run)
-    _, val = read_metrics(run)
-    val = [r for r in val if until is None or r["elapsed"] <= until]
+    val = _validations(run, until)
     if not val:
         raise FsltoolError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
     before, start = _started_from(run)

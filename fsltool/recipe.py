@@ -352,8 +352,8 @@ def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
     import torch
 
     from fsltool.checkpoint import build_model, model_config
-    from fsltool.train import start_backbone
     from fsltool.data.store import FewShotData
+    from fsltool.train import start_backbone
 
     with FewShotData(recipe.data) as data:
         if stage == "pretrain":

@@ -182,7 +182,7 @@ def test_time_to_accuracy_puts_a_fine_tuning_run_after_its_pretraining(synthetic
 def test_time_to_accuracy_counts_a_checkpoint_init_up_to_that_checkpoint(synthetic_file: Path, tmp_path: Path) -> None:
     """A run started from a checkpoint file (not a run folder) begins when that checkpoint was written: the
     earlier run's curve is cut there, and still counted if that run's folder is gone."""
-    from fsltool.checkpoint import load_checkpoint
+    from fsltool.checkpoint import load_checkpoint, save_checkpoint
     from fsltool.plots import time_curve
 
     meta_train(quick_recipe(synthetic_file, tmp_path / "first", episodes=8), quiet=True)
@@ -206,6 +206,14 @@ def test_time_to_accuracy_counts_a_checkpoint_init_up_to_that_checkpoint(synthet
     meta_train(recipe, quiet=True)
     again = time_curve(tmp_path / "again")
     assert again.before is None and again.start == pytest.approx(seconds / 60)
+
+    (tmp_path / "elsewhere").rename(tmp_path / "first")  # back, but the checkpoint now precedes every validation
+    state = load_checkpoint(kept)
+    save_checkpoint(kept, {**state, "elapsed": 0.0})
+    recipe.output = str(tmp_path / "early")
+    meta_train(recipe, quiet=True)
+    early = time_curve(tmp_path / "early")
+    assert early.before is None and early.start == 0.0
 
 
 def test_multistep_schedule_decays_at_each_milestone_epoch(synthetic_file: Path, tmp_path: Path) -> None:
