@@ -111,6 +111,23 @@ def nan_at_call(monkeypatch: pytest.MonkeyPatch, bad: int) -> None:
     monkeypatch.setattr(ProtoNet, "step", step)
 
 
+def test_the_log_scores_the_queries_a_method_names(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method may score only some queries for the log (StepOutput.labels, Reptile does): the training accuracy
+    counts those, against their labels. Here one query a step, labelled with its own best score: 100%."""
+    from fsltool.methods.protonet import ProtoNet
+
+    original = ProtoNet.step
+
+    def step(self: ProtoNet, episode: object) -> StepOutput:
+        output = original(self, episode)  # type: ignore[arg-type]
+        return StepOutput(output.loss, output.scores[:1], output.scores[:1].argmax(-1))
+
+    monkeypatch.setattr(ProtoNet, "step", step)
+    meta_train(quick_recipe(synthetic_file, tmp_path / "run", episodes=4), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["accuracy"] for row in rows if row["phase"] == "train"] == [100.0, 100.0]
+
+
 def test_skip_drops_non_finite_meta_steps_and_counts_them(
     synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
