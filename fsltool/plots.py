@@ -127,25 +127,26 @@ def _started_from(run: Path) -> tuple[TimeCurve | None, float]:
         raise FsltoolError(f"{run}: started from init run {init}, whose metrics.jsonl is in neither {init} nor {run.parent}")
     state = load_checkpoint(path, mmap=True)
     writer = _run_beside(Path(state["recipe"]["output"]), run)
-    validated = writer is not None and _validations(writer, state["elapsed"])  # a checkpoint may precede any validation
-    curve = time_curve(writer, until=state["elapsed"]) if validated else None
+    curve = _curve(writer, until=state["elapsed"]) if writer is not None else None  # None: no validation before it
     return curve, (curve.start if curve is not None else 0.0) + state["elapsed"] / 60
 
 
-def _validations(run: Path, until: float | None = None) -> list[dict[str, Any]]:
-    """``run``'s validation rows; ``until``: those up to that many seconds of its own training."""
-    return [row for row in read_metrics(run)[1] if until is None or row["elapsed"] <= until]
-
-
-def time_curve(run: str | Path, until: float | None = None) -> TimeCurve:
-    """``run``'s curve; ``until``: only its validations up to that many seconds of its own training."""
-    run = Path(run)
-    val = _validations(run, until)
+def _curve(run: Path, until: float | None = None) -> TimeCurve | None:
+    """``run``'s curve (``until``: its validations up to that many seconds of its own training); None without any."""
+    val = [row for row in read_metrics(run)[1] if until is None or row["elapsed"] <= until]
     if not val:
-        raise FsltoolError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
+        return None
     before, start = _started_from(run)
     return TimeCurve(str(run), start + np.array([r["elapsed"] / 60 for r in val]), np.array([r["accuracy"] for r in val]),
                      np.array([r.get("ci95", 0.0) for r in val]), str(val[-1].get("shape", "")), before, start)
+
+
+def time_curve(run: str | Path) -> TimeCurve:
+    run = Path(run)
+    curve = _curve(run)
+    if curve is None:
+        raise FsltoolError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
+    return curve
 
 
 def plot_time_to_accuracy(runs: list[str | Path], out: str | Path) -> Path:
