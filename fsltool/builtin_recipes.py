@@ -38,16 +38,23 @@ def list_starting_points() -> list[Path]:
     return sorted(root.glob("*.pt")) if root is not None else []
 
 
+def shipped_starting_point(name: str) -> Path | None:
+    """The checkpoint that ships with fsltool under this file name (with or without ``.pt``); None for a path or an
+    unknown name."""
+    if Path(name).name != name:
+        return None
+    return next((shipped for shipped in list_starting_points() if name in (shipped.name, shipped.stem)), None)
+
+
 def init_path(text: str) -> Path:
     """What a recipe's ``init`` names: an existing run folder or checkpoint file, else a checkpoint that ships with
     fsltool, by its file name (so a built-in recipe starts from it wherever it runs, from a clone or a wheel)."""
     path = Path(text)
     if path.exists():
         return path
-    if path.name == text:
-        for shipped in list_starting_points():
-            if text in (shipped.name, shipped.stem):
-                return shipped
+    shipped = shipped_starting_point(text)
+    if shipped is not None:
+        return shipped
     names = ", ".join(p.name for p in list_starting_points()) or "none"
     raise FsltoolError(f"{text}: no such run folder or checkpoint, nor a checkpoint that ships with fsltool (shipped: {names})")
 

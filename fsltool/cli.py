@@ -472,11 +472,12 @@ def recipes() -> None:
 @recipes.command("list")
 @json_option
 def recipes_list(as_json: bool) -> None:
-    """The built-in recipes by name, with what each trains.
+    """The built-in recipes by name, with what each trains, and the checkpoints that ship for recipes to start
+    from (``init: NAME.pt``).
 
     Example: fsltool recipes list
     """
-    from fsltool.builtin_recipes import list_recipes
+    from fsltool.builtin_recipes import list_recipes, list_starting_points
 
     found = list_recipes()
     if as_json:
@@ -490,6 +491,9 @@ def recipes_list(as_json: bool) -> None:
     for recipe in found:
         table.add_row(recipe.name, recipe.summary)
     results.print(table)
+    shipped = ", ".join(path.name for path in list_starting_points())
+    if shipped:
+        results.print(f"Starting points that ship with fsltool (a recipe's init: NAME; fsltool info NAME): {shipped}", highlight=False)
 
 
 @recipes.command("show")

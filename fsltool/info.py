@@ -175,7 +175,11 @@ def describe_runs(root: Path) -> dict[str, Any]:
 def describe(target: str | Path) -> dict[str, Any]:
     path = Path(target)
     if not path.exists():
-        raise FsltoolError(f"{path}: no such file or folder")
+        from fsltool.builtin_recipes import shipped_starting_point
+
+        path = shipped_starting_point(str(target))  # a recipe's ``init: NAME.pt`` names a shipped checkpoint this way
+        if path is None:
+            raise FsltoolError(f"{target}: no such file or folder")
     if path.is_dir():
         if (path / "model.json").is_file():
             return {"kind": "export folder", "path": str(path), **json.loads((path / "model.json").read_text()),

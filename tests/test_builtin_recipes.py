@@ -30,6 +30,7 @@ def test_list_names_every_recipe_but_the_bases() -> None:
     assert code == 0 and {row["name"] for row in json.loads(out)} == listed
     code, out, err = invoke("recipes", "list")  # the table is the result: on stdout
     assert code == 0 and "omniglot/protonet-5w1s" in out and not err
+    assert all(path.name in out for path in list_starting_points())  # what a recipe's init may name
 
 
 def test_copy_is_self_contained_and_equal_to_the_original(tmp_path: Path) -> None:
@@ -132,6 +133,17 @@ def test_init_names_a_path_first_then_a_shipped_checkpoint(tmp_path: Path, monke
         init_path(f"sub/{shipped.name}")  # a path is never taken for a shipped name
     with pytest.raises(FsltoolError, match=rf"^nowhere.pt: no such run folder or checkpoint, nor a checkpoint that ships with fsltool \(shipped: .*{shipped.name}"):
         init_path("nowhere.pt")
+
+
+def test_info_describes_a_shipped_checkpoint_by_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = list_starting_points()[0]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke("info", shipped.stem, "--json")
+    assert code == 0, err
+    details = json.loads(out)
+    assert details["kind"] == "checkpoint" and Path(details["path"]) == shipped
+    code, _, err = invoke("info", f"sub/{shipped.name}")
+    assert code == 2 and err.strip() == f"error: sub/{shipped.name}: no such file or folder"
 
 
 def test_check_loads_the_starting_weights(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
