@@ -1029,6 +1029,17 @@ def info(target: str, as_json: bool) -> None:
     results.print(Pretty(details, expand_all=False), soft_wrap=True)
 
 
+def _trained_column(run: dict[str, Any], unit: str) -> str:
+    """How far a run went: a running one as far as it has logged (past its last checkpoint); one no longer running as
+    far as its last checkpoint, where --resume continues, with the log's count beside it when a kill left the log
+    further on."""
+    done, logged = run[f"{unit}s_trained"], run.get("latest_logged_episode", 0)
+    if run["status"].startswith("running"):
+        done = max(done, logged)
+    text = f"{done:,} / {run[f'{unit}s_planned']:,} {unit}s"
+    return text + f" (logged to {logged:,})" if logged > done else text
+
+
 def _print_runs(details: dict[str, Any]) -> None:
     """`info` on a folder of runs: one line per run, in aligned columns (grep-able, whatever the terminal width)."""
     from fsltool.info import TIME_LEFT_NOTE
@@ -1046,8 +1057,7 @@ def _print_runs(details: dict[str, Any]) -> None:
             rows.append((name, "-", "unreadable: " + run["error"], "", "", "", ""))
             continue
         unit = "epoch" if run["stage"] == "pretrain" else "episode"
-        done = max(run[f"{unit}s_trained"], run.get("latest_logged_episode", 0))  # a running run has logged past its checkpoint
-        rows.append((name, run["method"], run["status"], f"{done:,} / {run[f'{unit}s_planned']:,} {unit}s",
+        rows.append((name, run["method"], run["status"], _trained_column(run, unit),
                      validation(run.get("best_validation")), validation(run.get("latest_validation")),
                      run.get("time_left", "-").removesuffix(TIME_LEFT_NOTE)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

@@ -173,6 +173,22 @@ class Validator:
         return f"{result.accuracy:.2f}±{result.ci95:.2f}"
 
 
+@dataclass
+class CheckpointClock:
+    """When last.pt is due between validations: ``minutes`` of wall time after the last checkpoint (recipe key
+    ``checkpoint_minutes``; 0: never), so that a process killed without warning (SIGKILL, out of memory, a machine
+    taken back) loses at most about that much training. One clock read per step, no device synchronisation."""
+
+    minutes: float
+    since: float = field(default_factory=time.perf_counter)
+
+    def due(self) -> bool:
+        return self.minutes > 0 and time.perf_counter() - self.since >= 60 * self.minutes
+
+    def restart(self) -> None:
+        self.since = time.perf_counter()
+
+
 @dataclass(frozen=True)
 class BranchPoint:
     """Another run's checkpoint a new run starts from (``meta-train --branch-from``), loaded and checked."""

@@ -30,7 +30,7 @@ from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError
-from fsltool.loop import PRETRAINING, autocast_for, open_run, run_in_group, shown
+from fsltool.loop import PRETRAINING, CheckpointClock, autocast_for, open_run, run_in_group, shown
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
@@ -134,6 +134,7 @@ class Pretraining:
         self.run_folder, self.standing, state = open_run(recipe, PRETRAINING, group, self.method, config, optimizer, self.scheduler,
                                                          parameters, self.data, self.val_shape, resume=resume, force=force)
         self.validator, self.updater = self.standing.validator, self.standing.updater
+        self.clock = CheckpointClock(settings.checkpoint_minutes)
         if state is not None:
             self.model.load_state(state["heads"])
 
@@ -176,6 +177,7 @@ class Pretraining:
     def validate(self, epoch: int) -> str:
         """Validate and checkpoint; validation time does not count against the training speed."""
         accuracy = self.validator(epoch, self.standing.elapsed, {"step": epoch * self.per_epoch}, self.checkpoint_at(epoch))
+        self.clock.restart()
         self.model.train()
         self.window.began = time.perf_counter()
         return accuracy
@@ -210,6 +212,9 @@ class Pretraining:
                 self.train_epoch(epoch, progress, task)
                 if self.group.writer and (epoch % self.recipe.validation.every == 0 or epoch == settings.epochs):
                     progress.update(task, val=self.validate(epoch))
+                elif self.group.writer and self.clock.due():
+                    self.checkpoint_at(epoch)(self.run_folder.last, self.standing.elapsed())
+                    self.clock.restart()
         seconds, best = self.standing.elapsed(), self.validator.best
         if self.group.writer and self.updater.skipped:
             console.print(f"skipped {self.updater.skipped} steps whose loss was not finite (pretrain.on_nonfinite=skip)")

@@ -42,6 +42,9 @@ class OptimConfig:
     log_every: int = 50  # optimizer steps between log rows
     keep_checkpoints: int = 3  # numbered checkpoints kept beside last.pt and best.pt (0: none)
     keep_best_checkpoints: int = 0  # also keep this many best-validated numbered ones (evaluate --ensemble reads them)
+    # Also write last.pt between validations once this many minutes have passed since the last checkpoint (meta-training:
+    # after a meta-step; pretraining: at an epoch's end), so a process killed without warning loses at most that much (0: off)
+    checkpoint_minutes: float = 10.0
     on_nonfinite: str = "stop"  # a NaN or infinite loss: stop (exit 2) | skip (drop that step and count it)
     prefetch: bool = True  # assemble the next batch on a background thread during the step
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only (fsltool.data.augment)
@@ -113,8 +116,8 @@ DATA_ON_DEVICE = ("auto", True, False)
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
 # loss is not finite, which is why one resumes with it changed). The length key (episodes, epochs) is the first.
-RESUMABLE_KEYS = {"train": ("episodes", "keep_checkpoints", "keep_best_checkpoints", "on_nonfinite", "prefetch"),
-                  "pretrain": ("epochs", "keep_checkpoints", "keep_best_checkpoints", "on_nonfinite", "prefetch")}
+RESUMABLE_KEYS = {section: (length, "keep_checkpoints", "keep_best_checkpoints", "checkpoint_minutes", "on_nonfinite", "prefetch")
+                  for section, length in (("train", "episodes"), ("pretrain", "epochs"))}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -328,7 +331,7 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
     for key in ("lr", "log_every"):
         if getattr(config, key) <= 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be positive, got {getattr(config, key)}")
-    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints", "keep_best_checkpoints"):
+    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints", "keep_best_checkpoints", "checkpoint_minutes"):
         if getattr(config, key) < 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be >= 0, got {getattr(config, key)}")
     choices = {"on_nonfinite": NONFINITE_POLICIES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}

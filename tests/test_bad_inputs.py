@@ -157,6 +157,8 @@ CASES: dict[str, Case] = {
     "negative shape": Case(lambda t, f: recipe(t, f, train__shape="-5w1s"), "'-5w1s' is not of the form"),
     "zero episodes": Case(lambda t, f: recipe(t, f, train__episodes=0), "'train.episodes' must be positive, got 0"),
     "negative keep_checkpoints": Case(lambda t, f: recipe(t, f, train__keep_checkpoints=-1), "'train.keep_checkpoints' must be >= 0, got -1"),
+    "negative checkpoint_minutes": Case(lambda t, f: recipe(t, f, train__checkpoint_minutes=-5),
+                                       "'train.checkpoint_minutes' must be >= 0, got -5.0"),
     "unknown on_nonfinite": Case(lambda t, f: recipe(t, f, train__on_nonfinite="ignore"), "'train.on_nonfinite': 'ignore' is not one of stop, skip"),
     "way larger than the classes": Case(lambda t, f: recipe(t, f, train__shape="500w1s"), "fewer than the 500 ways"),
     "shot + query larger than a class": Case(lambda t, f: recipe(t, f, train__shape="5w15s10q"), "fewer than shot + query = 25"),

@@ -1,5 +1,5 @@
 """A run killed with SIGKILL at an arbitrary moment and resumed ends with exactly the parameters of an
-uninterrupted run: checkpoints are atomic and carry every piece of state. A run stopped with SIGINT or SIGTERM
+uninterrupted run: checkpoints (at validations, or on time between them) are atomic and carry every piece of state. A run stopped with SIGINT or SIGTERM
 saves the step it reached and resumes from there, exactly."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from fsltool.info import describe
 EPISODES = 40
 
 
-def write_recipe(path: Path, data: Path, output: Path, validate_every: int = 5) -> Path:
+def write_recipe(path: Path, data: Path, output: Path, validate_every: int = 5, checkpoint_minutes: float = 10.0) -> Path:
     recipe = {
         "data": str(data), "output": str(output),
-        "train": {"shape": "10w1s5q", "episodes": EPISODES, "log_every": 1, "lr_step": 10},
+        "train": {"shape": "10w1s5q", "episodes": EPISODES, "log_every": 1, "lr_step": 10, "checkpoint_minutes": checkpoint_minutes},
         "validation": {"shape": "5w1s5q", "every": validate_every, "episodes": 5},
         "test_shape": "5w1s5q",
     }
@@ -48,12 +48,14 @@ def last_episode(run: Path) -> int:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_sigkill_then_resume_matches_an_uninterrupted_run(synthetic_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("validate_every, checkpoint_minutes", [(5, 10.0), (EPISODES, 1e-9)], ids=["validations", "timed"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(synthetic_file: Path, tmp_path: Path, validate_every: int,
+                                                          checkpoint_minutes: float) -> None:
     straight = fsltool("meta-train", str(write_recipe(tmp_path / "a.yaml", synthetic_file, tmp_path / "straight")), "-q")
     assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()  # type: ignore[union-attr]
 
     killed_run = tmp_path / "killed"
-    recipe = write_recipe(tmp_path / "b.yaml", synthetic_file, killed_run)
+    recipe = write_recipe(tmp_path / "b.yaml", synthetic_file, killed_run, validate_every, checkpoint_minutes)
     victim = fsltool("meta-train", str(recipe), "-q")
     deadline = time.monotonic() + 300
     while last_episode(killed_run) < 10 and victim.poll() is None and time.monotonic() < deadline:

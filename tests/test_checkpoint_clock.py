@@ -1,0 +1,106 @@
+"""last.pt on time between validations (``checkpoint_minutes``): written where it is due and nowhere else, it changes
+nothing in the training, and a run taken back from it ends exactly as an uninterrupted one; ``fsltool info`` says
+where a killed run's --resume continues."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fsltool.pretrain
+import fsltool.train
+from fsltool.checkpoint import load_checkpoint
+from fsltool.info import describe
+from fsltool.pretrain import pretrain
+from fsltool.recipe import Recipe
+from fsltool.train import meta_train
+from tests.conftest import quick_recipe, run_cli
+from tests.test_pretrain import pretrain_recipe
+
+EVERY_STEP = 1e-9  # minutes: due after every step
+
+
+@pytest.fixture
+def last_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, bytes]]:
+    """The count (episode or epoch) of every last.pt the loops write, with the file's bytes just after."""
+    written: dict[int, bytes] = {}
+    for module in (fsltool.train, fsltool.pretrain):
+        original = module.save_checkpoint
+
+        def recording(path: Path, state: dict[str, Any], original: Any = original) -> None:
+            original(path, state)
+            if path.name == "last.pt":
+                written[state.get("episode", state.get("epoch"))] = path.read_bytes()
+        monkeypatch.setattr(module, "save_checkpoint", recording)
+    yield written
+
+
+def meta_recipe(data: Path, output: Path, minutes: float) -> Recipe:
+    recipe = quick_recipe(data, output, episodes=6, lr_step=2, checkpoint_minutes=minutes)
+    recipe.validation.every = 6  # no validation before the end
+    return recipe
+
+
+def assert_same_parameters(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+@pytest.mark.parametrize("minutes, writes", [(EVERY_STEP, [1, 2, 3, 4, 5, 6]), (0.0, [6]), (10.0, [6])])
+def test_meta_training_writes_last_when_due_and_only_then(synthetic_file: Path, tmp_path: Path, last_writes: dict[int, bytes],
+                                                          minutes: float, writes: list[int]) -> None:
+    meta_train(meta_recipe(synthetic_file, tmp_path / "run", minutes), quiet=True)
+    assert sorted(last_writes) == writes
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "episode-00000006.pt", "last.pt"]
+
+
+def test_a_run_taken_back_from_a_timed_checkpoint_ends_as_an_uninterrupted_one(synthetic_file: Path, tmp_path: Path,
+                                                                               last_writes: dict[int, bytes]) -> None:
+    meta_train(meta_recipe(synthetic_file, tmp_path / "straight", 0.0), quiet=True)
+    recipe = meta_recipe(synthetic_file, tmp_path / "timed", EVERY_STEP)
+    meta_train(recipe, quiet=True)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    assert_same_parameters(straight, load_checkpoint(tmp_path / "timed" / "checkpoints" / "last.pt")["model"])
+    last = tmp_path / "timed" / "checkpoints" / "last.pt"
+    last.write_bytes(last_writes[3])  # as if killed during episode 4
+    recipe.train.checkpoint_minutes = 0.0  # may change on --resume
+    meta_train(recipe, quiet=True, resume=True)
+    resumed = load_checkpoint(last)
+    assert resumed["episode"] == 6
+    assert_same_parameters(straight, resumed["model"])
+
+
+def test_pretraining_writes_last_at_the_epoch_end_when_due(synthetic_file: Path, tmp_path: Path, last_writes: dict[int, bytes]) -> None:
+    straight = pretrain_recipe(synthetic_file, tmp_path / "straight", epochs=3, checkpoint_minutes=0.0)
+    straight.validation.every = 3
+    pretrain(straight, quiet=True)
+    assert sorted(last_writes) == [3]
+    last_writes.clear()
+    timed = pretrain_recipe(synthetic_file, tmp_path / "timed", epochs=3, checkpoint_minutes=EVERY_STEP)
+    timed.validation.every = 3
+    pretrain(timed, quiet=True)
+    assert sorted(last_writes) == [1, 2, 3]
+    last = tmp_path / "timed" / "checkpoints" / "last.pt"
+    last.write_bytes(last_writes[1])
+    pretrain(timed, quiet=True, resume=True)
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    got = load_checkpoint(last)
+    assert_same_parameters(expected["model"], got["model"])
+    for name in expected["heads"]:
+        assert_same_parameters(expected["heads"][name], got["heads"][name])
+
+
+def test_info_lists_a_killed_run_at_its_checkpoint_with_the_log_beside(synthetic_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "killed"
+    meta_train(quick_recipe(synthetic_file, run, episodes=8), quiet=True)  # validates every 4
+    checkpoints = run / "checkpoints"
+    (checkpoints / "last.pt").write_bytes((checkpoints / "episode-00000004.pt").read_bytes())  # the log went on to 8
+    details = describe(run)
+    assert details["status"] == "stopped" and details["episodes_trained"] == 4 and details["latest_logged_episode"] == 8
+    code, out, _ = run_cli("info", str(tmp_path / "runs"))
+    assert code == 0 and "4 / 8 episodes (logged to 8)" in out.splitlines()[1]
