@@ -216,25 +216,25 @@ class Standing:
     origin: dict[str, Any] | None = None  # the checkpoint a branched run started from, and its count
     began: float = field(default_factory=time.perf_counter)
 
-    def resume(self, run: RunFolder, section: str, planned: int, verb: str) -> dict[str, Any]:
-        """Take back ``run``'s last checkpoint, refusing a changed recipe or a run already at its ``planned`` count
-        (the ``section``'s key); returns the checkpoint for the loop's own parts (sampler, heads)."""
+    def resume(self, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
+        """Take back ``run``'s last checkpoint, refusing a changed recipe or a run already at its ``planned`` count;
+        returns the checkpoint for the loop's own parts (sampler, heads)."""
         state = load_checkpoint(run.last)
-        check_resumable(state["recipe"], self.recipe, section, run.last, run.recipe)
-        self._take_back(state, run.last, section, planned, verb)
+        check_resumable(state["recipe"], self.recipe, kind.section, run.last, run.recipe)
+        self._take_back(state, run.last, kind, planned)
         self.validator.best = state["best"]
         self.origin = state.get("branched_from")
         if self.updater.group.writer:
-            run.truncate_metrics(self.validator.unit, self.done)
+            run.truncate_metrics(kind.log_key, state[kind.log_key])
         return state
 
-    def branch(self, point: BranchPoint, run: RunFolder, section: str, planned: int, verb: str) -> dict[str, Any]:
+    def branch(self, point: BranchPoint, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
         """Start the new ``run`` from another run's checkpoint (checked by the caller as branchable): as a resume,
         except that the learning rate follows this recipe's schedule from the checkpoint on. The log starts with the
         source's history; the best validation is carried over where its checkpoint can be, and otherwise best.pt is
         chosen among the branch's own validations."""
         source, state = point.checkpoint, point.state
-        self._take_back(state, source, section, planned, verb)
+        self._take_back(state, source, kind, planned)
         factor = self.scheduler.lr_lambdas[0]  # this recipe's schedule: the saved state holds the step, not the function
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor(self.done)
@@ -253,11 +253,11 @@ class Standing:
                 run.truncate_metrics(unit, self.done, source=source_run)
         return state
 
-    def _take_back(self, state: dict[str, Any], checkpoint: Path, section: str, planned: int, verb: str) -> None:
+    def _take_back(self, state: dict[str, Any], checkpoint: Path, kind: LoopKind, planned: int) -> None:
         """What resuming and branching take from a checkpoint: weights, optimizer and schedule state, random state,
         skipped steps, where the run stands and the machines it was trained on."""
         unit = self.validator.unit
-        refuse_finished(checkpoint, state[unit], planned, LoopKind(section, unit, verb))
+        refuse_finished(checkpoint, state[unit], planned, kind)
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -285,16 +285,18 @@ class Standing:
 @dataclass(frozen=True)
 class LoopKind:
     """What a training loop counts and where its recipe settings live: the recipe ``section`` (train, pretrain),
-    the ``unit`` its checkpoints and validations count (``<section>.<unit>s`` is the planned count) and the ``verb``
-    that says a finished run's count."""
+    the ``unit`` its checkpoints and validations count (``<section>.<unit>s`` is the planned count), the ``verb``
+    that says a finished run's count, and the ``log_key`` that counts its optimizer steps in the metrics log and in a
+    checkpoint (a checkpoint may fall between two validations: a resumed run's log is cut back at that step)."""
 
     section: str
     unit: str
     verb: str
+    log_key: str
 
 
-META_TRAINING = LoopKind("train", "episode", "trained")
-PRETRAINING = LoopKind("pretrain", "epoch", "pretrained")
+META_TRAINING = LoopKind("train", "episode", "trained", "episode")
+PRETRAINING = LoopKind("pretrain", "epoch", "pretrained", "step")
 
 
 def refuse_finished(checkpoint: Path, done: int, planned: int, kind: LoopKind) -> None:
@@ -337,9 +339,9 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
                         [machine_description(device_of(method), group.world)])
     planned = getattr(settings, f"{kind.unit}s")
     if resume:
-        state = standing.resume(run, kind.section, planned, kind.verb)
+        state = standing.resume(run, kind, planned)
     elif branch is not None:
-        state = standing.branch(branch, run, kind.section, planned, kind.verb)
+        state = standing.branch(branch, run, kind, planned)
     else:
         state = None
     if group.writer:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ from fsltool.data.augment import augment_images, episode_generator
 from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
 from fsltool.distributed import Group, RunningStats
-from fsltool.errors import FsltoolError
-from fsltool.loop import PRETRAINING, CheckpointClock, autocast_for, open_run, run_in_group, shown
+from fsltool.errors import FsltoolError, RunStopped
+from fsltool.loop import PRETRAINING, CheckpointClock, StopRequest, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
@@ -135,14 +136,29 @@ class Pretraining:
                                                          parameters, self.data, self.val_shape, resume=resume, force=force)
         self.validator, self.updater = self.standing.validator, self.standing.updater
         self.clock = CheckpointClock(settings.checkpoint_minutes)
+        self.steps_done = 0 if state is None else state["step"]  # within an epoch where a stop or the clock saved
         if state is not None:
             self.model.load_state(state["heads"])
 
-    def checkpoint_at(self, epoch: int) -> Callable[[Path, float], None]:
+    def checkpoint_at(self, epoch: int, step: int | None = None) -> Callable[[Path, float], None]:
+        """A checkpoint after ``epoch`` whole epochs (validated where due) and ``step`` optimizer steps: the epochs'
+        steps, or more where it falls within the next epoch."""
         def write(path: Path, elapsed: float) -> None:
             save_checkpoint(path, {**self.standing.snapshot(epoch, elapsed), "heads": self.model.state(),
-                                   "step": epoch * self.per_epoch, "stage": "pretrain"})
+                                   "step": epoch * self.per_epoch if step is None else step, "stage": "pretrain"})
         return write
+
+    def save_last(self, epoch: int, step: int) -> None:
+        """last.pt without validating: on time (``pretrain.checkpoint_minutes``) or at a stop signal."""
+        self.checkpoint_at(epoch, step)(self.run_folder.last, self.standing.elapsed())
+        self.clock.restart()
+
+    def stopped(self, number: int, epoch: int, step: int) -> RunStopped:
+        """Save last.pt at ``step`` after a stop signal; the error that reports it."""
+        self.save_last(epoch, step)
+        run, where = self.run_folder, f"step {step} (epoch {step / self.per_epoch:.2f} of {self.settings.epochs})"
+        return RunStopped(f"{signal.Signals(number).name} at {where}: saved {run.last}; continue with "
+                          f"`fsltool pretrain {run.recipe} --resume`", number)
 
     def step(self, parts: list[tuple[torch.Tensor, torch.Tensor]], number: int) -> torch.Tensor | None:
         """One optimizer step over this process's micro-batches: its (global mean loss, images right, images) on the
@@ -182,11 +198,14 @@ class Pretraining:
         self.window.began = time.perf_counter()
         return accuracy
 
-    def train_epoch(self, epoch: int, progress: Progress, task: TaskID) -> None:
-        """The epoch's steps, each logged every ``log_every`` steps and at the epoch's end."""
+    def train_epoch(self, epoch: int, progress: Progress, task: TaskID, stop: StopRequest) -> None:
+        """The epoch's steps not yet taken, each logged every ``log_every`` steps and at the epoch's end; within the
+        epoch, last.pt when it is due on time, and at a stop request (the epoch's end is the caller's)."""
+        first = (epoch - 1) * self.per_epoch
+        start = max(0, self.steps_done - first)
         waiting = time.perf_counter()
-        for index, parts in enumerate(self.batches.epoch(epoch)):
-            number = (epoch - 1) * self.per_epoch + index + 1
+        for index, parts in enumerate(self.batches.epoch(epoch, start), start):
+            number = first + index + 1
             self.window.data_wait += time.perf_counter() - waiting
             totals = self.step(parts, number)
             if totals is not None:
@@ -195,26 +214,33 @@ class Pretraining:
             progress.update(task, completed=number)
             if number % self.settings.log_every == 0 or index + 1 == self.per_epoch:
                 progress.update(task, **self.log(number))
+            if index + 1 < self.per_epoch:
+                if stop.signal is not None:
+                    raise self.stopped(stop.signal, epoch - 1, number)
+                if self.group.writer and self.clock.due():
+                    self.save_last(epoch - 1, number)
             waiting = time.perf_counter()
 
     def run(self, quiet: bool) -> PretrainResult:
         settings, per_epoch = self.settings, self.per_epoch
         self.model.train()
         self.standing.start_clock()
-        self.window = Window(self.standing.done * per_epoch, self.standing.began)
+        self.window = Window(self.steps_done, self.standing.began)
         columns = (TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
                    TextColumn("{task.fields[speed]} img/s"), TextColumn("val {task.fields[val]}"))
-        with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(self.batches):
-            task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=self.standing.done * per_epoch,
+        with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(self.batches), \
+                stop_requests(self.group.world == 1) as stop:
+            task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=self.steps_done,
                                      epoch="-", loss="-", acc="-", speed="-", val="-")
             for epoch in range(self.standing.done + 1, settings.epochs + 1):
                 progress.update(task, epoch=f"{epoch}/{settings.epochs}")
-                self.train_epoch(epoch, progress, task)
+                self.train_epoch(epoch, progress, task, stop)
                 if self.group.writer and (epoch % self.recipe.validation.every == 0 or epoch == settings.epochs):
                     progress.update(task, val=self.validate(epoch))
                 elif self.group.writer and self.clock.due():
-                    self.checkpoint_at(epoch)(self.run_folder.last, self.standing.elapsed())
-                    self.clock.restart()
+                    self.save_last(epoch, epoch * per_epoch)
+                if stop.signal is not None and epoch < settings.epochs:
+                    raise self.stopped(stop.signal, epoch, epoch * per_epoch)
         seconds, best = self.standing.elapsed(), self.validator.best
         if self.group.writer and self.updater.skipped:
             console.print(f"skipped {self.updater.skipped} steps whose loss was not finite (pretrain.on_nonfinite=skip)")

@@ -19,14 +19,14 @@ from fsltool.pretrain import pretrain
 from fsltool.recipe import Recipe
 from fsltool.train import meta_train
 from tests.conftest import quick_recipe, run_cli
-from tests.test_pretrain import pretrain_recipe
+from tests.test_pretrain import losses, pretrain_recipe
 
 EVERY_STEP = 1e-9  # minutes: due after every step
 
 
 @pytest.fixture
 def last_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, bytes]]:
-    """The count (episode or epoch) of every last.pt the loops write, with the file's bytes just after."""
+    """Every last.pt the loops write, by its count of optimizer steps (meta-training: episodes), with its bytes."""
     written: dict[int, bytes] = {}
     for module in (fsltool.train, fsltool.pretrain):
         original = module.save_checkpoint
@@ -34,7 +34,7 @@ def last_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, bytes]]:
         def recording(path: Path, state: dict[str, Any], original: Any = original) -> None:
             original(path, state)
             if path.name == "last.pt":
-                written[state.get("episode", state.get("epoch"))] = path.read_bytes()
+                written[state["episode"] if "episode" in state else state["step"]] = path.read_bytes()
         monkeypatch.setattr(module, "save_checkpoint", recording)
     yield written
 
@@ -75,24 +75,31 @@ def test_a_run_taken_back_from_a_timed_checkpoint_ends_as_an_uninterrupted_one(s
     assert_same_parameters(straight, resumed["model"])
 
 
-def test_pretraining_writes_last_at_the_epoch_end_when_due(synthetic_file: Path, tmp_path: Path, last_writes: dict[int, bytes]) -> None:
-    straight = pretrain_recipe(synthetic_file, tmp_path / "straight", epochs=3, checkpoint_minutes=0.0)
+def test_pretraining_writes_last_within_epochs_when_due_and_resumes_there_exactly(synthetic_file: Path, tmp_path: Path,
+                                                                                 last_writes: dict[int, bytes]) -> None:
+    straight = pretrain_recipe(synthetic_file, tmp_path / "straight", epochs=3, log_every=1, checkpoint_minutes=0.0)
     straight.validation.every = 3
     pretrain(straight, quiet=True)
-    assert sorted(last_writes) == [3]
+    steps = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["step"]
+    per_epoch = steps // 3
+    assert sorted(last_writes) == [steps] and per_epoch >= 2
     last_writes.clear()
-    timed = pretrain_recipe(synthetic_file, tmp_path / "timed", epochs=3, checkpoint_minutes=EVERY_STEP)
+    timed = pretrain_recipe(synthetic_file, tmp_path / "timed", epochs=3, log_every=1, checkpoint_minutes=EVERY_STEP)
     timed.validation.every = 3
     pretrain(timed, quiet=True)
-    assert sorted(last_writes) == [1, 2, 3]
+    assert sorted(last_writes) == list(range(1, steps + 1))
+    within = per_epoch + 1  # the second epoch's first step
     last = tmp_path / "timed" / "checkpoints" / "last.pt"
-    last.write_bytes(last_writes[1])
+    last.write_bytes(last_writes[within])  # as if killed during the step after
+    state = load_checkpoint(last)
+    assert (state["epoch"], state["step"]) == (1, within)  # one whole epoch, one step into the next
     pretrain(timed, quiet=True, resume=True)
-    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    got = load_checkpoint(last)
+    expected, got = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"), load_checkpoint(last)
+    assert (got["epoch"], got["step"]) == (3, steps)
     assert_same_parameters(expected["model"], got["model"])
     for name in expected["heads"]:
         assert_same_parameters(expected["heads"][name], got["heads"][name])
+    assert losses(tmp_path / "timed") == losses(tmp_path / "straight")  # the log cut back at that step, then continued
 
 
 def test_info_lists_a_killed_run_at_its_checkpoint_with_the_log_beside(synthetic_file: Path, tmp_path: Path) -> None:

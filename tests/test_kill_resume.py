@@ -1,6 +1,7 @@
 """A run killed with SIGKILL at an arbitrary moment and resumed ends with exactly the parameters of an
-uninterrupted run: checkpoints (at validations, or on time between them) are atomic and carry every piece of state. A run stopped with SIGINT or SIGTERM
-saves the step it reached and resumes from there, exactly."""
+uninterrupted run: checkpoints (at validations, or on time between them) are atomic and carry every piece of
+state. A run stopped with SIGINT or SIGTERM saves the step it reached and resumes from there, exactly (meta-training
+and pretraining)."""
 
 from __future__ import annotations
 
@@ -117,4 +118,53 @@ def test_a_stop_signal_saves_the_step_reached_and_resumes_exactly(synthetic_file
     got = load_checkpoint(stopped_run / "checkpoints" / "last.pt")
     assert got["episode"] == EPISODES
     for key, value in expected.items():
+        assert torch.equal(value, got["model"][key]), key
+
+
+PRETRAIN_EPOCHS = 8
+
+
+def write_pretrain_recipe(path: Path, data: Path, output: Path) -> Path:
+    recipe = {
+        "data": str(data), "output": str(output),
+        "pretrain": {"epochs": PRETRAIN_EPOCHS, "batch_size": 16, "lr": 0.05, "log_every": 1},
+        "validation": {"shape": "5w1s5q", "every": PRETRAIN_EPOCHS, "episodes": 5},
+        "test_shape": "5w1s5q",
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def logged_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line).get("step", 0) for line in lines if line.endswith("}")), default=0)
+
+
+def test_a_stop_signal_saves_the_pretraining_step_reached_and_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> None:
+    straight = fsltool("pretrain", str(write_pretrain_recipe(tmp_path / "a.yaml", synthetic_file, tmp_path / "straight")), "-q")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read().decode()  # type: ignore[union-attr]
+    expected = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+
+    stopped_run = tmp_path / "stopped"
+    victim = fsltool("pretrain", str(write_pretrain_recipe(tmp_path / "b.yaml", synthetic_file, stopped_run)), "-q")
+    deadline = time.monotonic() + 300
+    while logged_step(stopped_run) < 3 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(timeout=120) == 128 + signal.SIGTERM
+    message = victim.stderr.read().decode()  # type: ignore[union-attr]
+    saved = load_checkpoint(stopped_run / "checkpoints" / "last.pt")
+    assert 3 <= saved["step"] < expected["step"], f"the signal came too late to test anything (saved at {saved['step']})"
+    assert f"stopped: SIGTERM at step {saved['step']} (epoch " in message
+    assert f"fsltool pretrain {stopped_run / 'recipe.yaml'} --resume" in message
+    assert describe(stopped_run)["status"] == "stopped"
+
+    resumed = fsltool("pretrain", str(stopped_run / "recipe.yaml"), "--resume", "-q")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()  # type: ignore[union-attr]
+    got = load_checkpoint(stopped_run / "checkpoints" / "last.pt")
+    assert got["step"] == expected["step"]
+    for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key

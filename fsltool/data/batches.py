@@ -75,7 +75,7 @@ class ImageBatches:
     BatchNorm batch size), each cut into ``micro_batches`` parts of which this process assembles those in
     ``share``. Labels number the classes in the order given. A batch is ``[(images, labels), ...]``, one pair per
     part of the share, on ``device``; with ``prefetch`` the next is assembled on a background thread during the
-    step. Nothing here holds state beyond the epoch and step, so a run resumed at an epoch boundary draws the same."""
+    step. Nothing here holds state beyond the epoch and step, so a run resumed at any step draws the same."""
 
     def __init__(self, data: FewShotData, classes: np.ndarray, batch_size: int, micro_batches: int, share: range,
                  seed: int, *, prefetch: bool, device: torch.device = CPU) -> None:
@@ -101,10 +101,10 @@ class ImageBatches:
             parts.append((self._data.images(self.indices[chosen], self._device), upload(self.labels[chosen], self._device)))
         return parts
 
-    def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The batches of ``epoch``, in order."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The batches of ``epoch``, in order, from its ``start``-th (0-based: a run resumed within the epoch)."""
         order = self.order(epoch)
-        picks = [order[step * self._batch_size : (step + 1) * self._batch_size] for step in range(self.steps_per_epoch)]
+        picks = [order[step * self._batch_size : (step + 1) * self._batch_size] for step in range(start, self.steps_per_epoch)]
         prefetcher = self._prefetcher
         if prefetcher is None:
             yield from (self._assemble(chosen) for chosen in picks)
