@@ -16,7 +16,7 @@ import fsltool.train
 from fsltool.checkpoint import load_checkpoint
 from fsltool.info import describe
 from fsltool.pretrain import pretrain
-from fsltool.recipe import Recipe
+from fsltool.recipe import Recipe, recipe_from_dict
 from fsltool.train import meta_train
 from tests.conftest import quick_recipe, run_cli
 from tests.test_pretrain import losses, pretrain_recipe
@@ -75,17 +75,25 @@ def test_a_run_taken_back_from_a_timed_checkpoint_ends_as_an_uninterrupted_one(s
     assert_same_parameters(straight, resumed["model"])
 
 
+def three_epochs(data: Path, output: Path, minutes: float, settings: dict[str, Any]) -> Recipe:
+    """Pretraining for 3 epochs, validated at the end only, a log row per step."""
+    raw = pretrain_recipe(data, output, epochs=3, log_every=1, checkpoint_minutes=minutes).to_dict()
+    raw["pretrain"].update(settings)
+    raw["validation"]["every"] = 3
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize("settings", [{}, {"augment": {"kind": "glyph"}, "rotation_weight": 0.5, "head": "cosine"}],
+                         ids=["plain", "augmented"])
 def test_pretraining_writes_last_within_epochs_when_due_and_resumes_there_exactly(synthetic_file: Path, tmp_path: Path,
-                                                                                 last_writes: dict[int, bytes]) -> None:
-    straight = pretrain_recipe(synthetic_file, tmp_path / "straight", epochs=3, log_every=1, checkpoint_minutes=0.0)
-    straight.validation.every = 3
-    pretrain(straight, quiet=True)
+                                                                                 last_writes: dict[int, bytes],
+                                                                                 settings: dict[str, Any]) -> None:
+    pretrain(three_epochs(synthetic_file, tmp_path / "straight", 0.0, settings), quiet=True)
     steps = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["step"]
     per_epoch = steps // 3
     assert sorted(last_writes) == [steps] and per_epoch >= 2
     last_writes.clear()
-    timed = pretrain_recipe(synthetic_file, tmp_path / "timed", epochs=3, log_every=1, checkpoint_minutes=EVERY_STEP)
-    timed.validation.every = 3
+    timed = three_epochs(synthetic_file, tmp_path / "timed", EVERY_STEP, settings)
     pretrain(timed, quiet=True)
     assert sorted(last_writes) == list(range(1, steps + 1))
     within = per_epoch + 1  # the second epoch's first step
