@@ -136,7 +136,7 @@ class Pretraining:
                                                          parameters, self.data, self.val_shape, resume=resume, force=force)
         self.validator, self.updater = self.standing.validator, self.standing.updater
         self.clock = CheckpointClock(settings.checkpoint_minutes)
-        self.steps_done = 0 if state is None else state["step"]  # within an epoch where a stop or the clock saved
+        self.resumed_step = 0 if state is None else state["step"]  # the steps a resumed run had taken (perhaps mid-epoch)
         if state is not None:
             self.model.load_state(state["heads"])
 
@@ -202,7 +202,7 @@ class Pretraining:
         """The epoch's steps not yet taken, each logged every ``log_every`` steps and at the epoch's end; within the
         epoch, last.pt when it is due on time, and at a stop request (the epoch's end is the caller's)."""
         first = (epoch - 1) * self.per_epoch
-        start = max(0, self.steps_done - first)
+        start = max(0, self.resumed_step - first)
         waiting = time.perf_counter()
         for index, parts in enumerate(self.batches.epoch(epoch, start), start):
             number = first + index + 1
@@ -225,12 +225,12 @@ class Pretraining:
         settings, per_epoch = self.settings, self.per_epoch
         self.model.train()
         self.standing.start_clock()
-        self.window = Window(self.steps_done, self.standing.began)
+        self.window = Window(self.resumed_step, self.standing.began)
         columns = (TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("acc {task.fields[acc]}"),
                    TextColumn("{task.fields[speed]} img/s"), TextColumn("val {task.fields[val]}"))
         with progress_bar(*columns, quiet=quiet) as progress, contextlib.closing(self.batches), \
                 stop_requests(self.group.world == 1) as stop:
-            task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=self.steps_done,
+            task = progress.add_task("pretrain", total=settings.epochs * per_epoch, completed=self.resumed_step,
                                      epoch="-", loss="-", acc="-", speed="-", val="-")
             for epoch in range(self.standing.done + 1, settings.epochs + 1):
                 progress.update(task, epoch=f"{epoch}/{settings.epochs}")
