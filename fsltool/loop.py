@@ -137,9 +137,26 @@ class Updater:
 
 
 @dataclass
+class CheckpointClock:
+    """When last.pt is due between validations: ``minutes`` of wall time after the last checkpoint (recipe key
+    ``checkpoint_minutes``; 0: never), so that a process killed without warning (SIGKILL, out of memory, a machine
+    taken back) loses at most about that much training. One clock read per step, no device synchronisation."""
+
+    minutes: float
+    since: float = field(default_factory=time.perf_counter)
+
+    def due(self) -> bool:
+        return self.minutes > 0 and time.perf_counter() - self.since >= 60 * self.minutes
+
+    def restart(self) -> None:
+        self.since = time.perf_counter()
+
+
+@dataclass
 class Validator:
     """Scores the method on the first stored validation episodes and writes the checkpoints: best.pt when the
-    accuracy beats the best so far, last.pt always, and a numbered one when the recipe keeps them."""
+    accuracy beats the best so far, last.pt always, and a numbered one when the recipe keeps them. Writing last.pt,
+    here or between validations (`save_last`), restarts the ``clock`` that says when the next one is due."""
 
     method: Method
     data: FewShotData
@@ -151,6 +168,7 @@ class Validator:
     unit: str  # what the numbered checkpoints count: episode | epoch
     precision: str = "fp32"  # the recipe's: validation runs as training does
     best: dict[str, Any] = field(default_factory=dict)  # accuracy, ci95 and the unit's count of the best so far
+    clock: CheckpointClock = field(default_factory=lambda: CheckpointClock(0.0))  # the recipe's checkpoint_minutes
 
     def __post_init__(self) -> None:
         self.best = self.best or {"accuracy": -math.inf, "ci95": math.nan, self.unit: 0}
@@ -166,27 +184,16 @@ class Validator:
         if result.accuracy > self.best["accuracy"]:
             self.best = {"accuracy": result.accuracy, "ci95": result.ci95, self.unit: count}
             checkpoint(self.run.best, elapsed)
-        checkpoint(self.run.last, elapsed)
+        self.save_last(checkpoint, elapsed)
         if self.keep or self.keep_best:
             checkpoint(self.run.numbered_checkpoint(self.unit, count), elapsed)
             self.run.prune(self.keep, self.keep_best)
         return f"{result.accuracy:.2f}±{result.ci95:.2f}"
 
-
-@dataclass
-class CheckpointClock:
-    """When last.pt is due between validations: ``minutes`` of wall time after the last checkpoint (recipe key
-    ``checkpoint_minutes``; 0: never), so that a process killed without warning (SIGKILL, out of memory, a machine
-    taken back) loses at most about that much training. One clock read per step, no device synchronisation."""
-
-    minutes: float
-    since: float = field(default_factory=time.perf_counter)
-
-    def due(self) -> bool:
-        return self.minutes > 0 and time.perf_counter() - self.since >= 60 * self.minutes
-
-    def restart(self) -> None:
-        self.since = time.perf_counter()
+    def save_last(self, checkpoint: Callable[[Path, float], None], elapsed: float) -> None:
+        """Write last.pt with ``checkpoint`` at ``elapsed`` training seconds; the next timed one is due from now."""
+        checkpoint(self.run.last, elapsed)
+        self.clock.restart()
 
 
 @dataclass(frozen=True)
@@ -333,7 +340,8 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
     if group.writer:
         run.create(resume=resume, force=force)
     validator = Validator(method, data, val_shape, recipe.validation.episodes, run, settings.keep_checkpoints,
-                          settings.keep_best_checkpoints, kind.unit, recipe.precision)
+                          settings.keep_best_checkpoints, kind.unit, recipe.precision,
+                          clock=CheckpointClock(settings.checkpoint_minutes))
     updater = Updater(optimizer, parameters, settings, group, run.last)
     standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater,
                         [machine_description(device_of(method), group.world)])

@@ -31,7 +31,7 @@ from fsltool.data.batches import ImageBatches
 from fsltool.data.store import open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
-from fsltool.loop import PRETRAINING, CheckpointClock, StopRequest, autocast_for, open_run, run_in_group, shown, stop_requests
+from fsltool.loop import PRETRAINING, StopRequest, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
@@ -135,7 +135,6 @@ class Pretraining:
         self.run_folder, self.standing, state = open_run(recipe, PRETRAINING, group, self.method, config, optimizer, self.scheduler,
                                                          parameters, self.data, self.val_shape, resume=resume, force=force)
         self.validator, self.updater = self.standing.validator, self.standing.updater
-        self.clock = CheckpointClock(settings.checkpoint_minutes)
         self.resumed_step = 0 if state is None else state["step"]  # the steps a resumed run had taken (perhaps mid-epoch)
         if state is not None:
             self.model.load_state(state["heads"])
@@ -150,8 +149,7 @@ class Pretraining:
 
     def save_last(self, epoch: int, step: int) -> None:
         """last.pt without validating: on time (``pretrain.checkpoint_minutes``) or at a stop signal."""
-        self.checkpoint_at(epoch, step)(self.run_folder.last, self.standing.elapsed())
-        self.clock.restart()
+        self.validator.save_last(self.checkpoint_at(epoch, step), self.standing.elapsed())
 
     def stopped(self, number: int, epoch: int, step: int) -> RunStopped:
         """Save last.pt at ``step`` after a stop signal; the error that reports it."""
@@ -193,7 +191,6 @@ class Pretraining:
     def validate(self, epoch: int) -> str:
         """Validate and checkpoint; validation time does not count against the training speed."""
         accuracy = self.validator(epoch, self.standing.elapsed, {"step": epoch * self.per_epoch}, self.checkpoint_at(epoch))
-        self.clock.restart()
         self.model.train()
         self.window.began = time.perf_counter()
         return accuracy
@@ -217,7 +214,7 @@ class Pretraining:
             if index + 1 < self.per_epoch:
                 if stop.signal is not None:
                     raise self.stopped(stop.signal, epoch - 1, number)
-                if self.group.writer and self.clock.due():
+                if self.group.writer and self.validator.clock.due():
                     self.save_last(epoch - 1, number)
             waiting = time.perf_counter()
 
@@ -237,7 +234,7 @@ class Pretraining:
                 self.train_epoch(epoch, progress, task, stop)
                 if self.group.writer and (epoch % self.recipe.validation.every == 0 or epoch == settings.epochs):
                     progress.update(task, val=self.validate(epoch))
-                elif self.group.writer and self.clock.due():
+                elif self.group.writer and self.validator.clock.due():
                     self.save_last(epoch, epoch * per_epoch)
                 if stop.signal is not None and epoch < settings.epochs:
                     raise self.stopped(stop.signal, epoch, epoch * per_epoch)

@@ -22,7 +22,7 @@ from fsltool.data.episodes import Episode, EpisodeShape, TrainingShape
 from fsltool.data.store import FewShotData, open_for_run
 from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
-from fsltool.loop import (META_TRAINING, BranchPoint, CheckpointClock, autocast_for, open_run, refuse_finished, run_in_group,
+from fsltool.loop import (META_TRAINING, BranchPoint, autocast_for, open_run, refuse_finished, run_in_group,
                            shown, stop_requests)
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
@@ -143,7 +143,6 @@ class MetaTraining:
                                                          parameters, self.data, self.val_shape, resume=resume, force=force,
                                                          branch=branch)
         self.validator, self.updater = self.standing.validator, self.standing.updater
-        self.clock = CheckpointClock(recipe.train.checkpoint_minutes)
         if state is not None:
             generator.set_state(state["sampler_rng"])
         self.batches = MetaBatches(self.data, sampler, recipe.train.meta_batch, self.share, recipe.train.episodes - self.standing.done,
@@ -202,14 +201,12 @@ class MetaTraining:
     def validate(self, episode: int) -> str:
         """Validate and checkpoint; validation time does not count against the training speed."""
         accuracy = self.validator(episode, self.standing.elapsed, {}, self.checkpoint_at(episode))
-        self.clock.restart()
         self.window.began = time.perf_counter()
         return accuracy
 
     def save_last(self, episode: int) -> None:
         """last.pt at ``episode``, without validating: on time (``train.checkpoint_minutes``) or at a stop signal."""
-        self.checkpoint_at(episode)(self.run_folder.last, self.standing.elapsed())
-        self.clock.restart()
+        self.validator.save_last(self.checkpoint_at(episode), self.standing.elapsed())
 
     def stopped(self, number: int, episode: int) -> RunStopped:
         """Save last.pt at ``episode`` after a stop signal; the error that reports it."""
@@ -235,7 +232,7 @@ class MetaTraining:
                     progress.update(task, **self.log(episode))
                 if self.group.writer and (episode % recipe.validation.every == 0 or episode == episodes):
                     progress.update(task, val=self.validate(episode))
-                elif self.group.writer and self.clock.due():
+                elif self.group.writer and self.validator.clock.due():
                     self.save_last(episode)
                 if stop.signal is not None and episode < episodes:
                     raise self.stopped(stop.signal, episode)
