@@ -151,9 +151,11 @@ class SNAIL(SequenceMethod):
         return self.output(steps)
 
     def query_logits(self, support: torch.Tensor, support_onehot: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """The support sequence runs once; each query is the step after it, with an all-zero label."""
+        """The support sequence runs once; each query is the step after it, with an all-zero label. The last
+        layer's outputs at the support steps are never read, so that layer only extends."""
         prefix = torch.cat([support, support_onehot], dim=-1)
         step = torch.cat([query, query.new_zeros(*query.shape[:-1], support_onehot.shape[-1])], dim=-1)
-        for layer in self.layers:
+        *inner, last = self.layers
+        for layer in inner:
             prefix, step = layer(prefix), layer.extend(prefix, step)
-        return self.output(step)
+        return self.output(last.extend(prefix, step))
