@@ -35,9 +35,12 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 
 
 def machine_description(device: torch.device, processes: int = 1) -> str:
-    """What a run trains on, for the record of its budget: the GPU, or the processor and its cores; torch's
-    version and threads; the data-parallel processes."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    """What a run trains on, for the record of its budget and of its rounding: the GPU, or the processor, the
+    vector instructions torch's CPU kernels use (AVX2, AVX512: other kernels, other rounding, so a run resumed on
+    the other kind is exact but no longer bit for bit what one machine would give) and its cores; torch's version
+    and threads; the data-parallel processes."""
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores")
     threads = torch.get_num_threads()
     text = f"{where}, torch {torch.__version__}, {threads} thread{'s' if threads > 1 else ''}"
     return text + (f", {processes} processes" if processes > 1 else "")

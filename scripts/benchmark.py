@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ import torch
 
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import machine_description
 from fsltool.evaluate import embed_all, evaluate
 from fsltool.methods.protonet import ProtoNet
 from fsltool.models.backbones import conv4
@@ -74,7 +73,7 @@ def main() -> None:
     if not args.no_tuning:
         tune_allocator()
     figures: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine_description(torch.device("cpu")),
         "allocator_tuned": not args.no_tuning,
         "data": args.data,
     }

@@ -32,6 +32,7 @@ import torch
 from benchmark import median_seconds  # scripts/benchmark.py: the same timing everywhere
 
 from fsltool.checkpoint import load_trained
+from fsltool.device import machine_description
 from fsltool.enroll import class_states, enroll_images
 from fsltool.export import export_run
 from fsltool.runtime import OnnxModel
@@ -86,8 +87,8 @@ def main() -> None:
     report = {
         "command": " ".join([*(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" for _ in [0] if "OMP_NUM_THREADS" in os.environ),
                              Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
-                   f"load average {os.getloadavg()[0]:.2f} at the end",
+        "machine": machine_description(torch.device("cpu"))
+                   + f", {platform.system()}, load average {os.getloadavg()[0]:.2f} at the end",
         "method": trained.config["method"], "backbone": trained.config["backbone"], "image_shape": image_shape,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
         "provider": "CPUExecutionProvider", "results": results,

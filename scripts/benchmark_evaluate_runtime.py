@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import torch
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape, episode_labels
 from fsltool.data.store import FewShotData
+from fsltool.device import machine_description
 from fsltool.evaluate import RUNTIMES, episode_scores, evaluate
 
 
@@ -62,8 +62,8 @@ def main() -> None:
         "episodes_with_a_different_prediction": int((predictions_torch != predictions_onnx).any(-1).sum()),
         "accuracy_torch": float((predictions_torch == query_labels).float().mean() * 100),
         "accuracy_onnx": float((predictions_onnx == query_labels).float().mean() * 100),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                   f"onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end",
+        "machine": machine_description(torch.device("cpu"))
+                   + f", onnxruntime {onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end",
     }
     ratio = figures["median_s"]["torch"] / figures["median_s"]["onnx"]
     print(json.dumps(figures, indent=2))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from fsltool.builtin_recipes import find_recipe
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import machine_description
 from fsltool.evaluate import evaluate
 from fsltool.platform_tuning import tune_allocator
 from fsltool.recipe import load_recipe
@@ -69,8 +68,7 @@ def main() -> None:
             row = measure(method, args.setting, args.data, args.episodes, Path(folder))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads", "data": args.data, "setting": args.setting, "rows": rows}
+    report = {"machine": machine_description(torch.device("cpu")), "data": args.data, "setting": args.setting, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

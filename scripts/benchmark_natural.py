@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -154,9 +153,9 @@ def main() -> None:
     parser.add_argument("--no-evaluation", action="store_true", help="leave out the 600-episode evaluation timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    from fsltool.device import machine_description
     report: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "machine": machine_description(torch.device("cpu")) + f", OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "data": args.data, "rows": []}
     for backbone in args.backbones.split(","):
         for shape in args.shapes.split(","):

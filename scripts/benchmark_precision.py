@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
-from fsltool.device import resolve_device
+from fsltool.device import machine_description, resolve_device
 from fsltool.loop import autocast_for
 from fsltool.methods.protonet import ProtoNet
 from fsltool.models import build_backbone
@@ -81,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device, "--device")
     report = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+              "machine": machine_description(device),
               "cases": {}}
     for case in CASES:
         fp32, bf16 = (measure(case, precision, device, args.repeats) for precision in ("fp32", "bf16"))

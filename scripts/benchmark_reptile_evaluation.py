@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from fsltool.builtin_recipes import find_recipe
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
+from fsltool.device import machine_description
 from fsltool.evaluate import evaluate
 from fsltool.methods import build_method
 from fsltool.methods.reptile import Reptile
@@ -164,8 +164,7 @@ def main() -> None:
         "dense_batch_gmac_per_s": round(rate / 1e9, 1),
         "floor_s_per_600_episodes": round(600 * macs / rate, 1),
         "allocator": "glibc defaults" if args.no_tuning else "tuned as the CLI",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                   f"load average {os.getloadavg()[0]:.1f} at the end",
+        "machine": machine_description(torch.device("cpu")) + f", load average {os.getloadavg()[0]:.1f} at the end",
     }
     write_json("-", figures)
     if args.json_out:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from benchmark import median_seconds  # scripts/benchmark.py: the same timing ev
 
 from fsltool.checkpoint import load_trained
 from fsltool.data.episodes import EpisodeShape, episode_labels
-from fsltool.device import prepare_device, resolve_device
+from fsltool.device import machine_description, prepare_device, resolve_device
 from fsltool.export import export_run
 from fsltool.runtime import OnnxModel
 
@@ -112,7 +111,7 @@ def main() -> None:
     speedup = throughput[0] / throughput[1] if None not in throughput else None
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": machine_description(torch.device("cpu")) + f", {platform.system()}",
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
         "image_shape": image_shape, "results": results, "onnx_over_eager_batch100": speedup,

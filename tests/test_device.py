@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from fsltool.device import device_of, resolve_device
+from fsltool.device import device_of, machine_description, resolve_device
 from fsltool.errors import FsltoolError
 from fsltool.methods import build_method
 from fsltool.models import build_backbone
@@ -53,6 +53,15 @@ def test_device_of_a_method() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cpu_machine_names_the_kernels_vector_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX2 and AVX-512 kernels round differently: a run's list of machines must tell them apart."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        text = machine_description(torch.device("cpu"))
+        assert f" ({capability}), " in text and text.endswith(f"torch {torch.__version__}, 1 thread")
+
+
 def test_meta_train_on_a_missing_gpu_names_the_key_and_writes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
     recipe = quick_recipe(synthetic_file, tmp_path / "run")
     recipe.device = "cuda"
