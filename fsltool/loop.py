@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fsltool.checkpoint import load_checkpoint, trained_on
+from fsltool.console import console
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.device import device_of, machine_description, prepare_device, resolve_device
@@ -228,11 +229,13 @@ class Standing:
         returns the checkpoint for the loop's own parts (sampler, heads)."""
         state = load_checkpoint(run.last)
         check_resumable(state["recipe"], self.recipe, kind.section, run.last, run.recipe)
+        here = self.machines[0]
         self._take_back(state, run.last, kind, planned)
         self.validator.best = state["best"]
         self.origin = state.get("branched_from")
         if self.updater.group.writer:
             run.truncate_metrics(kind.log_key, state[kind.log_key])
+            note_other_machine(state.get("machines", []), here)
         return state
 
     def branch(self, point: BranchPoint, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
@@ -304,6 +307,15 @@ class LoopKind:
 
 META_TRAINING = LoopKind("train", "episode", "trained", "episode")
 PRETRAINING = LoopKind("pretrain", "epoch", "pretrained", "step")
+
+
+def note_other_machine(earlier: list[str], here: str) -> None:
+    """Say so when a run resumes on another kind of machine than the one that wrote its checkpoint: it continues
+    exactly from that checkpoint, but other kernels round differently from there on."""
+    if earlier and earlier[-1] != here:
+        console.print(f"note: resuming on {here}; the checkpoint was written on {earlier[-1]}: training continues "
+                      "exactly from it, but with this machine's rounding, so the run is no longer bit for bit what "
+                      "one machine would give", highlight=False)
 
 
 def refuse_finished(checkpoint: Path, done: int, planned: int, kind: LoopKind) -> None:

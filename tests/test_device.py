@@ -62,6 +62,22 @@ def test_a_cpu_machine_names_the_kernels_vector_instructions(monkeypatch: pytest
         assert f" ({capability}), " in text and text.endswith(f"torch {torch.__version__}, 1 thread")
 
 
+def test_resuming_on_another_kind_of_machine_says_so(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert run_cli("meta-train", str(path), "-q")[0] == 0
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=6", "--resume", "-q")
+    assert code == 0 and "note: resuming on" not in err  # the same machine: nothing to say
+    here = machine_description(torch.device("cpu"))
+    monkeypatch.setattr("fsltool.loop.machine_description", lambda device, processes=1: "Other CPU (AVX512), 2 cores")
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=8", "--resume", "-q")
+    assert code == 0, err
+    assert f"note: resuming on Other CPU (AVX512), 2 cores; the checkpoint was written on {here}" in " ".join(err.split())
+    machines = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["machines"]
+    assert machines == [here, "Other CPU (AVX512), 2 cores"]
+
+
 def test_meta_train_on_a_missing_gpu_names_the_key_and_writes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
     recipe = quick_recipe(synthetic_file, tmp_path / "run")
     recipe.device = "cuda"
