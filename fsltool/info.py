@@ -41,6 +41,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
             "backbone": state["model_config"]["backbone"], **progress,
             "best_validation": state["best"] if math.isfinite(state["best"]["accuracy"]) else None,  # None before the first validation
             "training_seconds": round(state["elapsed"], 1),
+            "machines": list(state.get("machines", [])),  # every kind it trained on (rounding differs between them)
             "fsltool_version": state["fsltool_version"],
             **({"branched_from": state["branched_from"]} if "branched_from" in state else {}), "recipe": state["recipe"]}
 

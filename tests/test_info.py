@@ -111,6 +111,7 @@ def test_a_run_stopped_before_its_first_validation_has_no_best_yet(synthetic_fil
     state = load_checkpoint(last)
     save_checkpoint(last, {**state, "best": {"accuracy": -math.inf, "ci95": math.nan, "episode": 0}})
     assert describe(run)["best_validation"] is None
+    assert describe(run)["machines"] == state["machines"] and len(state["machines"]) == 1  # what it trained on
 
     def strict(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
