@@ -315,7 +315,7 @@ def note_other_machine(earlier: list[str], here: str) -> None:
     if earlier and earlier[-1] != here:
         console.print(f"note: resuming on {here}; the checkpoint was written on {earlier[-1]}: training continues "
                       "exactly from it, but with this machine's rounding, so the run is no longer bit for bit what "
-                      "one machine would give", highlight=False)
+                      "one machine would give", highlight=False, soft_wrap=True)
 
 
 def refuse_finished(checkpoint: Path, done: int, planned: int, kind: LoopKind) -> None:
