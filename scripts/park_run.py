@@ -6,9 +6,10 @@
 
 `park` copies what an exact resume needs (recipe.yaml, metrics.jsonl, checkpoints/last.pt and best.pt), and the
 best-validated numbered checkpoints a recipe keeps for `evaluate --ensemble` (train.keep_best_checkpoints), to
-results/parked/<the folder's path>/, to be committed; a running run is refused (stop it first: its last
-checkpoint is what moves). `unpark` copies them back and refuses to overwrite a folder that already holds a
-checkpoint. `drop` deletes a parked copy once the run has finished and its evidence is in results/runs/.
+results/parked/<the folder's path>/, to be committed; a running run is refused (stop it first: its last checkpoint
+is what moves), and so is one whose files take more than --max-mb (50 MB: the history keeps them). `unpark` copies
+them back and refuses to overwrite a folder that already holds a checkpoint. `drop` deletes a parked copy once the
+run has finished and its evidence is in results/runs/.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fsltool.recipe import recipe_from_dict
 from fsltool.runs import RunFolder
 
 PARKED = Path("results/parked")
+MAX_MB = 50.0  # GitHub warns at 50 MB a file and refuses 100 MB, and each parking stays in the history
 
 
 def parked_copy(folder: Path, parked_root: Path) -> RunFolder:
@@ -34,18 +36,16 @@ def parked_copy(folder: Path, parked_root: Path) -> RunFolder:
     return RunFolder(parked_root / folder)
 
 
+def resumable_files(run: RunFolder) -> list[Path]:
+    """What an exact resume needs of ``run`` (recipe, log, last and best checkpoints) and its ensemble's members."""
+    named = [getattr(run, name) for name in ("recipe", "metrics", "last", "best")]
+    return [path for path in named if path.is_file()] + ensemble_members(run)
+
+
 def copy_run(source: RunFolder, target: RunFolder) -> list[Path]:
     """Copy the files of an exact resume from ``source`` to ``target``; the files written."""
     target.checkpoints.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in ("recipe", "metrics", "last", "best"):
-        origin, destination = getattr(source, name), getattr(target, name)
-        if origin.is_file():
-            shutil.copy2(origin, destination)
-            written.append(destination)
-    for member in ensemble_members(source):
-        written.append(Path(shutil.copy2(member, target.checkpoints / member.name)))
-    return written
+    return [Path(shutil.copy2(path, target.path / path.relative_to(source.path))) for path in resumable_files(source)]
 
 
 def ensemble_members(run: RunFolder) -> list[Path]:
@@ -57,13 +57,19 @@ def ensemble_members(run: RunFolder) -> list[Path]:
     return [path for path, _ in run.best_validated(max(recipe.train.keep_best_checkpoints, recipe.pretrain.keep_best_checkpoints))]
 
 
-def park(folder: Path, parked_root: Path = PARKED) -> list[Path]:
+def park(folder: Path, parked_root: Path = PARKED, max_mb: float = MAX_MB) -> list[Path]:
     run, target = RunFolder(folder), parked_copy(folder, parked_root)
     if not run.last.is_file():
         raise click.ClickException(f"{folder}: no checkpoint to park ({run.last} is missing)")
     holder = lock_holder(folder)
     if holder is not None:
         raise click.ClickException(f"{folder}: still running (pid {holder}); stop it first, then park its last checkpoint")
+    megabytes = sum(path.stat().st_size for path in resumable_files(run)) / 2**20
+    if megabytes > max_mb:
+        raise click.ClickException(
+            f"{folder}: its resumable files take {megabytes:.1f} MB (last.pt {run.last.stat().st_size / 2**20:.1f} MB), more "
+            f"than --max-mb {max_mb:g}: too large for the repository, whose history keeps every parked copy; keep the run "
+            "on a machine that keeps runs/, or plan to rerun it")
     if target.path.exists():
         shutil.rmtree(target.path)  # the previous sitting's copy: this one is newer
     return copy_run(run, target)
@@ -94,9 +100,12 @@ ACTIONS = {"park": park, "unpark": unpark, "drop": drop}
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--parked", "parked_root", type=click.Path(path_type=Path), default=PARKED, show_default=True,
               help="where parked runs are kept")
-def main(action: str, folder: Path, parked_root: Path) -> None:
+@click.option("--max-mb", type=float, default=MAX_MB, show_default=True,
+              help="park: refuse a run whose resumable files take more (they go into the repository's history)")
+def main(action: str, folder: Path, parked_root: Path, max_mb: float) -> None:
     """Park a stopped run's resumable files in the repository, or bring them back."""
-    for path in ACTIONS[action](folder, parked_root):
+    paths = park(folder, parked_root, max_mb) if action == "park" else ACTIONS[action](folder, parked_root)
+    for path in paths:
         click.echo(f"{action}: {path}")
 
 

@@ -68,3 +68,19 @@ def test_parking_carries_the_ensembles_members(synthetic_file: Path, tmp_path: P
     shutil.rmtree("runs/ensemble")
     park_run.unpark(Path("runs/ensemble"))
     assert {path.name for path, _ in RunFolder("runs/ensemble").best_validated(2)} == members
+
+
+def test_a_run_too_large_for_the_repository_is_refused_and_nothing_is_written(synthetic_file: Path, tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parked files go into the repository's history for good: above --max-mb (a SNAIL 20w5s run's 128 MB
+    checkpoints) parking stops with the size, and an earlier parked copy stays as it was."""
+    park_run = load_script("park_run")
+    monkeypatch.chdir(tmp_path)
+    meta_train(quick_recipe(synthetic_file, Path("runs/big"), episodes=4), quiet=True)
+    earlier = park_run.park(Path("runs/big"))
+    before = {path: path.read_bytes() for path in earlier}
+    megabytes = sum(path.stat().st_size for path in park_run.resumable_files(park_run.RunFolder(Path("runs/big")))) / 2**20
+    with pytest.raises(click.ClickException, match=r"resumable files take \d+\.\d MB .*more than --max-mb 0.01"):
+        park_run.park(Path("runs/big"), max_mb=0.01)
+    assert {path: path.read_bytes() for path in earlier} == before
+    assert park_run.park(Path("runs/big"), max_mb=megabytes + 0.01) == earlier  # at the limit it parks
