@@ -218,7 +218,8 @@ class Standing:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     validator: Validator
     updater: Updater
-    machines: list[str]
+    machine: str  # this process's (machine_description): the one that writes the checkpoints now
+    machines: list[str]  # every one the run has trained on, this one included
     done: int = 0
     seconds_before: float = 0.0
     origin: dict[str, Any] | None = None  # the checkpoint a branched run started from, and its count
@@ -229,13 +230,12 @@ class Standing:
         returns the checkpoint for the loop's own parts (sampler, heads)."""
         state = load_checkpoint(run.last)
         check_resumable(state["recipe"], self.recipe, kind.section, run.last, run.recipe)
-        here = self.machines[0]
         self._take_back(state, run.last, kind, planned)
         self.validator.best = state["best"]
         self.origin = state.get("branched_from")
         if self.updater.group.writer:
             run.truncate_metrics(kind.log_key, state[kind.log_key])
-            note_other_machine(state.get("machines", []), here)
+            note_other_machine(state, self.machine)
         return state
 
     def branch(self, point: BranchPoint, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class Standing:
         torch.set_rng_state(state["torch_rng"])
         self.updater.skipped = state.get("skipped_nonfinite", 0)  # checkpoints written before the skip option have none
         self.done, self.seconds_before = state[unit], state["elapsed"]
-        self.machines = trained_on(state, self.machines[0])
+        self.machines = trained_on(state, self.machine)
 
     def snapshot(self, count: int, elapsed: float) -> dict[str, Any]:
         """The checkpoint's common part at ``count`` steps of the unit and ``elapsed`` training seconds."""
@@ -282,6 +282,7 @@ class Standing:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), self.validator.unit: count, "best": dict(self.validator.best),
                 "elapsed": elapsed, "skipped_nonfinite": self.updater.skipped, "machines": self.machines,
+                "written_on": self.machine,
                 **({"branched_from": self.origin} if self.origin else {})}
 
     def start_clock(self) -> None:
@@ -309,11 +310,13 @@ META_TRAINING = LoopKind("train", "episode", "trained", "episode")
 PRETRAINING = LoopKind("pretrain", "epoch", "pretrained", "step")
 
 
-def note_other_machine(earlier: list[str], here: str) -> None:
+def note_other_machine(state: dict[str, Any], here: str) -> None:
     """Say so when a run resumes on another kind of machine than the one that wrote its checkpoint: it continues
-    exactly from that checkpoint, but other kernels round differently from there on."""
-    if earlier and earlier[-1] != here:
-        console.print(f"note: resuming on {here}; the checkpoint was written on {earlier[-1]}: training continues "
+    exactly from that checkpoint, but other kernels round differently from there on. (Checkpoints before fsltool
+    0.6 do not say which machine wrote them: the last one their list added stands in.)"""
+    writer = state.get("written_on") or (state.get("machines") or [here])[-1]
+    if writer != here:
+        console.print(f"note: resuming on {here}; the checkpoint was written on {writer}: training continues "
                       "exactly from it, but with this machine's rounding, so the run is no longer bit for bit what "
                       "one machine would give", highlight=False, soft_wrap=True)
 
@@ -355,8 +358,8 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
                           settings.keep_best_checkpoints, kind.unit, recipe.precision,
                           clock=CheckpointClock(settings.checkpoint_minutes))
     updater = Updater(optimizer, parameters, settings, group, run.last)
-    standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater,
-                        [machine_description(device_of(method), group.world)])
+    here = machine_description(device_of(method), group.world)
+    standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater, here, [here])
     planned = getattr(settings, f"{kind.unit}s")
     if resume:
         state = standing.resume(run, kind, planned)

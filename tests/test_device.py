@@ -76,6 +76,11 @@ def test_resuming_on_another_kind_of_machine_says_so(synthetic_file: Path, tmp_p
     assert f"note: resuming on Other CPU (AVX512), 2 cores; the checkpoint was written on {here}" in " ".join(err.split())
     machines = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["machines"]
     assert machines == [here, "Other CPU (AVX512), 2 cores"]
+    monkeypatch.undo()  # back on the first machine, then once more on it: the second resume has nothing to say
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=10", "--resume", "-q")
+    assert code == 0 and "the checkpoint was written on Other CPU (AVX512), 2 cores" in " ".join(err.split())
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=12", "--resume", "-q")
+    assert code == 0 and "note: resuming on" not in err
 
 
 def test_meta_train_on_a_missing_gpu_names_the_key_and_writes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
