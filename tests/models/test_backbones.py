@@ -3,6 +3,7 @@ method training on top of a residual backbone."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from conftest import load_script
 from fsltool.errors import FsltoolError
 from fsltool.methods import build_method
 from fsltool.models import build_backbone
@@ -115,6 +117,33 @@ def test_conv4_without_its_final_relu_has_signed_features_and_the_same_parameter
         build_backbone("conv4", 1, [0.5], [0.2], final_relu="no")
     with pytest.raises(FsltoolError, match=r"backbone_options.hidden must be a positive integer, got 0"):
         build_backbone("conv4", 1, [0.5], [0.2], hidden=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conv4_pooling_before_its_relu_is_the_papers_block(train: bool) -> None:
+    """The blocks pool before the ReLU (a quarter of the ReLU work): outputs and gradients equal the papers' order
+    (conv, BN, ReLU, pool) bit for bit, ties included (blank image regions make whole windows equal); MAML's
+    second-order gradients sum in another order, so they agree to float rounding."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", 1, [0.5], [0.2], hidden=8).train(train)
+    assert [type(m).__name__ for m in backbone.features[0]] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    reference = load_script("benchmark_block_order").use_papers_order(copy.deepcopy(backbone))
+    assert [type(m).__name__ for m in reference.features[0]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    images = torch.rand(6, 1, 28, 28)
+    images[:, :, :10] = 1.0  # blank rows: equal values in whole pooling windows
+
+    def gradients(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        features = model(images)
+        first = torch.autograd.grad(features.square().sum(), list(model.parameters()), create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), list(model.parameters()))
+        return features, first, second
+
+    features, first, second = gradients(backbone)
+    expected_features, expected_first, expected_second = gradients(reference)
+    assert torch.equal(features, expected_features)
+    assert all(torch.equal(a, b) for a, b in zip(first, expected_first, strict=True))
+    for a, b in zip(second, expected_second, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_too_small_images_are_refused() -> None:
