@@ -219,11 +219,14 @@ class Standing:
     validator: Validator
     updater: Updater
     machine: str  # this process's (machine_description): the one that writes the checkpoints now
-    machines: list[str]  # every one the run has trained on, this one included
+    machines: list[str] = field(init=False)  # every one the run has trained on, this one included
     done: int = 0
     seconds_before: float = 0.0
     origin: dict[str, Any] | None = None  # the checkpoint a branched run started from, and its count
     began: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.machines = [self.machine]  # a fresh run; _take_back adds this machine to a checkpoint's list
 
     def resume(self, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
         """Take back ``run``'s last checkpoint, refusing a changed recipe or a run already at its ``planned`` count;
@@ -359,7 +362,7 @@ def open_run(recipe: Recipe, kind: LoopKind, group: Group, method: Method, confi
                           clock=CheckpointClock(settings.checkpoint_minutes))
     updater = Updater(optimizer, parameters, settings, group, run.last)
     here = machine_description(device_of(method), group.world)
-    standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater, here, [here])
+    standing = Standing(recipe, config, method, optimizer, scheduler, validator, updater, here)
     planned = getattr(settings, f"{kind.unit}s")
     if resume:
         state = standing.resume(run, kind, planned)
