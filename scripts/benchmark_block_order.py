@@ -1,6 +1,7 @@
 """Seconds per training step with Conv-4 blocks as fsltool builds them (conv -> BN -> maxpool -> ReLU) against the
 papers' order (conv -> BN -> ReLU -> maxpool), on the shipped recipes' training steps (meta_step + backward, timed;
-then an Adam step; random 28x28 images). The two orders compute the same function; pooling first runs the ReLU on a quarter of the map.
+then an Adam step; random 28x28 images). The two orders compute the same function; pooling first runs the ReLU on
+a quarter of the map.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_block_order.py [--repeats 5] [--only snail] [--json FILE]
 
