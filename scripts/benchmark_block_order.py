@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmark_maml import episodes  # scripts/benchmark_maml.py: the same random 28x28 episodes
+
 from fsltool.builtin_recipes import find_recipe
-from fsltool.checkpoint import build_model
-from fsltool.data.episodes import Episode, EpisodeShape, episode_labels
+from fsltool.checkpoint import build_model, model_config
+from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.device import machine_description
 from fsltool.methods.base import Method
 from fsltool.platform_tuning import tune_allocator
@@ -45,16 +47,11 @@ def use_papers_order(model: nn.Module) -> nn.Module:
 
 def recipe_model(recipe: Recipe) -> Method:
     torch.manual_seed(0)
-    return build_model({"method": recipe.method, "method_options": dict(recipe.method_options), "backbone": recipe.backbone,
-                        "backbone_options": dict(recipe.backbone_options), "image_shape": [1, 28, 28], "mean": [0.1], "std": [0.3]})
+    return build_model(model_config(recipe, (1, 28, 28), [0.1], [0.3], provenance={}))
 
 
 def meta_batch(recipe: Recipe, generator: torch.Generator) -> list[Episode]:
-    shape = EpisodeShape.parse(recipe.train.shape)
-    support_labels, query_labels = episode_labels(shape)
-    return [Episode(torch.rand(len(support_labels), 1, 28, 28, generator=generator), support_labels,
-                    torch.rand(len(query_labels), 1, 28, 28, generator=generator), query_labels, shape)
-            for _ in range(recipe.train.meta_batch)]
+    return episodes(EpisodeShape.parse(recipe.train.shape), recipe.train.meta_batch, generator)
 
 
 def train_step(method: Method, batch: list[Episode]) -> float:
@@ -78,7 +75,7 @@ def compare(recipe_name: str, repeats: int) -> dict[str, object]:
     runs = [(model, torch.optim.Adam(model.parameters(), lr=1e-4), torch.Generator().manual_seed(0), []) for model in (ours, theirs)]
     difference = None
     for repeat in range(repeats + 1):
-        for model, optimizer, generator, times in runs:
+        for model, _, generator, times in runs:
             torch.manual_seed(repeat)  # methods that draw per task (Reptile's minibatches, SNAIL's orders) draw alike
             seconds = train_step(model, meta_batch(recipe, generator))
             if repeat:  # the first is a warm-up

@@ -39,7 +39,10 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 def load_script(name: str) -> ModuleType:
-    """scripts/<name>.py imported as a module (registered, so its dataclasses can look it up)."""
+    """scripts/<name>.py imported as a module (registered, so its dataclasses can look it up), with scripts/ on the
+    import path as when the script is run (scripts import their shared helpers from each other)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
