@@ -92,21 +92,45 @@ def drop(folder: Path, parked_root: Path = PARKED) -> list[Path]:
     return [source.path]
 
 
-ACTIONS = {"park": park, "unpark": unpark, "drop": drop}
+FOLDER = click.argument("folder", type=click.Path(path_type=Path))
+PARKED_ROOT = click.option("--parked", "parked_root", type=click.Path(path_type=Path), default=PARKED, show_default=True,
+                           help="where parked runs are kept")
 
 
-@click.command()
-@click.argument("action", type=click.Choice(sorted(ACTIONS)))
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--parked", "parked_root", type=click.Path(path_type=Path), default=PARKED, show_default=True,
-              help="where parked runs are kept")
-@click.option("--max-mb", type=float, default=MAX_MB, show_default=True,
-              help="park: refuse a run whose resumable files take more (they go into the repository's history)")
-def main(action: str, folder: Path, parked_root: Path, max_mb: float) -> None:
-    """Park a stopped run's resumable files in the repository, or bring them back."""
-    paths = park(folder, parked_root, max_mb) if action == "park" else ACTIONS[action](folder, parked_root)
+def report(action: str, paths: list[Path]) -> None:
     for path in paths:
         click.echo(f"{action}: {path}")
+
+
+@click.group()
+def main() -> None:
+    """Park a stopped run's resumable files in the repository, or bring them back."""
+
+
+@main.command("park")
+@FOLDER
+@PARKED_ROOT
+@click.option("--max-mb", type=float, default=MAX_MB, show_default=True,
+              help="refuse a run whose resumable files take more (they go into the repository's history)")
+def park_command(folder: Path, parked_root: Path, max_mb: float) -> None:
+    """Copy a stopped run's resumable files to the parked folder."""
+    report("park", park(folder, parked_root, max_mb))
+
+
+@main.command("unpark")
+@FOLDER
+@PARKED_ROOT
+def unpark_command(folder: Path, parked_root: Path) -> None:
+    """Copy a parked run back to its run folder."""
+    report("unpark", unpark(folder, parked_root))
+
+
+@main.command("drop")
+@FOLDER
+@PARKED_ROOT
+def drop_command(folder: Path, parked_root: Path) -> None:
+    """Delete a parked copy (the run has finished and its evidence is in results/runs/)."""
+    report("drop", drop(folder, parked_root))
 
 
 if __name__ == "__main__":

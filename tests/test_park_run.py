@@ -84,3 +84,25 @@ def test_a_run_too_large_for_the_repository_is_refused_and_nothing_is_written(sy
         park_run.park(Path("runs/big"), max_mb=0.01)
     assert {path: path.read_bytes() for path in earlier} == before
     assert park_run.park(Path("runs/big"), max_mb=megabytes + 0.01) == earlier  # at the limit it parks
+
+
+def test_the_command_line_runs_each_action_with_its_own_options(synthetic_file: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`park_run.py park|unpark|drop FOLDER [--parked DIR]`; only park takes --max-mb, and an error exits non-zero
+    with its one-line message."""
+    from click.testing import CliRunner
+
+    park_run = load_script("park_run")
+    monkeypatch.chdir(tmp_path)
+    meta_train(quick_recipe(synthetic_file, Path("runs/cli"), episodes=4), quiet=True)
+    runner = CliRunner()
+    refused = runner.invoke(park_run.main, ["park", "runs/cli", "--parked", "kept", "--max-mb", "0.001"])
+    assert refused.exit_code == 1 and "more than --max-mb 0.001" in refused.output and not Path("kept").exists()
+    parked = runner.invoke(park_run.main, ["park", "runs/cli", "--parked", "kept"])
+    assert parked.exit_code == 0 and "park: kept/runs/cli/checkpoints/last.pt" in parked.output
+    assert runner.invoke(park_run.main, ["drop", "runs/cli", "--parked", "kept", "--max-mb", "1"]).exit_code == 2
+    shutil.rmtree("runs/cli")
+    assert runner.invoke(park_run.main, ["unpark", "runs/cli", "--parked", "kept"]).exit_code == 0
+    assert Path("runs/cli/checkpoints/last.pt").is_file()
+    assert runner.invoke(park_run.main, ["drop", "runs/cli", "--parked", "kept"]).exit_code == 0
+    assert not Path("kept/runs/cli").exists()
