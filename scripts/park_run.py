@@ -15,7 +15,6 @@ run has finished and its evidence is in results/runs/.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import click
@@ -134,4 +133,4 @@ def drop_command(folder: Path, parked_root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
