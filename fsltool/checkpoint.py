@@ -165,10 +165,11 @@ def trained_on(state: dict[str, Any], machine: str) -> list[str]:
 
 def training_budget(trained: TrainedModel) -> dict[str, Any]:
     """What the checkpoint's training cost, for a result's JSON: steps, their size, the classes trained on, the
-    training seconds up to this checkpoint, the machines, and the run it started from (whose own budget is its
-    own checkpoint's)."""
+    training seconds up to this checkpoint, the machines, and the run it started from and what it took from it
+    (whose own budget is its own checkpoint's)."""
     state, recipe = trained.state, trained.recipe
-    common = {"seconds": round(float(state["elapsed"]), 1), "machines": list(state.get("machines", [])), "init": recipe.init or None}
+    common = {"seconds": round(float(state["elapsed"]), 1), "machines": list(state.get("machines", [])), "init": recipe.init or None,
+              "init_scope": recipe.init_scope if recipe.init else None}
     if state.get("stage") == "pretrain":
         return {"stage": "pretrain", "epochs": state["epoch"], "steps": state["step"], "batch_size": recipe.pretrain.batch_size,
                 "splits": list(recipe.pretrain.splits), **common}
@@ -198,11 +199,10 @@ def untrained_like(trained: TrainedModel) -> Method:
 _NON_STRUCTURAL = ("weights", "freeze", "freeze_statistics", "flatten", "pool", "channels_last")
 
 
-def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:
-    """Start ``backbone`` from the backbone of what ``recipe.init`` names (a run's best checkpoint, a checkpoint
-    file, or one that ships with fsltool): the same backbone, options and image shape, or a one-line error naming
-    both. Only the feature network is taken: the normalisation is the data file's, and heads are the new method's
-    own. Returns the checkpoint read."""
+def _init_checkpoint(recipe: Recipe, image_shape: tuple[int, ...]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``recipe.init`` names (a run's best checkpoint, a checkpoint file, or one that ships with
+    fsltool), checked to hold the same backbone, options and image shape as the recipe, else a one-line error
+    naming both."""
     path = checkpoint_path(init_path(recipe.init), "best")
     state = load_checkpoint(path)
     theirs = state["model_config"]
@@ -216,9 +216,41 @@ def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[in
         my_name, my_options, my_shape = structure(mine)
         raise FsltoolError(f"init: {recipe.init} has backbone {name!r} {options} on {shape} images; this recipe has "
                            f"{my_name!r} {my_options} on {my_shape} images")
+    return path, state
+
+
+def load_init_backbone(backbone: Backbone, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:
+    """Start ``backbone`` from the feature network of the checkpoint ``recipe.init`` names. Only the feature
+    layers are taken: the normalisation is the data file's, and heads are the new method's own. Returns the
+    checkpoint read."""
+    path, state = _init_checkpoint(recipe, image_shape)
     prefix = "backbone.features."
     features = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
     load_feature_state(backbone, recipe.backbone, features, str(path))
+    return path
+
+
+def load_init_model(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> Path:
+    """Start every parameter and buffer of ``method`` (backbone, heads, learned rates, BatchNorm statistics) from
+    the meta-training checkpoint ``recipe.init`` names (``init_scope: model``): a trained model trained on with
+    options that a branch may not change, e.g. BatchNorm statistics unfrozen. It must be the same method with
+    parameters of the same names and shapes, else a one-line error names the first difference. Returns the
+    checkpoint read."""
+    path, state = _init_checkpoint(recipe, image_shape)
+    if state.get("stage") == "pretrain" or state["model_config"]["method"] != recipe.method:
+        theirs = "a pretraining run" if state.get("stage") == "pretrain" else f"method {state['model_config']['method']!r}"
+        raise FsltoolError(f"init: {recipe.init} holds {theirs}; init_scope: model takes every layer of a run of this "
+                           f"recipe's method {recipe.method!r} (init_scope: backbone takes the feature layers of any run)")
+    mine, theirs = method.state_dict(), state["model"]
+    for key in sorted(mine.keys() | theirs.keys()):
+        if key not in mine or key not in theirs:
+            where = "this recipe's model" if key not in mine else "the init checkpoint"
+            raise FsltoolError(f"init: {recipe.init}: {key!r} is not in {where}; init_scope: model needs the same layers "
+                               "(method options that add or shape layers must match)")
+        if mine[key].shape != theirs[key].shape:
+            raise FsltoolError(f"init: {recipe.init}: {key!r} has shape {tuple(theirs[key].shape)} there and "
+                               f"{tuple(mine[key].shape)} in this recipe's model")
+    method.load_state_dict(theirs)
     return path
 
 

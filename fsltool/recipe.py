@@ -97,6 +97,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # fsltool pretrain only
     init: str = ""  # a run folder (e.g. a pretraining run) whose best checkpoint's backbone training starts from
+    init_scope: str = "backbone"  # backbone | model: init's feature layers only, or every layer of a run of the same method
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     test_shape: str = "5w1s15q"  # what `fsltool evaluate` runs by default
     seed: int = 0
@@ -112,6 +113,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("step", "multistep", "linear", "cosine")
 NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("fp32", "bf16")
+INIT_SCOPES = ("backbone", "model")
 DATA_ON_DEVICE = ("auto", True, False)
 PRETRAIN_HEADS = ("linear", "cosine")
 # Keys a resumed run may change: they never change the parameters a run ends with (on_nonfinite only where a
@@ -294,6 +296,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FsltoolError(f"{where}: recipe key 'data_on_device': {recipe.data_on_device!r} is not one of auto, true, false")
     if recipe.precision not in PRECISIONS:
         raise FsltoolError(f"{where}: recipe key 'precision': {recipe.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if recipe.init_scope not in INIT_SCOPES:
+        raise FsltoolError(f"{where}: recipe key 'init_scope': {recipe.init_scope!r} is not one of {', '.join(INIT_SCOPES)}")
+    if recipe.init_scope == "model" and not recipe.init:
+        raise FsltoolError(f"{where}: recipe key 'init_scope' is model but 'init' names no run to take the model from")
     _validate_names(recipe, where)
 
 def _validate_pretrain(config: PretrainConfig, where: str) -> None:
@@ -356,7 +362,7 @@ def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
 
     from fsltool.checkpoint import build_model, model_config
     from fsltool.data.store import FewShotData
-    from fsltool.train import start_backbone
+    from fsltool.train import start_weights
 
     with FewShotData(recipe.data) as data:
         if stage == "pretrain":
@@ -364,7 +370,7 @@ def check_data(recipe: Recipe, stage: str = "meta-train") -> None:
         else:
             data.sampler(recipe.train.splits, TrainingShape.parse(recipe.train.shape).largest, torch.Generator())
             method = build_model(model_config(recipe, data.image_shape, data.mean, data.std, data.provenance))
-            start_backbone(method, recipe, data.image_shape)
+            start_weights(method, recipe, data.image_shape)
         data.stored_episodes("val", EpisodeShape.parse(recipe.validation.shape))
         data.stored_episodes("test", EpisodeShape.parse(recipe.test_shape))
 

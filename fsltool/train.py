@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from rich.progress import TextColumn
 
-from fsltool.checkpoint import build_model, checkpoint_path, load_checkpoint, load_init_backbone, model_config, save_checkpoint
+from fsltool.checkpoint import (build_model, checkpoint_path, load_checkpoint, load_init_backbone, load_init_model, model_config,
+                                save_checkpoint)
 from fsltool.console import console, progress_bar
 from fsltool.data.augment import augment_episode, check_augment_fits, episode_generator
 from fsltool.data.batches import MetaBatches
@@ -79,11 +80,15 @@ def branch_point(source: str | Path, recipe: Recipe) -> BranchPoint:
     return BranchPoint(checkpoint, state)
 
 
-def start_backbone(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> None:
-    """A new run's starting backbone: a run's (``init``) or a weights file's (``backbone_options.weights``), if
-    the recipe names one; never both. A resumed run takes everything from its checkpoint instead."""
+def start_weights(method: Method, recipe: Recipe, image_shape: tuple[int, ...]) -> None:
+    """A new run's starting weights: a run's (``init``: its feature layers, or with ``init_scope: model`` every
+    layer of the method) or a weights file's (``backbone_options.weights``), if the recipe names one; never both.
+    A resumed run takes everything from its checkpoint instead."""
     if recipe.init and "weights" in recipe.backbone_options:
         raise FsltoolError("recipe keys 'init' and 'backbone_options.weights' both name starting weights; keep one")
+    if recipe.init and recipe.init_scope == "model":
+        load_init_model(method, recipe, image_shape)
+        return
     if recipe.init:
         load_init_backbone(method.backbone, recipe, image_shape)
     elif "weights" in recipe.backbone_options:
@@ -110,7 +115,7 @@ def build_for_training(recipe: Recipe, data: FewShotData, device: torch.device, 
     config = model_config(recipe, data.image_shape, data.mean, data.std, data.provenance)
     method = build_model(config).to(device)
     if not resume:
-        start_backbone(method, recipe, data.image_shape)
+        start_weights(method, recipe, data.image_shape)
     return method, config
 
 

@@ -66,7 +66,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         if recipe["train"].get("augment", {}).get("kind", "none") != "none":  # e.g. MAML++'s quarter turns of each class
             budget += f"; {recipe['train']['augment']['kind']} augmentation"
         if recipe.get("init"):
-            budget += f", from {Path(recipe['init']).name}"  # meta-fine-tuned: the pretraining's budget is its own run's
+            taken = " (every layer)" if recipe.get("init_scope") == "model" else ""  # a trained model trained on
+            budget += f", from {Path(recipe['init']).name}{taken}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
         labels = [*(["transductive"] if result.get("transductive") else []),
                   *([f"ensemble of {result['ensemble']}"] if result.get("ensemble", 1) > 1 else [])]

@@ -107,7 +107,7 @@ def test_a_shipped_init_checkpoint_loads_into_the_recipes_network(recipe, tmp_pa
     """The checkpoint is found by name from any folder and fits the recipe's backbone: its feature layers arrive
     unchanged, while the method's own head (another way here) starts fresh."""
     from fsltool.checkpoint import build_model, load_checkpoint, model_config
-    from fsltool.train import start_backbone
+    from fsltool.train import start_weights
 
     monkeypatch.chdir(tmp_path)
     loaded = load_recipe(recipe.path)
@@ -115,7 +115,7 @@ def test_a_shipped_init_checkpoint_loads_into_the_recipes_network(recipe, tmp_pa
     shape = tuple(saved["model_config"]["image_shape"])
     method = build_model(model_config(loaded, shape, saved["model_config"]["mean"], saved["model_config"]["std"], {}))
     fresh = {key: value.clone() for key, value in method.state_dict().items()}
-    start_backbone(method, loaded, shape)
+    start_weights(method, loaded, shape)
     features = {key: value for key, value in saved["model"].items() if key.startswith("backbone.features.")}
     assert features and all(torch.equal(method.state_dict()[key], value) for key, value in features.items())
     assert any(not torch.equal(fresh[key], features[key]) for key in features)

@@ -41,8 +41,8 @@ def test_prepare_train_evaluate_export_end_to_end(tmp_path: Path) -> None:
     assert 0 <= result["accuracy"] <= 100 and result["ci95"] > 0
     assert f"{result['accuracy']:.2f} ± {result['ci95']:.2f}%" in out
     budget = result["training"]  # the best checkpoint's: validated every 3 episodes of 6
-    assert {key: budget[key] for key in ("stage", "meta_batch", "shape", "splits", "init")} == {
-        "stage": "meta-train", "meta_batch": 1, "shape": "10w1s5q", "splits": ["train"], "init": None}
+    assert {key: budget[key] for key in ("stage", "meta_batch", "shape", "splits", "init", "init_scope")} == {
+        "stage": "meta-train", "meta_batch": 1, "shape": "10w1s5q", "splits": ["train"], "init": None, "init_scope": None}
     assert budget["episodes"] in (3, 6) and budget["seconds"] > 0
     assert len(budget["machines"]) == 1 and " cores, torch " in budget["machines"][0]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsltool.checkpoint import load_checkpoint, load_trained, untrained_like
+from fsltool.checkpoint import load_checkpoint, load_trained, training_budget, untrained_like
 from fsltool.data.episodes import EpisodeShape
 from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
@@ -245,3 +245,65 @@ def test_init_starts_maml_per_step_batch_norm_from_the_pretrained_backbone(synth
     for copied, loaded in zip(method.step_norms[0], pretrained, strict=True):
         torch.testing.assert_close(copied.weight, loaded.weight, rtol=0, atol=1e-9)
         torch.testing.assert_close(copied.bias, loaded.bias, rtol=0, atol=1e-9)
+
+
+def relation_run(data: Path, output: Path, **train: object) -> Recipe:
+    recipe = quick_recipe(data, output, method="relationnet", backbone="conv4-relation", shape="5w1s2q", **train)
+    validate(recipe)
+    return recipe
+
+
+def test_init_scope_model_starts_every_layer_and_statistic_from_a_run_of_the_method(synthetic_file: Path, tmp_path: Path) -> None:
+    """init_scope: model takes the relation module and the BatchNorm running statistics too (init_scope: backbone
+    starts the module fresh), also under a backbone option a branch may not change (freeze_statistics)."""
+    from fsltool.checkpoint import build_model, model_config
+    from fsltool.train import start_weights
+
+    meta_train(relation_run(synthetic_file, tmp_path / "source", episodes=4), quiet=True)
+    source = load_checkpoint(tmp_path / "source" / "checkpoints" / "last.pt")["model"]
+    recipe = relation_run(synthetic_file, tmp_path / "fine", episodes=1)
+    recipe.init, recipe.backbone_options = str(tmp_path / "source" / "checkpoints" / "last.pt"), {"freeze_statistics": True}
+    with FewShotData(synthetic_file) as data:
+        def started(scope: str) -> dict[str, torch.Tensor]:
+            recipe.init_scope = scope
+            torch.manual_seed(recipe.seed)
+            method = build_model(model_config(recipe, data.image_shape, data.mean, data.std, data.provenance))
+            start_weights(method, recipe, data.image_shape)
+            return method.state_dict()
+        whole, features_only = started("model"), started("backbone")
+    assert whole.keys() == source.keys()
+    for key, value in source.items():
+        assert torch.equal(whole[key], value), key
+    head = [key for key in source if not key.startswith("backbone.")]
+    assert head and all(not torch.equal(features_only[key], source[key]) for key in head if source[key].is_floating_point())
+    recipe.init_scope = "model"
+    meta_train(recipe, quiet=True)  # the run trains on from there
+    budget = training_budget(load_trained(tmp_path / "fine", "last"))
+    assert (budget["episodes"], budget["init"], budget["init_scope"]) == (1, recipe.init, "model")
+
+
+def test_init_scope_model_refuses_another_method_or_other_layers_naming_them(synthetic_file: Path, tmp_path: Path) -> None:
+    meta_train(relation_run(synthetic_file, tmp_path / "source", episodes=1), quiet=True)
+    pretrain(pretrain_recipe(synthetic_file, tmp_path / "pre", epochs=1), quiet=True)
+    recipe = relation_run(synthetic_file, tmp_path / "fine", episodes=1)
+    recipe.init_scope, recipe.init = "model", str(tmp_path / "pre")
+    recipe.backbone = "conv4"
+    recipe.method = "protonet"
+    with pytest.raises(FsltoolError, match=r"pre holds a pretraining run; init_scope: model takes every layer of a run of this recipe's method 'protonet'"):
+        meta_train(recipe, quiet=True)
+    recipe = relation_run(synthetic_file, tmp_path / "fine", episodes=1, method_options={"relation_hidden": 4})
+    recipe.init_scope, recipe.init = "model", str(tmp_path / "source")
+    with pytest.raises(FsltoolError, match=r"source: 'relation\..*' has shape \(.*\) there and \(.*\) in this recipe's model"):
+        meta_train(recipe, quiet=True)
+    assert not (tmp_path / "fine" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(("scope", "init", "message"), [
+    ("layers", "x", r"recipe key 'init_scope': 'layers' is not one of backbone, model"),
+    ("model", "", r"recipe key 'init_scope' is model but 'init' names no run to take the model from"),
+])
+def test_init_scope_values_are_checked(synthetic_file: Path, tmp_path: Path, scope: str, init: str, message: str) -> None:
+    recipe = quick_recipe(synthetic_file, tmp_path / "fine")
+    recipe.init_scope, recipe.init = scope, init
+    with pytest.raises(FsltoolError, match=message):
+        validate(recipe)
