@@ -28,6 +28,16 @@ PAPER = {  # published Omniglot accuracies (docs/protocols.md#reported-accuracie
     "reptile": {"5w1s": 95.39, "5w5s": 98.90, "20w1s": 88.14, "20w5s": 96.65},  # Nichol et al. 2018, non-transductive
     "maml++": {"5w1s": 99.47, "5w5s": 99.93, "20w1s": 97.65, "20w5s": 99.33},  # Antoniou et al. 2019, transductive ensemble
 }
+RUN_CHECKPOINT = re.compile(r"(last|best|episode-\d+)\.pt")  # names fsltool gives a run's checkpoints
+
+
+def init_label(init: str) -> str:
+    """The run or file a recipe's `init` names; a run's own checkpoint says which run (`last.pt` alone does not)."""
+    path = Path(init)
+    if not RUN_CHECKPOINT.fullmatch(path.name):
+        return path.name
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{run.name}/{path.name}"
 NAME = re.compile(r"omniglot-(?P<method>[a-z+]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
 ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 
@@ -67,7 +77,7 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             budget += f"; {recipe['train']['augment']['kind']} augmentation"
         if recipe.get("init"):
             taken = " (every layer)" if recipe.get("init_scope") == "model" else ""  # a trained model trained on
-            budget += f", from {Path(recipe['init']).name}{taken}"  # meta-fine-tuned: the pretraining's budget is its own run's
+            budget += f", from {init_label(recipe['init'])}{taken}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
         labels = [*(["transductive"] if result.get("transductive") else []),
                   *([f"ensemble of {result['ensemble']}"] if result.get("ensemble", 1) > 1 else [])]

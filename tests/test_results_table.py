@@ -34,3 +34,20 @@ def test_a_continued_run_reports_each_test_at_its_own_budget_and_protocol(tmp_pa
     assert "random class split (seed 1) of 1150/50/423 characters; no rotated classes; class_rot90 augmentation" in at10
     assert at10.endswith("| 10 min |")  # the log up to the tested checkpoint, not the run continued after it
     assert sum("20 × 8" in line and line.endswith("| 20 min |") for line in lines) == 2  # last at 20, and best: the whole run
+
+
+def test_a_run_started_from_another_runs_checkpoint_names_that_run(tmp_path: Path) -> None:
+    evidence = tmp_path / "runs" / "snail-5w5s-x"
+    evidence.mkdir(parents=True)
+    (evidence / "metrics.jsonl").write_text(json.dumps({"episode": 10, "phase": "val", "accuracy": 99.0, "elapsed": 60.0, "shape": "5w5s15q"}) + "\n")
+    recipe = {"train": {"meta_batch": 8, "shape": "5w5s5q"}, "init_scope": "model",
+              "init": "runs/omniglot/snail-5w5s-source/checkpoints/last.pt"}
+    (evidence / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_result(tmp_path, "x", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/last.pt")
+    table = load_script("results_table")
+
+    [(_, _, line, _)] = table.rows(tmp_path)
+    assert ", from snail-5w5s-source/last.pt (every layer) |" in line
+    assert table.init_label("results/runs/reptile-5w5s-reference-100k/episode-00030000.pt") == "reptile-5w5s-reference-100k/episode-00030000.pt"
+    assert table.init_label("runs/omniglot/pretrain-conv4") == "pretrain-conv4"  # a run folder: its own name
+    assert table.init_label("results/init/reptile-5w5s-100k-episode-30000.pt") == "reptile-5w5s-100k-episode-30000.pt"
