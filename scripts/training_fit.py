@@ -4,7 +4,7 @@
 
 Each row averages the logged training rows (``phase: train``: the loss and accuracy of the meta-batches just
 before each update, on freshly drawn episodes) whose episode falls in the window, and shows the learning rate at
-its end and the validation scores inside it. Training accuracy well above validation on the same classes points
+its end and the validation scores inside it. A pretraining run's log counts steps (batches) instead of episodes. Training accuracy well above validation on the same classes points
 at overfitting; both flat and equal point at the fit itself.
 """
 
@@ -21,23 +21,28 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def position(row: dict) -> int:
+    """Where a log row stands: meta-training counts episodes (meta-steps), pretraining steps."""
+    return row["episode"] if "episode" in row else row["step"]
+
+
 def windows(log: list[dict], every: int) -> list[dict]:
-    """One summary per window of ``every`` episodes ((start, end]) that holds training rows."""
+    """One summary per window of ``every`` episodes or steps ((start, end]) that holds training rows."""
     rows = []
-    last = max(row["episode"] for row in log)
+    last = max(position(row) for row in log)
     for start in range(0, last, every):
         end = start + every
-        train = [r for r in log if r["phase"] == "train" and start < r["episode"] <= end]
+        train = [r for r in log if r["phase"] == "train" and start < position(r) <= end]
         if not train:
             continue
-        validation = [f"{r['accuracy']:.2f} at {r['episode']:,}" for r in log if r["phase"] == "val" and start < r["episode"] <= end]
+        validation = [f"{r['accuracy']:.2f} at {position(r):,}" for r in log if r["phase"] == "val" and start < position(r) <= end]
         rows.append({"start": start, "end": min(end, last), "rows": len(train), "accuracy": fmean(r["accuracy"] for r in train),
                      "loss": fmean(r["loss"] for r in train), "lr": train[-1].get("lr"), "validation": validation})
     return rows
 
 
 def table(summaries: list[dict]) -> str:
-    lines = ["| episodes | logged rows | training accuracy (mean) | training loss (mean) | learning rate at the end | validation |",
+    lines = ["| episodes (pretraining: steps) | logged rows | training accuracy (mean) | training loss (mean) | learning rate at the end | validation |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {s['start']:,}-{s['end']:,} | {s['rows']} | {s['accuracy']:.2f} | {s['loss']:.4f} | {s['lr']:.3g} | "
               f"{'; '.join(s['validation'])} |" for s in summaries]
@@ -47,7 +52,7 @@ def table(summaries: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder or results/runs/<run> (its metrics.jsonl)")
-    parser.add_argument("--every", type=int, default=1000, help="episodes (meta-steps) per window")
+    parser.add_argument("--every", type=int, default=1000, help="episodes (meta-steps; pretraining: steps) per window")
     args = parser.parse_args()
     if args.every < 1:
         parser.error(f"--every must be a positive number of episodes, got {args.every}")

@@ -24,3 +24,16 @@ def test_windows_average_the_training_rows_they_hold_and_list_their_validation(t
     assert summaries[0]["validation"] == ["93.50 at 50"] and summaries[1]["validation"] == ["96.25 at 100"]
     assert summaries[1]["lr"] == 5e-4
     assert "| 50-100 | 1 | 99.00 | 0.0500 | 0.0005 | 96.25 at 100 |" in script.table(summaries)
+
+
+def test_a_pretraining_log_is_windowed_by_its_steps(tmp_path: Path) -> None:
+    log = [{"epoch": 0.5, "step": 10, "phase": "train", "accuracy": 20.0, "loss": 3.0, "lr": 0.05},
+           {"epoch": 1, "step": 20, "phase": "train", "accuracy": 40.0, "loss": 2.0, "lr": 0.04},
+           {"epoch": 1, "step": 20, "phase": "val", "accuracy": 66.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    script = load_script("training_fit")
+
+    [summary] = script.windows(script.read_log(tmp_path), every=20)
+
+    assert (summary["end"], summary["rows"], summary["accuracy"], summary["lr"]) == (20, 2, 30.0, 0.04)
+    assert summary["validation"] == ["66.00 at 20"]
