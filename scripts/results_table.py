@@ -28,6 +28,8 @@ PAPER = {  # published Omniglot accuracies (docs/protocols.md#reported-accuracie
     "reptile": {"5w1s": 95.39, "5w5s": 98.90, "20w1s": 88.14, "20w5s": 96.65},  # Nichol et al. 2018, non-transductive
     "maml++": {"5w1s": 99.47, "5w5s": 99.93, "20w1s": 97.65, "20w5s": 99.33},  # Antoniou et al. 2019, transductive ensemble
 }
+NAME = re.compile(r"omniglot-(?P<method>[a-z+]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
+ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 RUN_CHECKPOINT = re.compile(r"(last|best|episode-\d+)\.pt")  # names fsltool gives a run's checkpoints
 
 
@@ -38,8 +40,6 @@ def init_label(init: str) -> str:
         return path.name
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return f"{run.name}/{path.name}"
-NAME = re.compile(r"omniglot-(?P<method>[a-z+]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
-ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 
 
 def rows(root: Path) -> list[tuple[str, str, str, str]]:

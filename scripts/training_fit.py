@@ -4,8 +4,9 @@
 
 Each row averages the logged training rows (``phase: train``: the loss and accuracy of the meta-batches just
 before each update, on freshly drawn episodes) whose episode falls in the window, and shows the learning rate at
-its end and the validation scores inside it. A pretraining run's log counts steps (batches) instead of episodes. Training accuracy well above validation on the same classes points
-at overfitting; both flat and equal point at the fit itself.
+its end and the validation scores inside it (a pretraining run's log counts steps, batches, instead of episodes).
+Training accuracy well above validation on the same classes points at overfitting; both flat and equal point at
+the fit itself.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ def windows(log: list[dict], every: int) -> list[dict]:
         train = [r for r in log if r["phase"] == "train" and start < position(r) <= end]
         if not train:
             continue
-        validation = [f"{r['accuracy']:.2f} at {position(r):,}" for r in log if r["phase"] == "val" and start < position(r) <= end]
-        rows.append({"start": start, "end": min(end, last), "rows": len(train), "accuracy": fmean(r["accuracy"] for r in train),
-                     "loss": fmean(r["loss"] for r in train), "lr": train[-1].get("lr"), "validation": validation})
+        validation = [f"{r['accuracy']:.2f} at {position(r):,}" for r in log
+                      if r["phase"] == "val" and start < position(r) <= end]
+        rows.append({"start": start, "end": min(end, last), "rows": len(train),
+                     "accuracy": fmean(r["accuracy"] for r in train), "loss": fmean(r["loss"] for r in train),
+                     "lr": train[-1]["lr"], "validation": validation})
     return rows
 
 
 def table(summaries: list[dict]) -> str:
-    lines = ["| episodes (pretraining: steps) | logged rows | training accuracy (mean) | training loss (mean) | learning rate at the end | validation |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| episodes (pretraining: steps) | logged rows | training accuracy (mean) | training loss (mean) "
+             "| learning rate at the end | validation |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['start']:,}-{s['end']:,} | {s['rows']} | {s['accuracy']:.2f} | {s['loss']:.4f} | {s['lr']:.3g} | "
               f"{'; '.join(s['validation'])} |" for s in summaries]
     return "\n".join(lines)
