@@ -176,6 +176,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base`` key by key, but a method's or backbone's options whole: they are one set, and a child
+    recipe mixing its base's options with its own would run a method nobody wrote down."""
     merged = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("method_options", "backbone_options"):

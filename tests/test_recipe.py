@@ -25,6 +25,19 @@ def test_base_merge_and_overrides(tmp_path: Path) -> None:
     assert "episodes: 50" in dump_recipe(recipe)
 
 
+def test_a_files_method_options_replace_its_bases_while_overrides_set_one_key(tmp_path: Path) -> None:
+    """A method's options are one set: a child recipe that names some gets exactly those, not a mix with its base's."""
+    write(tmp_path / "base.yaml", "data: d.h5\nmethod_options:\n  distance: cosine\n  learn_scale: true\n"
+                                  "backbone_options:\n  hidden: 32\n")
+    child = write(tmp_path / "r.yaml", "base: base.yaml\noutput: out\nmethod_options:\n  distance: euclidean\n"
+                                       "backbone_options: {}\n")
+    assert load_recipe(child, []).method_options == {"distance": "euclidean"}
+    assert load_recipe(child, []).backbone_options == {}
+    assert load_recipe(child, ["method_options.learn_scale=true"]).method_options == {"distance": "euclidean", "learn_scale": True}
+    assert load_recipe(tmp_path / "base.yaml", ["output=o", "method_options.distance=euclidean"]).method_options == {
+        "distance": "euclidean", "learn_scale": True}
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
