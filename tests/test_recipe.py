@@ -109,12 +109,17 @@ def test_non_finite_numbers_are_refused(tmp_path: Path, override: str, message: 
         load_recipe(path, [override])
 
 
-def test_maml_plus_plus_from_protonet_starts_from_the_protonet_recipes_run_with_prototype_heads() -> None:
+@pytest.mark.parametrize(("setting", "changes"), [
+    ("20w1s", {"head_init": "prototypes"}),
+    ("20w5s", {"head_init": "prototypes", "inner_lr": 0.1}),
+])
+def test_maml_plus_plus_from_protonet_starts_from_the_protonet_recipes_run_with_prototype_heads(
+        setting: str, changes: dict[str, object]) -> None:
     """Static: init names omniglot/protonet-20w1s's output with the same backbone (or init would refuse it), and the
-    recipe is maml++-pretrained-20w1s's with one change, the prototype head start."""
-    child = load_recipe(REPO / "recipes" / "omniglot" / "maml++-from-protonet-20w1s.yaml")
+    recipe is maml++-pretrained-<setting>'s with only the listed method options changed."""
+    child = load_recipe(REPO / "recipes" / "omniglot" / f"maml++-from-protonet-{setting}.yaml")
     protonet = load_recipe(REPO / "recipes" / "omniglot" / "protonet-20w1s.yaml")
-    base = load_recipe(REPO / "recipes" / "omniglot" / "maml++-pretrained-20w1s.yaml")
+    base = load_recipe(REPO / "recipes" / "omniglot" / f"maml++-pretrained-{setting}.yaml")
     assert child.init == protonet.output and (child.backbone, child.backbone_options) == (protonet.backbone, protonet.backbone_options)
-    assert child.method_options == {**base.method_options, "head_init": "prototypes"}
+    assert child.method_options == {**base.method_options, **changes}
     assert (child.train, child.validation, child.test_shape) == (base.train, base.validation, base.test_shape)
