@@ -27,12 +27,15 @@ def test_a_continued_run_reports_each_test_at_its_own_budget_and_protocol(tmp_pa
     write_result(tmp_path, "at10", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/last.pt", training={"episodes": 10}, **protocol)
     write_result(tmp_path, "at20", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/last.pt", training={"episodes": 20})
     write_result(tmp_path, "best", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/best.pt", training={"episodes": 10})
+    numbered = "runs/omniglot/snail-5w5s-x/checkpoints/episode-00000010.pt"  # evaluate given a checkpoint file
+    write_result(tmp_path, "file10", run=numbered, checkpoint=numbered, training={"episodes": 10})
 
     lines = [line for _, _, line, _ in load_script("results_table").rows(tmp_path)]
-    assert len(lines) == 3
-    at10 = next(line for line in lines if "10 × 8" in line)
+    assert len(lines) == 4
+    file10, at10 = sorted((line for line in lines if "10 × 8" in line), key=lambda line: "random class split" in line)
     assert "random class split (seed 1) of 1150/50/423 characters; no rotated classes; class_rot90 augmentation" in at10
     assert at10.endswith("| 10 min |")  # the log up to the tested checkpoint, not the run continued after it
+    assert file10.endswith("| 10 min |")  # a numbered checkpoint's row reads its run's evidence up to that checkpoint
     assert sum("20 × 8" in line and line.endswith("| 20 min |") for line in lines) == 2  # last at 20, and best: the whole run
 
 
