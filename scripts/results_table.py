@@ -31,12 +31,14 @@ PAPER = {  # published Omniglot accuracies (docs/protocols.md#reported-accuracie
 NAME = re.compile(r"omniglot-(?P<method>[a-z+]+)-(?P<setting>\d+w\d+s)(?:-[\w-]+)?$")
 ORDER = {"5w1s": 0, "5w5s": 1, "20w1s": 2, "20w5s": 3}
 RUN_CHECKPOINT = re.compile(r"(last|best|episode-\d+)\.pt")  # names fsltool gives a run's checkpoints
-TESTED_MID_RUN = re.compile(r"(last|episode-\d+)\.pt")  # a run may have gone on after these were tested
 
 
-def run_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint fsltool wrote belongs to (``RUN/checkpoints/NAME.pt``, or a copy's folder)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+def run_of(path: Path) -> Path:
+    """The run folder a path names: itself, or the run a checkpoint fsltool wrote belongs to
+    (``RUN/checkpoints/NAME.pt``, or a copy's folder)."""
+    if not RUN_CHECKPOINT.fullmatch(path.name):
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def init_label(init: str) -> str:
@@ -56,15 +58,15 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         if not match or "accuracy" not in result:
             continue
         method, setting = match["method"], match["setting"]
-        tested = Path(result["run"])  # a run folder, or one of its checkpoints when evaluate was given the file
-        run = root / "runs" / (run_of(tested) if RUN_CHECKPOINT.fullmatch(tested.name) else tested).name  # the committed evidence
+        run = root / "runs" / run_of(Path(result["run"])).name  # the committed evidence, never a local run folder
         if not (run / "metrics.jsonl").is_file():
             missing.append(path.name)
             continue
         log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         tested_at = result.get("training", {}).get("episodes")
         checkpoint = result.get("checkpoint")  # an ensemble's: a list of them, each from the whole run
-        if tested_at is not None and isinstance(checkpoint, str) and TESTED_MID_RUN.fullmatch(Path(checkpoint).name):
+        tested = Path(checkpoint).name if isinstance(checkpoint, str) else ""
+        if tested_at is not None and RUN_CHECKPOINT.fullmatch(tested) and tested != "best.pt":  # the run may have gone on after it
             log = [row for row in log if row.get("episode", 0) <= tested_at]
         recipe = yaml.safe_load((run / "recipe.yaml").read_text())
         steps, batch = log[-1]["episode"], recipe["train"].get("meta_batch", 1)
