@@ -2,9 +2,10 @@
 plus a linear head written as a pure function of its parameters, run for several tasks at once, the two ways of
 normalising query images, and the export of the meta-learned body as a prototype embedding.
 
-The adapted network is the exported body (PooledBody: the backbone's own forward, feature maps averaged over
-space) followed by the linear head, with each task's parameters substituted. Two exact ways to evaluate it for a
-meta-batch of T tasks, chosen on every call from the backbone's structure:
+The adapted network is the exported body (MetaLearnedBody: the backbone's own forward, its last feature maps
+averaged over space or flattened, ``head_input``) followed by the linear head, with each task's parameters
+substituted. Two exact ways to evaluate it for a meta-batch of T tasks, chosen on every call from the backbone's
+structure:
 
 - Grouped (fast), when the feature layers are provably a plain chain (see chain_layers: nested nn.Sequential of
   Conv2d, BatchNorm2d, ReLU and MaxPool2d, no hooks, no module applied twice): the T tasks run as ONE network.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -56,7 +58,10 @@ from torch.overrides import TorchFunctionMode
 from fsltool.data.episodes import Episode
 from fsltool.device import device_of, work_sizes
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_positive_int
+from fsltool.methods.base import (
+    ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_choice,
+    require_positive_int,
+)
 from fsltool.methods.protonet import class_prototypes, prototype_scores
 from fsltool.models.backbones import Backbone
 
@@ -64,6 +69,15 @@ Params = list[torch.Tensor]  # task-major: each (T, *shape), in TaskNetwork.para
 # BatchNorm layers of the backbone -> stand-ins whose eps, momentum and running statistics a pass uses instead
 # (MAML's per_step_bn: one set per inner step); their scale and shift still come from the parameter list.
 NormOverride = Mapping[nn.Module, _BatchNorm]
+# What the linear head reads of the last feature maps (C, H, W): ``mean``, their average over space (C inputs: MAML's
+# Omniglot code, ``reduce_mean``), or ``flatten``, the maps flattened (C*H*W inputs: Reptile's code, whose Omniglot
+# network flattens its 2x2 maps into 256 inputs, and MAML's miniImageNet network, 800 from 32x5x5).
+HEAD_INPUTS = ("mean", "flatten")
+
+
+def head_input(maps: torch.Tensor, flatten: bool) -> torch.Tensor:
+    """(..., C, H, W) feature maps -> (..., D) the head's input: flattened (D = C*H*W) or averaged over space (D = C)."""
+    return maps.flatten(-3) if flatten else maps.mean((-2, -1))
 
 
 def batch_norm_layers(module: nn.Module) -> list[_BatchNorm]:
@@ -185,19 +199,19 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
 
 
 class TaskNetwork:
-    """The adapted network, PooledBody then the linear head, as a function of a task-major parameter list, for T
-    tasks at once: grouped when the backbone is a provable chain, else one functional call per task (module
-    docstring). MAML's Omniglot network averages its last feature maps into a vector before the head (Finn et
-    al.'s code: ``reduce_mean`` over height and width), which is done here for every backbone: the head then has
-    ``out_channels`` inputs whatever the image size.
+    """The adapted network, MetaLearnedBody then the linear head, as a function of a task-major parameter list, for
+    T tasks at once: grouped when the backbone is a provable chain, else one functional call per task (module
+    docstring). The head reads the last feature maps averaged over space, or with ``flatten`` the maps flattened
+    (HEAD_INPUTS).
 
     The grouped path keeps feature maps in NCHW whatever the backbone's own format: BatchNorm's backward and
     double backward on channels-last maps take over twice as long (scripts/benchmark_batchnorm_layouts.py).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Linear) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Linear, flatten: bool = False) -> None:
         self.backbone = backbone
         self.head = head
+        self.flatten = flatten
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -225,7 +239,7 @@ class TaskNetwork:
         self, body: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
         track: bool = False, norms: NormOverride | None = None,
     ) -> torch.Tensor:
-        """(T, N, C, H, W) images -> (T, N, D) pooled features under ``body`` (the parameters without the head's).
+        """(T, N, C, H, W) images -> (T, N, D) the head's input under ``body`` (the parameters without the head's).
 
         BatchNorm normalises all N images of a task with the statistics of its first ``stats_rows`` images, or
         (None) each of ``stat_groups`` interleaved sets of them with the set's own statistics (image i *
@@ -242,12 +256,11 @@ class TaskNetwork:
             return self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
         return self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {})
 
-    @staticmethod
     def _grouped_features(
-        layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool,
+        self, layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool,
         norms: NormOverride,
     ) -> torch.Tensor:
-        """(T, N, C, H, W) -> (T, N, D) pooled features, the T tasks as one grouped network (module docstring)."""
+        """(T, N, C, H, W) -> (T, N, D) the head's input, the T tasks as one grouped network (module docstring)."""
         tasks, n = x.shape[:2]
         x = x.transpose(0, 1).flatten(1, 2).contiguous()  # (N, T*C, H, W), NCHW: see the class docstring
         for layer in layers:
@@ -266,12 +279,12 @@ class TaskNetwork:
             else:
                 assert isinstance(module, nn.MaxPool2d)
                 x = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)
-        return x.mean((-2, -1)).view(n, tasks, -1).transpose(0, 1)
+        return head_input(x.view(n, tasks, -1, *x.shape[-2:]), self.flatten).transpose(0, 1)
 
     def _per_task_features(
         self, params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool, norms: NormOverride
     ) -> torch.Tensor:
-        """(T, N, C, H, W) -> (T, N, D) pooled features: the feature layers' own forward once per task, with that
+        """(T, N, C, H, W) -> (T, N, D) the head's input: the feature layers' own forward once per task, with that
         task's parameters, BatchNorm on batch statistics (of the first ``rows`` images or of each of ``groups``
         sets, with a BatchStatistics mode).
         The stand-ins' buffers replace those of the layers in ``norms`` (a tracked pass updates them in place).
@@ -283,15 +296,15 @@ class TaskNetwork:
             for prefix, layer in features.named_modules() if layer in norms
             for name, buffer in norms[layer].named_buffers(recurse=False)
         }
-        pooled = []
+        inputs = []
         with batch_statistics(features), (BatchStatistics(rows, groups) if rows is not None or groups > 1 else nullcontext()):
             for task in range(x.shape[0]):
                 state = {name: p[task] for name, p in zip(names, params)}
                 state.update(stand_in_buffers)
                 if not track:
                     state.update((name, b.clone()) for name, b in {**dict(features.named_buffers()), **stand_in_buffers}.items())
-                pooled.append(functional_call(features, state, (x[task],)).mean((-2, -1)))
-        return torch.stack(pooled)
+                inputs.append(head_input(functional_call(features, state, (x[task],)), self.flatten))
+        return torch.stack(inputs)
 
     def query_logits(
         self, params: Params, support: torch.Tensor, query: torch.Tensor, transductive: bool, norms: NormOverride | None = None
@@ -358,17 +371,18 @@ def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
 
 
-class PooledBody(nn.Module):
-    """The meta-learned body: backbone feature maps averaged over space, the head's input (eval mode: BatchNorm
-    with the running statistics tracked during meta-training)."""
+class MetaLearnedBody(nn.Module):
+    """The meta-learned body: the backbone's last feature maps averaged over space or flattened (``flatten``), the
+    head's input (eval mode: BatchNorm with the running statistics tracked during meta-training)."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, flatten: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.flatten = flatten
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone
-        return backbone.features(backbone.normalize(images).contiguous(memory_format=backbone.memory_format)).mean((-2, -1))
+        return head_input(backbone.features(backbone.normalize(images).contiguous(memory_format=backbone.memory_format)), self.flatten)
 
 
 class PrototypeClassifier(nn.Module):
@@ -378,7 +392,7 @@ class PrototypeClassifier(nn.Module):
 
     embeds_independently = True
 
-    def __init__(self, body: PooledBody) -> None:
+    def __init__(self, body: MetaLearnedBody) -> None:
         super().__init__()
         self.body = body
 
@@ -421,8 +435,9 @@ class AdaptiveMethod(Method):
         """Evaluation hands over this many episodes; they adapt side by side (TaskNetwork), as many as the device takes."""
         return work_sizes(device_of(self)).adapt_episodes
 
-    def __init__(self, backbone: Backbone, way: int, transductive_bn: bool) -> None:
+    def __init__(self, backbone: Backbone, way: int, transductive_bn: bool, head_input: str = "mean") -> None:
         super().__init__(backbone)
+        require_choice(self.name, "head_input", head_input, HEAD_INPUTS)
         require_positive_int(self.name, "way", way)
         if way < 2:
             raise option_error(self.name, "way", f"must be at least 2 (the episodes' way), got {way}")
@@ -432,10 +447,11 @@ class AdaptiveMethod(Method):
                                "per-query options choose which): backbone_options.freeze_statistics does not apply to it")
         self.way = way
         self.transductive = transductive_bn  # read by evaluation to label its results
-        self.head = nn.Linear(backbone.out_channels, way)
+        self.flatten = head_input == "flatten"
+        self.head = nn.Linear(backbone.map_shape[0] if not self.flatten else math.prod(backbone.map_shape), way)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.network = TaskNetwork(backbone, self.head)
+        self.network = TaskNetwork(backbone, self.head, self.flatten)
 
     def transductive_copy(self) -> AdaptiveMethod:
         """A copy with ``transductive_bn``: the MAML and Reptile papers' evaluation, the queries normalised with the
@@ -514,7 +530,7 @@ class AdaptiveMethod(Method):
     def exported_classifier(self) -> nn.Module:
         """The PyTorch module the exported "classifier" graph computes: prototype classification on the body's
         embeddings, which is not ``self(...)`` (that adapts the whole network to the support set first)."""
-        return PrototypeClassifier(PooledBody(self.backbone))
+        return PrototypeClassifier(MetaLearnedBody(self.backbone, self.flatten))
 
     def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
         """The meta-learned body as an embedding for prototype classification, and that classifier."""

@@ -109,7 +109,8 @@ class MAML(AdaptiveMethod):
     ``test_inner_steps`` (at evaluation), ``inner_lr``, ``first_order``, ``transductive_bn`` (False: queries are
     normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
     as the paper's code, transductive); ``step`` (how meta-training runs a meta-batch: ``grouped``, the fast
-    step, or ``lean``, the least memory; STEPS); ``head_init`` (HEAD_INITS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
+    step, or ``lean``, the least memory; STEPS); ``head_init`` (HEAD_INITS); ``head_input`` (mean | flatten: what the
+    head reads of the last feature maps, HEAD_INPUTS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
     ``per_step_bn``, ``learn_inner_lr``, ``first_order_until``.
     """
 
@@ -135,8 +136,9 @@ class MAML(AdaptiveMethod):
         first_order_until: int = 0,
         step: str = "grouped",
         head_init: str = "zero",
+        head_input: str = "mean",
     ) -> None:
-        super().__init__(backbone, way, transductive_bn)
+        super().__init__(backbone, way, transductive_bn, head_input)
         require_choice(self.name, "step", step, STEPS)
         require_choice(self.name, "head_init", head_init, HEAD_INITS)
         require_positive_int(self.name, "inner_steps", inner_steps)

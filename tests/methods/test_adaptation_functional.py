@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from fsltool.data.episodes import Episode
-from fsltool.methods.adaptation import AdaptiveMethod, PooledBody, TaskNetwork, chain_layers
+from fsltool.errors import FsltoolError
+from fsltool.methods.adaptation import AdaptiveMethod, MetaLearnedBody, TaskNetwork, chain_layers
 from fsltool.models import build_backbone
 from fsltool.models.backbones import Backbone, Normalize, conv_block, resnet12
 from tests.conftest import assert_queries_independent
@@ -100,17 +101,18 @@ def test_the_grouped_path_is_taken_only_for_provable_chains() -> None:
 
 
 def own_logits(method: AdaptiveMethod, backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """The head on ``backbone``'s own forward (PooledBody, the exported body), BatchNorm on batch statistics."""
-    return method.head(PooledBody(backbone).train()(images))
+    """The head on ``backbone``'s own forward (MetaLearnedBody, the exported body), BatchNorm on batch statistics."""
+    return method.head(MetaLearnedBody(backbone, method.flatten).train()(images))
 
 
+@pytest.mark.parametrize("head_input", ["mean", "flatten"])
 @pytest.mark.parametrize("kind", list(BACKBONES))
-def test_the_unadapted_network_is_the_backbones_own_forward(kind: str) -> None:
+def test_the_unadapted_network_is_the_backbones_own_forward(kind: str, head_input: str) -> None:
     """conv4-strided (grouped path) and two residual modules (per-task path) are computed as their own forward
     (assert_unadapted_is_own_forward). Without their skip connections the residual modules compute another
     function, which the adapted network does not: the chain-walking TaskNetwork this replaced ran the layers of the
     identity-shortcut block one after the other (a different network) and failed on the projection shortcut."""
-    method = tiny_maml(BACKBONES[kind]())
+    method = tiny_maml(BACKBONES[kind](), head_input=head_input)
     images = torch.rand(2, 6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     got = assert_unadapted_is_own_forward(method, images)
     if kind.endswith("residual"):
@@ -140,7 +142,7 @@ def assert_unadapted_is_own_forward(method: AdaptiveMethod, images: torch.Tensor
             got = method.network.logits(method.network.meta_parameters(2), images)
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
             assert all(torch.equal(a, b) for a, b in zip(buffers, method.buffers()))
-        assert not torch.allclose(got[0], method.head(PooledBody(method.backbone).eval()(images[0])))
+        assert not torch.allclose(got[0], method.head(MetaLearnedBody(method.backbone, method.flatten).eval()(images[0])))
         method.network.logits(method.network.meta_parameters(2), images, track=True)
         for tracked, own in zip(method.backbone.buffers(), reference.buffers(), strict=True):
             torch.testing.assert_close(tracked, own, rtol=1e-12, atol=1e-12)
@@ -189,19 +191,23 @@ def evaluation_scores(method: AdaptiveMethod) -> torch.Tensor:
         return method.score_episodes(support, labels, query)
 
 
+@pytest.mark.parametrize("head_input", ["mean", "flatten"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("transductive_bn", [False, True], ids=["support-bn", "transductive-bn"])
-def test_maml_per_task_path_equals_the_grouped_path(first_order: bool, transductive_bn: bool) -> None:
+def test_maml_per_task_path_equals_the_grouped_path(first_order: bool, transductive_bn: bool, head_input: str) -> None:
     """The same conv4-strided on either path: a 3-task meta-step (losses, scores, meta-gradients, running
     statistics) and the evaluation of 3 episodes side by side agree to float rounding."""
-    options: dict[str, object] = {"first_order": first_order, "transductive_bn": transductive_bn, "test_inner_steps": 2}
+    options: dict[str, object] = {"first_order": first_order, "transductive_bn": transductive_bn, "test_inner_steps": 2, "head_input": head_input}
     grouped, per_task = tiny_maml(**options), tiny_maml(opaque_conv4(), **options)
     assert chain_layers(per_task.backbone.features) is None
     assert_same_results(meta_step_results(grouped, tiny_episodes(3)), meta_step_results(per_task, tiny_episodes(3)))
     torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [{}, {"per_query_bn": True}, {"transductive_bn": True}], ids=["support-bn", "per-query-bn", "transductive-bn"])
+@pytest.mark.parametrize(
+    "options", [{}, {"per_query_bn": True}, {"transductive_bn": True}, {"per_query_bn": True, "head_input": "flatten"}],
+    ids=["support-bn", "per-query-bn", "transductive-bn", "per-query-bn-flattened-maps"],
+)
 def test_reptile_per_task_path_equals_the_grouped_path(options: dict[str, object]) -> None:
     """As for MAML, in each of Reptile's ways of normalising queries."""
     settings = {"test_inner_steps": 3, "test_inner_batch": 3, **options}
@@ -210,13 +216,14 @@ def test_reptile_per_task_path_equals_the_grouped_path(options: dict[str, object
     torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("head_input", ["mean", "flatten"])
 @pytest.mark.parametrize("images_per_pass", [1, 20, 10_000], ids=["pair-by-pair", "query-chunks", "tasks-side-by-side"])
 @pytest.mark.parametrize("kind", ["grouped", "per-task"])
-def test_per_query_statistics_equal_one_pass_per_query(images_per_pass: int, kind: str) -> None:
+def test_per_query_statistics_equal_one_pass_per_query(images_per_pass: int, kind: str, head_input: str) -> None:
     """per_query_bn's passes (a task's queries interleaved with repeated support images, one set of BatchNorm
     statistics per query; one query, some queries or several whole tasks per pass) give each query the scores of
     a pass over its task's support set plus itself alone."""
-    method = tiny_reptile(None if kind == "grouped" else opaque_conv4())
+    method = tiny_reptile(None if kind == "grouped" else opaque_conv4(), head_input=head_input)
     network = method.network
     generator = torch.Generator().manual_seed(5)
     support, query = torch.rand(3, 4, 1, 28, 28, generator=generator).double(), torch.rand(3, 6, 1, 28, 28, generator=generator).double()
@@ -242,7 +249,7 @@ def test_per_task_path_puts_only_batchnorm_in_training_mode() -> None:
         torch.testing.assert_close(got, network.logits(network.meta_parameters(1), images), rtol=0, atol=0)
         reference = copy.deepcopy(backbone)
         reference.features[0][1].train()
-        torch.testing.assert_close(got[0], network.head(PooledBody(reference)(images[0])), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[0], network.head(MetaLearnedBody(reference)(images[0])), rtol=1e-6, atol=1e-6)
     assert not any(module.training for module in backbone.modules())
 
 
@@ -251,3 +258,25 @@ def test_residual_queries_do_not_influence_each_other(method: str) -> None:
     """Support-set statistics for queries on the per-task path: a query's scores depend on itself alone."""
     adaptive = tiny_maml(residual_backbone(), way=5) if method == "maml" else tiny_reptile(residual_backbone(), way=5)
     assert_queries_independent(adaptive.float().eval())
+
+
+@pytest.mark.parametrize("method", ["maml", "reptile"])
+def test_a_flattened_head_input_is_the_backbones_flattened_embedding(method: str) -> None:
+    """``head_input: flatten`` (Reptile's reference network): the head reads the last maps flattened, 4 x 2 x 2 = 16
+    inputs on conv4-strided with 4 filters, exactly the backbone's own flattened embedding, where ``mean`` reads
+    their 4 channel averages; the exported embedding is that input."""
+    build = tiny_maml if method == "maml" else tiny_reptile
+    flat, averaged = build(head_input="flatten"), build()
+    assert (flat.head.in_features, averaged.head.in_features) == (16, 4)
+    flat.eval()
+    images = torch.rand(5, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        embedded = flat.exported_classifier().embed(images)
+        assert embedded.shape == (5, 16)
+        torch.testing.assert_close(embedded, flat.backbone(images), rtol=1e-12, atol=1e-12)  # the backbone's flatten: true, pool: false
+        torch.testing.assert_close(embedded.view(5, 4, 4).mean(-1), averaged.eval().exported_classifier().embed(images), rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_head_input_is_refused() -> None:
+    with pytest.raises(FsltoolError, match="head_input.*mean, flatten.*'max'"):
+        tiny_reptile(head_input="max")

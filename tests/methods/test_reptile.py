@@ -12,7 +12,7 @@ from fsltool.data.store import FewShotData
 from fsltool.errors import FsltoolError
 from fsltool.evaluate import evaluate
 from fsltool.methods import build_method
-from fsltool.methods.adaptation import PooledBody
+from fsltool.methods.adaptation import MetaLearnedBody
 from fsltool.methods.base import TaskShare
 from fsltool.methods.protonet import prototype_scores
 from fsltool.methods import reptile as reptile_module
@@ -53,7 +53,7 @@ def test_inner_loop_is_a_plain_optimizer_on_a_copy(inner_optimizer: str) -> None
     images, labels = torch.cat([episode.support, episode.query]), torch.cat([episode.support_labels, episode.query_labels])
     adapted = method.train_copies(images[None], labels[None], 3, 4, torch.Generator().manual_seed(5), track=False)
     reference = copy.deepcopy(method).train()
-    body = PooledBody(reference.backbone)
+    body = MetaLearnedBody(reference.backbone)
     params = list(reference.parameters())
     optimizer = torch.optim.Adam(params, lr=0.01, betas=(0.0, 0.999)) if inner_optimizer == "adam" else torch.optim.SGD(params, lr=0.01)
     for chosen in minibatch_order(1, len(labels), 3, 4, torch.Generator().manual_seed(5))[0]:
@@ -240,7 +240,7 @@ def adam_from(params: list[torch.Tensor], squares: list[torch.Tensor], steps: in
 
 def train_reference(method: Reptile, optimizer: torch.optim.Adam, params: list[torch.Tensor], images: torch.Tensor,
                     labels: torch.Tensor, order: torch.Tensor) -> None:
-    body = PooledBody(method.backbone)
+    body = MetaLearnedBody(method.backbone)
     for chosen in order:
         optimizer.zero_grad()
         F.cross_entropy(method.head(body(images[chosen])), labels[chosen]).backward()
