@@ -123,6 +123,8 @@ class Updater:
         if bool(torch.isfinite(global_loss + norm)):  # NaN or inf in the loss or in any gradient makes the sum non-finite
             if self.config.clip_grad_norm:
                 torch.nn.utils.clip_grads_with_norm_(self.parameters, self.config.clip_grad_norm, norm)
+            if self.config.clip_grad_value:
+                torch.nn.utils.clip_grad_value_(self.parameters, self.config.clip_grad_value)
             self.group.merge_running_stats(running_stats)
             self.optimizer.step()
             return True

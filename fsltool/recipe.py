@@ -36,6 +36,7 @@ class OptimConfig:
     lr_schedule: str = "step"
     warmup: int = 0  # linear warm-up from lr / warmup to lr over this many units, before the schedule's own factor applies
     clip_grad_norm: float = 0.0  # clip the gradient's global norm to this (0: off)
+    clip_grad_value: float = 0.0  # then clip every gradient element to [-this, this] (0: off; MAML's miniImageNet code: 10)
     lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step units (0: constant)
     lr_gamma: float = 0.5
     lr_milestones: list[int] = field(default_factory=list)  # multistep schedule: multiply lr by lr_gamma at each
@@ -339,7 +340,8 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
     for key in ("lr", "log_every"):
         if getattr(config, key) <= 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be positive, got {getattr(config, key)}")
-    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "keep_checkpoints", "keep_best_checkpoints", "checkpoint_minutes"):
+    for key in ("lr_step", "weight_decay", "warmup", "clip_grad_norm", "clip_grad_value", "keep_checkpoints", "keep_best_checkpoints",
+                "checkpoint_minutes"):
         if getattr(config, key) < 0:
             raise FsltoolError(f"{where}: recipe key '{section}.{key}' must be >= 0, got {getattr(config, key)}")
     choices = {"on_nonfinite": NONFINITE_POLICIES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS}

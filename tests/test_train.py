@@ -214,6 +214,20 @@ def test_clipping_bounds_the_update(synthetic_file: Path, tmp_path: Path) -> Non
     assert 0 < math.sqrt(moved) <= 0.01 + 1e-6
 
 
+def test_value_clipping_bounds_every_element_of_the_update(synthetic_file: Path, tmp_path: Path) -> None:
+    """With plain SGD (no momentum) at lr 1 and clip_grad_value v (MAML's miniImageNet code clips at 10), one
+    meta-step moves no parameter element by more than v, and some by exactly v: the raw gradient exceeds it."""
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=1, optimizer="sgd", momentum=0.0, lr=1.0, clip_grad_value=1e-4, log_every=1)
+    meta_train(recipe, quiet=True)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    torch.manual_seed(recipe.seed)
+    initial = build_model(state["model_config"]).state_dict()
+    steps = torch.cat([(state["model"][k].double() - initial[k].double()).abs().flatten() for k, v in initial.items()
+                       if v.is_floating_point() and "running" not in k])
+    assert float(steps.max()) == pytest.approx(1e-4, rel=1e-3)
+    assert int((steps > 0.99e-4).sum()) > 1
+
+
 def nan_gradient_at_call(monkeypatch: pytest.MonkeyPatch, bad: int) -> None:
     """ProtoNet's ``bad``-th training step has a finite loss, but its backward pass makes one parameter's gradient
     NaN (a hook on the parameter)."""
