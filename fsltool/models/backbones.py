@@ -213,17 +213,23 @@ class ResNet12Block(nn.Module):
 
 
 def resnet12(channels: int, mean: Sequence[float], std: Sequence[float], *, widths: Sequence[int] = (64, 160, 320, 640),
-             drop_rate: float = 0.0, drop_block_size: int = 5, pool: bool = True, **layout: Any) -> Backbone:
+             drop_rate: float = 0.0, drop_block_size: int = 5, early_dropout: float = 0.0, pool: bool = True, **layout: Any) -> Backbone:
     """The few-shot ResNet-12 (Lee et al. 2019, MetaOptNet; Ye et al. 2020, FEAT): four residual stages
     ``stage1``..``stage4``, each halving the maps (84 -> 42 -> 21 -> 10 -> 5), then global average pooling to a 640-d vector.
-    ``drop_rate`` > 0 adds DropBlock after the last two stages (MetaOptNet: 0.1, blocks of 5)."""
+    ``drop_rate`` > 0 adds DropBlock after the last two stages (MetaOptNet: 0.1, blocks of 5); ``early_dropout`` > 0
+    plain dropout after the first two (MetaOptNet's and RFS's code: the same rate as their DropBlock)."""
     widths = _positive_ints("widths", widths, length=4)
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-        raise FsltoolError(f"backbone_options.drop_rate must be a number in [0, 1), got {drop_rate!r}")
+    for key, rate in (("drop_rate", drop_rate), ("early_dropout", early_dropout)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise FsltoolError(f"backbone_options.{key} must be a number in [0, 1), got {rate!r}")
     _positive_ints("drop_block_size", [drop_block_size], length=1)
     stages = nn.Sequential()
     for index, width in enumerate(widths):
-        drop = DropBlock(float(drop_rate), drop_block_size) if drop_rate and index >= 2 else None
+        drop: nn.Module | None = None
+        if index >= 2 and drop_rate:
+            drop = DropBlock(float(drop_rate), drop_block_size)
+        elif index < 2 and early_dropout:
+            drop = nn.Dropout(float(early_dropout))
         stages.add_module(f"stage{index + 1}", ResNet12Block(channels if index == 0 else widths[index - 1], width, drop))
     return Backbone(Normalize(mean, std), stages, pool=pool, **layout)
 

@@ -88,8 +88,26 @@ def test_dropblock_only_in_training() -> None:
     assert not torch.allclose(first, backbone(images))
 
 
+def test_early_dropout_drops_elements_after_the_first_two_stages_in_training_only() -> None:
+    """``early_dropout`` (MetaOptNet's and RFS's plain dropout after stages 1-2): those stages' outputs lose about
+    that share of their elements in training, the rest rescaled; stages 3-4 and evaluation are untouched."""
+    backbone = build_backbone("resnet12", 3, MEAN, STD, image_size=32, early_dropout=0.3, **SMALL_RESNET12)
+    outputs = {}
+    for name in ("stage1", "stage2", "stage3"):
+        getattr(backbone.features, name).register_forward_hook(lambda module, inputs, output, name=name: outputs.__setitem__(name, output))
+    images = torch.rand(16, 3, 32, 32)
+    torch.manual_seed(0)
+    backbone.train()(images)
+    for name in ("stage1", "stage2"):
+        assert 0.25 < float((outputs[name] == 0).float().mean()) < 0.35, name  # leaky ReLU outputs are never 0 otherwise
+    assert float((outputs["stage3"] == 0).float().mean()) < 0.01
+    backbone.eval()
+    torch.testing.assert_close(backbone(images), backbone(images))
+    assert float((outputs["stage1"] == 0).float().mean()) < 0.01
+
+
 @pytest.mark.parametrize(("options", "message"), [
-    ({"widths": [8, 8, 8]}, "widths must be 4"), ({"drop_rate": 1.5}, "drop_rate"), ({"pool": "yes"}, "pool must be true"),
+    ({"widths": [8, 8, 8]}, "widths must be 4"), ({"drop_rate": 1.5}, "drop_rate"), ({"early_dropout": -0.1}, "early_dropout must be a number"), ({"pool": "yes"}, "pool must be true"),
     ({"colour": 1}, "has no option 'colour'"), ({"freeze": ["stage9"]}, "no stage 'stage9'"),
     ({"freeze_statistics": "yes"}, "freeze_statistics must be true or false, got 'yes'"),
 ])
