@@ -31,10 +31,15 @@ experiment_config/omniglot_maml++-*.json.
   per step on training support passes (the reference also folds in its query passes); like the reference, which
   calls batch_norm with training=True throughout, no pass normalises with them: they serve the exported body.
 - ``learn_inner_lr`` (LSLR): one learned inner learning rate per adapted parameter tensor and per step,
-  initialised to ``inner_lr``: every tensor without per_step_bn, the convolutions and the head with it (the
-  reference: every parameter but BatchNorm's). Unconstrained, as in the reference.
+  initialised to ``inner_lr``: every tensor without per_step_bn or ``adapt_norms: false``, the convolutions and the
+  head with either (the reference: every parameter but BatchNorm's). Unconstrained, as in the reference.
 - ``first_order_until: K``: first order for meta-steps 0..K-1, second order from meta-step K on (the reference's
   ``first_order_to_second_order_epoch``, in epochs; its Omniglot configs use -1: second order throughout).
+
+``adapt_norms: false`` keeps the BatchNorm scales and shifts out of the inner loop: meta-learned by the outer loop
+alone, the same at every inner step, as in MAML's reference code (cbfinn/maml, whose inner loop differentiates the
+``weights`` dict, which holds no BatchNorm variable). The default adapts them, except with per_step_bn (MAML++'s
+reference leaves them out of the inner loop too), which implies false.
 
 Proto-MAML (Triantafillou et al. 2020, "Meta-Dataset"), as ``head_init: prototypes``: each task's inner loop starts
 its head at the support set's class means under the body (prototype_head: logits 2 c_k.f - |c_k|^2, ProtoNet's
@@ -110,7 +115,8 @@ class MAML(AdaptiveMethod):
     normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
     as the paper's code, transductive); ``step`` (how meta-training runs a meta-batch: ``grouped``, the fast
     step, or ``lean``, the least memory; STEPS); ``head_init`` (HEAD_INITS); ``head_input`` (mean | flatten: what the
-    head reads of the last feature maps, HEAD_INPUTS); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
+    head reads of the last feature maps, HEAD_INPUTS); ``adapt_norms`` (False: BatchNorm scales and shifts are not
+    adapted in the inner loop, as MAML's reference code); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
     ``per_step_bn``, ``learn_inner_lr``, ``first_order_until``.
     """
 
@@ -137,6 +143,7 @@ class MAML(AdaptiveMethod):
         step: str = "grouped",
         head_init: str = "zero",
         head_input: str = "mean",
+        adapt_norms: bool | None = None,
     ) -> None:
         super().__init__(backbone, way, transductive_bn, head_input)
         require_choice(self.name, "step", step, STEPS)
@@ -157,6 +164,11 @@ class MAML(AdaptiveMethod):
         norm_layers = batch_norm_layers(backbone.features)
         if per_step_bn and not norm_layers:
             raise option_error(self.name, "per_step_bn", "needs BatchNorm layers, and the backbone has none")
+        if adapt_norms is not None:
+            require_bool(self.name, "adapt_norms", adapt_norms)
+        if per_step_bn and adapt_norms:
+            raise option_error(self.name, "adapt_norms", "must be left out or false with per_step_bn, which meta-learns one set of BatchNorm "
+                               "parameters per step instead of adapting them")
         self.inner_steps = inner_steps
         self.test_inner_steps = test_inner_steps
         self.inner_lr = require_positive_float(self.name, "inner_lr", inner_lr)
@@ -169,8 +181,10 @@ class MAML(AdaptiveMethod):
         self.step_mode = step  # (self.step is the one-episode training step)
         self.head_init = head_init
         position = {id(p): i for i, p in enumerate(self.network.parameters)}
-        # Where each BatchNorm scale and shift sits in the network's parameter list, in step_norms' order.
-        self.norm_positions = [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)] if per_step_bn else []
+        self.adapt_norms = not per_step_bn if adapt_norms is None else adapt_norms
+        # Where each BatchNorm scale and shift sits in the network's parameter list, in step_norms' order: the
+        # tensors the inner loop leaves alone (per_step_bn swaps in each step's set instead).
+        self.norm_positions = [] if self.adapt_norms else [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)]
         self.adapted_positions = [i for i in range(len(position)) if i not in set(self.norm_positions)]
         # Steps 1..N-1's BatchNorm layers (step 0's are the backbone's own).
         self.step_norms = nn.ModuleList(nn.ModuleList(copy.deepcopy(norm_layers)) for _ in range(inner_steps - 1)) if per_step_bn else None
@@ -232,7 +246,7 @@ class MAML(AdaptiveMethod):
         graph back to ``meta`` is needed, so none is kept beyond what the steps themselves need."""
         count = len(self.network.parameters)
         network, lrs = meta[:count], (meta[-1] if self.inner_lrs is not None else None)
-        per_step = len(self.norm_positions)
+        per_step = len(self.norm_positions) if self.step_norms is not None else 0  # without per_step_bn: the same set at every step
         norms = [network[i] for i in self.norm_positions] + meta[count : count + per_step * (self.inner_steps - 1)]
         adapted = [network[i] for i in self.adapted_positions]
 

@@ -78,13 +78,14 @@ def checked_entries(method: MAML, grads: list[torch.Tensor]) -> list[tuple[int, 
     return entries
 
 
+@pytest.mark.parametrize("adapt_norms", [True, False], ids=["norms-adapted", "norms-meta-learned-only"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-task"])
 @pytest.mark.parametrize("transductive_bn", [False, True], ids=["support-bn", "transductive-bn"])
-def test_second_order_meta_gradient_matches_finite_differences(transductive_bn: bool, grouped: bool) -> None:
+def test_second_order_meta_gradient_matches_finite_differences(transductive_bn: bool, grouped: bool, adapt_norms: bool) -> None:
     """float64, BatchNorm in every block, 2 inner steps, 2 tasks: the meta-gradient autograd gives (tasks grouped or
-    one by one) is the central finite difference of the outer loss to a relative 1e-4 or better at every checked
-    entry (measured: ~1e-8 with h = 1e-6)."""
-    method = tiny_maml(transductive_bn=transductive_bn)
+    one by one; BatchNorm scales and shifts adapted in the inner loop or not) is the central finite difference of
+    the outer loss to a relative 1e-4 or better at every checked entry (measured: ~1e-8 with h = 1e-6)."""
+    method = tiny_maml(transductive_bn=transductive_bn, adapt_norms=adapt_norms)
     method.group_tasks = grouped
     episodes = tiny_episodes(2)
     grads = meta_gradient(method, episodes)
@@ -113,6 +114,22 @@ def finite_difference_error(method: MAML, episodes: list[Episode], grads: list[t
         assert abs(analytic) > 1e-4, "pick entries whose gradient is not (near) zero"
         worst = max(worst, abs(analytic - numeric) / abs(numeric))
     return worst
+
+
+def test_without_adapt_norms_the_inner_loop_leaves_batchnorm_parameters_alone() -> None:
+    """``adapt_norms: false`` (MAML's reference code): after the inner steps every BatchNorm scale and shift is
+    still the meta-parameter while the convolutions and the head have moved; with the default they move too."""
+    episodes = tiny_episodes(2)
+    support, labels = torch.stack([e.support for e in episodes]), torch.stack([e.support_labels for e in episodes])
+    for adapt_norms in (True, False):
+        method = tiny_maml(adapt_norms=adapt_norms)
+        names = [name for name, _ in method.backbone.features.named_parameters()] + ["head.weight", "head.bias"]
+        meta = method.task_copies(2, detach=True)
+        adapted = method.adapt(meta, support, labels, 2, create_graph=False, track=False)[1]
+        for name, before, after in zip(names, meta, adapted, strict=True):
+            moved = not torch.equal(before, after)
+            is_norm = ".1." in name  # conv_block: index 1 is the BatchNorm layer
+            assert moved == (adapt_norms or not is_norm), (adapt_norms, name)
 
 
 def test_first_order_is_the_query_gradient_at_the_adapted_parameters_and_differs_from_second_order() -> None:
@@ -154,15 +171,16 @@ def functional_logits(method: MAML, params: list[torch.Tensor], images: torch.Te
     return x.mean((2, 3)) @ values["head.weight"].T + values["head.bias"]
 
 
+@pytest.mark.parametrize("adapt_norms", [True, False])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("transductive_bn", [False, True])
-def test_grouped_meta_batch_equals_the_per_task_loop(first_order: bool, transductive_bn: bool) -> None:
+def test_grouped_meta_batch_equals_the_per_task_loop(first_order: bool, transductive_bn: bool, adapt_norms: bool) -> None:
     """Losses, scores, meta-gradients and BatchNorm running statistics of a 3-task meta-batch: grouped in one pass,
     grouped in chunks of 2 tasks (each chunk's meta-gradient computed before the next), with query passes of 1 or
     2 tasks inside an inner-loop chunk of 3, and one by one."""
     results = []
     for grouped, chunk, query_chunk in ((True, 8, 8), (True, 2, 2), (True, 3, 2), (True, 8, 1), (False, 8, 8)):
-        method = tiny_maml(first_order=first_order, transductive_bn=transductive_bn)
+        method = tiny_maml(first_order=first_order, transductive_bn=transductive_bn, adapt_norms=adapt_norms)
         method.group_tasks, method.task_chunk, method.query_chunk = grouped, chunk, query_chunk
         episodes = tiny_episodes(3)
         outputs = method.meta_step(episodes)
@@ -260,6 +278,8 @@ def test_export_writes_the_body_as_a_prototype_embedding(run: Path, tmp_path: Pa
         ({"inner_lr": "0.4"}, r"method_options.inner_lr must be a positive number, got '0.4'"),
         ({"first_order": "yes"}, r"method_options.first_order must be true or false, got 'yes'"),
         ({"transductive_bn": 1}, r"method_options.transductive_bn must be true or false, got 1"),
+        ({"adapt_norms": "no"}, r"method_options.adapt_norms must be true or false, got 'no'"),
+        ({"adapt_norms": True, "per_step_bn": True, "test_inner_steps": 1}, r"method_options.adapt_norms must be left out or false with per_step_bn"),
     ],
 )
 def test_bad_options_are_named(options: dict[str, object], message: str) -> None:
