@@ -4,9 +4,10 @@ parameters, differentiated through the inner SGD steps (second order), or with t
 on the meta-parameters taken as the identity (``first_order``: FOMAML).
 
 The network is the recipe's backbone (conv4-strided is MAML's Omniglot network) plus a linear head of ``way``
-outputs on the spatially averaged feature maps; see fsltool.methods.adaptation for the head's zero
-initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch's tasks run together (one grouped
-network for a chain backbone such as conv4-strided, per-task passes of the module's own forward otherwise).
+outputs on the feature maps averaged over space (or flattened: ``head_input``); see fsltool.methods.adaptation for
+the head's zero initialisation, the BatchNorm modes (``transductive_bn``) and how a meta-batch's tasks run together
+(one grouped network for a chain backbone such as conv4-strided, per-task passes of the module's own forward
+otherwise).
 Meta-training runs a meta-batch as ``method_options.step`` says: ``grouped`` (the default: several tasks per
 pass, the fastest) or ``lean`` (one task at a time, each task's graphs freed before the next: the least memory);
 both compute the same meta-gradient (tested). A backbone that is no chain runs one task at a time in either.
