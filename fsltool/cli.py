@@ -262,7 +262,8 @@ def prepare_csv(images: str, splits: str, out: str, channels: str, size: int, **
 @_benchmark_episode_options
 def prepare_miniimagenet(root: str, out: str, split: str, size: int, ignore_other_classes: bool, **common: Any) -> None:
     """miniImageNet from ROOT/images beside the Ravi CSVs (ROOT/train.csv, val.csv, test.csv), or from a
-    class-per-folder tree of its 600-image classes (ROOT/<synset>/*.jpg); the built-in split, 84x84.
+    class-per-folder tree of its 600-image classes (ROOT/<synset>/*.jpg; a folder with more, a full ImageNet class,
+    is refused); the built-in split, 84x84.
 
     Example: fsltool prepare miniimagenet mini-imagenet/ data/mini.h5
     """

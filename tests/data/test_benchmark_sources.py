@@ -110,6 +110,19 @@ def test_miniimagenet_class_tree_is_split_as_ravi_at_84(tmp_path: Path) -> None:
     assert "prototypical-networks" in listing.provenance["split_source"]["source"]["repository"]
 
 
+def test_a_miniimagenet_tree_with_a_full_imagenet_class_is_refused(tmp_path: Path) -> None:
+    """A class folder of more than 600 images is a full ImageNet class (about 1,300), not miniImageNet's: refused
+    with the folder named and the CSV layout offered, before anything is packed."""
+    root = class_folders(tmp_path, all_classes("miniimagenet/ravi"))
+    first = all_classes("miniimagenet/ravi")[5]
+    class_folders(root, [first], images=601)
+    with pytest.raises(FsltoolError, match=rf"{first}.*class '{first}' has 601 images, but a miniImageNet class has 600 .*train.csv"):
+        miniimagenet(root=str(root))
+    out = tmp_path / "mini.h5"
+    code, _, err = run_cli("prepare", "miniimagenet", str(root), str(out))
+    assert code != 0 and "has 601 images" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def ravi_layout(root: Path, move: tuple[str, str] | None = None, extra: str | None = None) -> Path:
     """ROOT/images/<synset><number>.jpg beside ROOT/{train,val,test}.csv; ``move`` = (class, csv) lists a class in
     another split's file, ``extra`` adds a class no split lists."""

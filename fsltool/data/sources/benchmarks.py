@@ -23,6 +23,7 @@ BENCHMARK_SIZE = 84  # the side the mini/tieredImageNet and CUB few-shot papers 
 
 IMAGENET_TREE = "<root>/<synset>/<image> (class folders named by ImageNet synset, at any depth)"
 RAVI_CSV = "<root>/images/<image> beside <root>/train.csv, val.csv and test.csv (filename,label)"
+MINIIMAGENET_PER_CLASS = 600  # images per class in Ravi & Larochelle's CSVs; a full ImageNet class folder has ~1,300
 CUB_TREE = "<root>/CUB_200_2011/images/<NNN.Class_name>/<image> (or <root>/images/... inside CUB_200_2011)"
 CUB_IMAGES = ("CUB_200_2011/images", "images")  # where the class folders are, for a root above or at CUB_200_2011
 IGNORE_HINT = "; pass --ignore-other-classes to leave such classes out"
@@ -92,15 +93,21 @@ def miniimagenet(*, root: str, split: str = "ravi", size: int = BENCHMARK_SIZE,
     """miniImageNet in the Ravi layout (``root/images`` beside the split CSVs, read by ``csv_splits``) when
     ``root/train.csv`` exists, else a class-per-folder tree of synsets; split by the built-in ``split``.
 
-    A tree is taken whole: it should hold miniImageNet's 600 images per class, since its classes' folders in full
-    ImageNet hold about 1,300 (only the CSVs say which 600 are miniImageNet's).
+    A tree is taken whole, so a class folder with more than miniImageNet's 600 images is refused: its classes'
+    folders in full ImageNet hold about 1,300, and only the CSVs say which 600 are miniImageNet's.
     """
     root = str(root)
     builtin = benchmark_split(f"miniimagenet/{split}")
     require_folder(root, "miniimagenet root")
     if not os.path.isfile(os.path.join(root, "train.csv")):
-        return class_tree(root, builtin, source="miniimagenet", size=size, ignore_other_classes=ignore_other_classes,
+        tree = class_tree(root, builtin, source="miniimagenet", size=size, ignore_other_classes=ignore_other_classes,
                           layout=f"{IMAGENET_TREE}, or {RAVI_CSV}")
+        for spec in tree.classes:
+            if len(spec.items) > MINIIMAGENET_PER_CLASS:
+                raise FsltoolError(f"{os.path.dirname(tree.describe(spec.items[0]))}: class {spec.name!r} has {len(spec.items)} images, but a miniImageNet "
+                                   f"class has {MINIIMAGENET_PER_CLASS} (a full ImageNet folder?); give the layout {RAVI_CSV}, "
+                                   "whose CSVs name miniImageNet's images")
+        return tree
     listing = csv_splits(images=os.path.join(root, "images"), splits=root, channels=3, size=size)
     in_csv = {spec.name: spec.split for spec in listing.classes}
     splits = assign_splits(in_csv, builtin, root, ignore_other_classes=ignore_other_classes, layout=RAVI_CSV)
