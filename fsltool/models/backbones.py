@@ -27,13 +27,14 @@ class Normalize(nn.Module):
         return (images - self.mean) / self.std
 
 
-def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True, relu: bool = True) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True, relu: bool = True,
+               bn_eps: float = 1e-5) -> nn.Sequential:
     """conv3x3 -> BatchNorm -> ReLU (-> maxpool 2x2), the papers' block. The conv has no bias: BatchNorm's shift
     replaces it. The pool runs before the ReLU: ReLU is monotone, so max(relu) = relu(max) bit for bit, gradients
     included, and the ReLU and its backward then touch a quarter of the map (docs/speed.md)."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.BatchNorm2d(out_channels, eps=bn_eps),
     ]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -137,31 +138,33 @@ class Backbone(nn.Module):
 
 
 def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, final_relu: bool = True,
-          **layout: Any) -> Backbone:
+          bn_eps: float = 1e-5, **layout: Any) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
     1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``. ``final_relu: false``
     leaves the last block's ReLU out: an embedding that can be negative, so cosine similarities (Matching Networks)
-    span [-1, 1] instead of [0, 1]; the parameters are the same."""
-    hidden = _positive_int("hidden", hidden)
+    span [-1, 1] instead of [0, 1]; the parameters are the same. ``bn_eps`` is every BatchNorm's epsilon (PyTorch's
+    1e-5; the TensorFlow reference code of MAML and Reptile had 1e-3), in all three Conv-4 variants."""
+    hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
     if not isinstance(final_relu, bool):
         raise FsltoolError(f"backbone_options.final_relu must be true or false, got {final_relu!r}")
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3) for i in range(4)]
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3, bn_eps=bn_eps) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
-def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, **layout: Any) -> Backbone:
+def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, bn_eps: float = 1e-5,
+                  **layout: Any) -> Backbone:
     """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling."""
-    hidden = _positive_int("hidden", hidden)
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False) for i in range(4)]
+    hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False, bn_eps=bn_eps) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
 def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False,
-                   **layout: Any) -> Backbone:
+                   bn_eps: float = 1e-5, **layout: Any) -> Backbone:
     """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
     first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28)."""
-    hidden = _positive_int("hidden", hidden)
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2) for i in range(4)]
+    hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2, bn_eps=bn_eps) for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, **layout)
 
 
@@ -312,6 +315,12 @@ def _positive_int(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FsltoolError(f"backbone_options.{key} must be a positive integer, got {value!r}")
     return value
+
+
+def _positive_float(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise FsltoolError(f"backbone_options.{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _positive_ints(key: str, values: object, *, length: int) -> list[int]:

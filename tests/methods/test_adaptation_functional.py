@@ -75,8 +75,15 @@ def conv4_strided() -> Backbone:
     return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4)
 
 
+def conv4_strided_tf_eps() -> Backbone:
+    """conv4-strided with TensorFlow's BatchNorm epsilon (``bn_eps: 0.001``), which the grouped path must use."""
+    torch.manual_seed(0)
+    return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, bn_eps=1e-3)
+
+
 BACKBONES = {
     "conv4-strided": conv4_strided,
+    "conv4-strided-bn-eps": conv4_strided_tf_eps,
     "identity-residual": lambda: residual_backbone("identity"),
     "projection-residual": lambda: residual_backbone("projection"),
 }

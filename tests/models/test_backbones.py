@@ -88,6 +88,20 @@ def test_dropblock_only_in_training() -> None:
     assert not torch.allclose(first, backbone(images))
 
 
+@pytest.mark.parametrize("name", ["conv4", "conv4-strided", "conv4-relation"])
+def test_bn_eps_sets_every_batchnorm_epsilon_of_the_conv4_family(name: str) -> None:
+    """``bn_eps`` (TensorFlow's 1e-3 in MAML's and Reptile's reference code): every BatchNorm of the backbone
+    normalises with it, so a map of tiny variance comes out scaled down instead of blown up to unit variance."""
+    default, reference = (build_backbone(name, 1, [0.1], [0.3], hidden=4, **options) for options in ({}, {"bn_eps": 1e-3}))
+    assert {m.eps for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
+    assert {m.eps for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    norm = next(m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)).train()
+    maps = 1e-3 * torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0))  # variance 1e-6
+    assert float(norm(maps).detach().std()) < 0.05
+    with pytest.raises(FsltoolError, match="backbone_options.bn_eps must be a positive number, got 0"):
+        build_backbone(name, 1, [0.1], [0.3], hidden=4, bn_eps=0)
+
+
 def test_early_dropout_drops_elements_after_the_first_two_stages_in_training_only() -> None:
     """``early_dropout`` (MetaOptNet's and RFS's plain dropout after stages 1-2): those stages' outputs lose about
     that share of their elements in training, the rest rescaled; stages 3-4 and evaluation are untouched."""
