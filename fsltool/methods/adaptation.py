@@ -448,7 +448,7 @@ class AdaptiveMethod(Method):
         self.way = way
         self.transductive = transductive_bn  # read by evaluation to label its results
         self.flatten = head_input == "flatten"
-        self.head = nn.Linear(backbone.map_shape[0] if not self.flatten else math.prod(backbone.map_shape), way)
+        self.head = nn.Linear(math.prod(backbone.map_shape) if self.flatten else backbone.out_channels, way)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.network = TaskNetwork(backbone, self.head, self.flatten)

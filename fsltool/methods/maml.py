@@ -182,10 +182,10 @@ class MAML(AdaptiveMethod):
         self.step_mode = step  # (self.step is the one-episode training step)
         self.head_init = head_init
         position = {id(p): i for i, p in enumerate(self.network.parameters)}
-        self.adapt_norms = not per_step_bn if adapt_norms is None else adapt_norms
+        adapt_norms = not per_step_bn if adapt_norms is None else adapt_norms
         # Where each BatchNorm scale and shift sits in the network's parameter list, in step_norms' order: the
         # tensors the inner loop leaves alone (per_step_bn swaps in each step's set instead).
-        self.norm_positions = [] if self.adapt_norms else [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)]
+        self.norm_positions = [] if adapt_norms else [position[id(p)] for layer in norm_layers for p in layer.parameters(recurse=False)]
         self.adapted_positions = [i for i in range(len(position)) if i not in set(self.norm_positions)]
         # Steps 1..N-1's BatchNorm layers (step 0's are the backbone's own).
         self.step_norms = nn.ModuleList(nn.ModuleList(copy.deepcopy(norm_layers)) for _ in range(inner_steps - 1)) if per_step_bn else None
@@ -247,8 +247,9 @@ class MAML(AdaptiveMethod):
         graph back to ``meta`` is needed, so none is kept beyond what the steps themselves need."""
         count = len(self.network.parameters)
         network, lrs = meta[:count], (meta[-1] if self.inner_lrs is not None else None)
-        per_step = len(self.norm_positions) if self.step_norms is not None else 0  # without per_step_bn: the same set at every step
-        norms = [network[i] for i in self.norm_positions] + meta[count : count + per_step * (self.inner_steps - 1)]
+        # per_step_bn: each step's BatchNorm set in turn; otherwise none is swapped in (the same set at every step)
+        per_step = len(self.norm_positions) if self.step_norms is not None else 0
+        norms = [network[i] for i in self.norm_positions] + meta[count : count + per_step * (self.inner_steps - 1)] if per_step else []
         adapted = [network[i] for i in self.adapted_positions]
 
         def parameters_at(step: int) -> Params:
