@@ -36,12 +36,19 @@ def lr_factor(config: OptimConfig, total: int) -> Callable[[int], float]:
     warmup = config.warmup
     schedules: dict[str, Callable[[int], float]] = {
         "step": lambda done: config.lr_gamma ** (done // config.lr_step) if config.lr_step else 1.0,
-        "multistep": lambda done: config.lr_gamma ** bisect.bisect_right(config.lr_milestones, done),
+        "multistep": lambda done: _multistep(config, bisect.bisect_right(config.lr_milestones, done)),
         "linear": lambda done: max(0.0, 1 - done / total),
         "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * min(done, total) / total)),
     }
     schedule = schedules[config.lr_schedule]
     return lambda done: (min(1.0, (done + 1) / warmup) if warmup else 1.0) * schedule(done)
+
+
+def _multistep(config: OptimConfig, passed: int) -> float:
+    """The multistep factor once ``passed`` milestones are behind: ``lr_factors``' entry, or ``lr_gamma`` to that power."""
+    if config.lr_factors:
+        return config.lr_factors[passed - 1] if passed else 1.0
+    return config.lr_gamma ** passed
 
 
 def make_optimizer(config: OptimConfig, parameters: list[nn.Parameter], total: int

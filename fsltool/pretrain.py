@@ -33,6 +33,7 @@ from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
 from fsltool.loop import PRETRAINING, StopRequest, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
+from fsltool.models.backbones import ramp_dropblocks
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import PretrainConfig, Recipe
@@ -163,6 +164,7 @@ class Pretraining:
         device, or None when it was skipped. Nothing is read back to the host here but the Updater's finiteness check."""
         settings = self.settings
         running_stats = RunningStats.of(self.model)
+        ramp_dropblocks(self.model, number - 1)
         losses, correct, images_seen = [], torch.zeros((), device=self.device), 0
         for position, (images, labels) in zip(self.share, parts):
             if settings.augment.kind != "none":

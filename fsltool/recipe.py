@@ -40,6 +40,8 @@ class OptimConfig:
     lr_step: int = 2000  # step schedule: multiply lr by lr_gamma every lr_step units (0: constant)
     lr_gamma: float = 0.5
     lr_milestones: list[int] = field(default_factory=list)  # multistep schedule: multiply lr by lr_gamma at each
+    # multistep: the lr's factor from each milestone on, instead of powers of lr_gamma (MetaOptNet: [0.06, 0.012, 0.0024])
+    lr_factors: list[float] = field(default_factory=list)
     log_every: int = 50  # optimizer steps between log rows
     keep_checkpoints: int = 3  # numbered checkpoints kept beside last.pt and best.pt (0: none)
     keep_best_checkpoints: int = 0  # also keep this many best-validated numbered ones (evaluate --ensemble reads them)
@@ -352,6 +354,11 @@ def _validate_optimisation(section: str, config: OptimConfig, where: str) -> Non
     if config.lr_schedule == "multistep" and (not milestones or milestones != sorted(set(milestones)) or milestones[0] < 1):
         raise FsltoolError(f"{where}: recipe key '{section}.lr_milestones' must list increasing positive counts for "
                            f"lr_schedule multistep, got {milestones}")
+    factors = config.lr_factors
+    if factors and (config.lr_schedule != "multistep" or len(factors) != len(milestones)
+                    or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < math.inf for f in factors)):
+        raise FsltoolError(f"{where}: recipe key '{section}.lr_factors' must list one positive factor per lr_milestones entry "
+                           f"with lr_schedule multistep, got {factors}")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
         raise FsltoolError(f"{where}: recipe key '{section}.nesterov' needs optimizer sgd with momentum > 0")
     check_augment(config.augment, where, section)

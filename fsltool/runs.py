@@ -161,7 +161,7 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe, section: str, checkpo
 
 # What a branch (``meta-train --branch-from``) may change besides the resumable keys: the learning-rate schedule,
 # which is then checked step by step against the one that trained the checkpoint (fsltool.optim).
-SCHEDULE_KEYS = ("lr_schedule", "lr_step", "lr_gamma", "lr_milestones", "warmup")
+SCHEDULE_KEYS = ("lr_schedule", "lr_step", "lr_gamma", "lr_milestones", "lr_factors", "warmup")
 
 
 def check_branchable(saved: dict[str, Any], recipe: Recipe, checkpoint: Path) -> None:

@@ -27,6 +27,7 @@ from fsltool.loop import (META_TRAINING, BranchPoint, autocast_for, open_run, re
                            shown, stop_requests)
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
+from fsltool.models.backbones import ramp_dropblocks
 from fsltool.models.weights import load_backbone_weights
 from fsltool.optim import first_schedule_difference, make_optimizer, trainable_parameters
 from fsltool.recipe import Recipe, recipe_from_dict
@@ -170,6 +171,7 @@ class MetaTraining:
         """One meta-update: its (global mean loss, queries right, queries) on the device, or None when it was skipped.
         Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(self.method)
+        ramp_dropblocks(self.method, episode - 1)
         with autocast_for(self.recipe.precision, self.device, self.method):
             outputs: list[StepOutput] = self.method.meta_step(batch, self.task_share)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.

@@ -222,6 +222,12 @@ def test_multistep_schedule_decays_at_each_milestone_epoch(synthetic_file: Path,
     rows = [row for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "train"]
     by_epoch = {int(-(-row["epoch"] // 1)): row["lr"] for row in rows}  # the lr in force at each epoch's last row
     assert by_epoch[1] == pytest.approx(0.1 * 0.1) and by_epoch[2] == pytest.approx(0.1 * 0.01) and by_epoch[3] == pytest.approx(0.1 * 0.01)
+    factored = pretrain_recipe(synthetic_file, tmp_path / "factored", epochs=3, lr_schedule="multistep", lr_milestones=[1, 2],
+                               lr_factors=[0.06, 0.012])  # MetaOptNet's kind: a factor per milestone, not powers of one
+    pretrain(factored, quiet=True)
+    rows = [row for row in map(json.loads, (tmp_path / "factored" / "metrics.jsonl").read_text().splitlines()) if row["phase"] == "train"]
+    by_epoch = {int(-(-row["epoch"] // 1)): row["lr"] for row in rows}
+    assert by_epoch[1] == pytest.approx(0.1 * 0.06) and by_epoch[2] == pytest.approx(0.1 * 0.012) and by_epoch[3] == pytest.approx(0.1 * 0.012)
     with pytest.raises(FsltoolError, match=r"'pretrain.lr_milestones' must list increasing positive counts"):
         pretrain_recipe(synthetic_file, tmp_path / "x", lr_schedule="multistep", lr_milestones=[2, 1])
     with pytest.raises(FsltoolError, match=r"'pretrain.splits' must name at least one split"):
@@ -319,3 +325,29 @@ def test_init_scope_values_are_checked(synthetic_file: Path, tmp_path: Path, sco
     recipe.init_scope, recipe.init = scope, init
     with pytest.raises(FsltoolError, match=message):
         validate(recipe)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "meta-train"])
+def test_the_dropblock_ramp_follows_the_optimizer_updates(stage: str, synthetic_file: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """backbone_options.drop_ramp: the update after k updates drops at drop_rate * min(1, k / ramp), in both loops."""
+    from fsltool.models.backbones import DropBlock
+
+    seen: list[float] = []
+    forward = DropBlock.forward
+
+    def recording(self: DropBlock, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            seen.append(self.rate)
+        return forward(self, x)
+
+    monkeypatch.setattr(DropBlock, "forward", recording)
+    recipe = pretrain_recipe(synthetic_file, tmp_path / "run", epochs=1)
+    recipe.backbone, recipe.backbone_options = "resnet12", {"widths": [4, 4, 4, 4], "drop_rate": 0.2, "drop_block_size": 1, "drop_ramp": 4}
+    if stage == "pretrain":
+        updates = pretrain(recipe, quiet=True).steps
+    else:
+        recipe.train.episodes = updates = 6
+        meta_train(recipe, quiet=True)
+    assert seen == sorted(seen)
+    assert sorted(set(seen)) == pytest.approx(sorted({0.2 * min(1.0, done / 4) for done in range(updates)}))

@@ -51,7 +51,8 @@ def test_the_fine_tuning_recipes_start_from_their_pretraining_run_with_its_backb
         fine = load_recipe(REPO / "recipes" / benchmark / f"protonet-resnet12-pretrained-5w{shot}s.yaml")
         assert fine.init == pre.output and fine.data == pre.data
         assert (fine.backbone, fine.backbone_options) == (pre.backbone, pre.backbone_options)
-        assert fine.method == "protonet" and fine.method_options == {"distance": "cosine", "learn_scale": True}
+        assert fine.method == "protonet"
+        assert fine.method_options == {"distance": "cosine", "learn_scale": True, "scale_parameter": "linear"}  # Meta-Baseline's temp
         assert fine.train.shape == fine.validation.shape == fine.test_shape == f"5w{shot}s15q"
         assert fine.train.augment.kind == "none" and fine.train.meta_batch == 4
 

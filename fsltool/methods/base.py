@@ -62,6 +62,7 @@ class Method(nn.Module, ABC):
     exported_scores: ClassVar[str | None] = None
     episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
     meta_trainable: ClassVar[bool] = True  # False: the backbone comes from supervised pretraining; train refuses the method
+    label_smoothing: float = 0.0  # the training loss's (torch's definition); methods that offer it set it from an option
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -96,7 +97,7 @@ class Method(nn.Module, ABC):
     def step(self, episode: Episode) -> StepOutput:
         """The training objective on one episode (cross-entropy over the scores unless overridden)."""
         scores = self(episode.support, episode.support_labels, episode.query)
-        return StepOutput(F.cross_entropy(scores, episode.query_labels), scores)
+        return StepOutput(F.cross_entropy(scores, episode.query_labels, label_smoothing=self.label_smoothing), scores)
 
     def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:
         """One meta-update's worth of episodes (recipe ``train.meta_batch``); the loop backpropagates the mean

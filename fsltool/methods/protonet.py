@@ -25,6 +25,7 @@ from fsltool.methods.base import (
 from fsltool.models.backbones import Backbone
 
 DISTANCES = ("euclidean", "cosine")
+SCALE_PARAMETERS = ("log", "linear")
 DEFAULT_SCALE = {"euclidean": 1.0, "cosine": 10.0}  # the papers': none for Snell et al., 10 for Meta-Baseline
 
 
@@ -52,23 +53,43 @@ def cosine_scores(support: torch.Tensor, support_labels: torch.Tensor, query: to
 class ProtoNet(Method):
     """``distance``: euclidean (the paper: scores are -squared distances) or cosine (Meta-Baseline). ``scale``
     multiplies the scores (default 1 for euclidean, 10 for cosine); ``learn_scale`` makes it a parameter, learned
-    in log space so it stays positive."""
+    in log space so it stays positive (``scale_parameter: log``) or as the number itself (``linear``: MetaOptNet's
+    and Meta-Baseline's code; weight decay then pulls it towards 0 rather than 1). ``divide_by_dimension`` (euclidean)
+    scores the squared distance divided by the embedding's dimension, as MetaOptNet's ProtoNet head: with flattened
+    ResNet-12 maps (16,000 numbers) the plain sum saturates the softmax. ``label_smoothing`` softens the training
+    loss's targets (torch's definition: 1 - e + e / way on the true class; MetaOptNet's ``--eps e`` equals torch's
+    e * way / (way - 1))."""
 
     embeds_independently = True
 
-    def __init__(self, backbone: Backbone, distance: str = "euclidean", scale: float | None = None, learn_scale: bool = False) -> None:
+    def __init__(self, backbone: Backbone, distance: str = "euclidean", scale: float | None = None, learn_scale: bool = False,
+                 scale_parameter: str = "log", divide_by_dimension: bool = False, label_smoothing: float = 0.0) -> None:
         super().__init__(backbone)
         require_choice(self.name, "distance", distance, DISTANCES)
+        require_choice(self.name, "scale_parameter", scale_parameter, SCALE_PARAMETERS)
         require_bool(self.name, "learn_scale", learn_scale)
+        require_bool(self.name, "divide_by_dimension", divide_by_dimension)
+        if divide_by_dimension and distance != "euclidean":
+            raise option_error(self.name, "divide_by_dimension", "divides the squared euclidean distance: it needs distance: euclidean")
+        if scale_parameter != "log" and not learn_scale:
+            raise option_error(self.name, "scale_parameter", "says how the learned scale is parametrised: it needs learn_scale: true")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+            raise option_error(self.name, "label_smoothing", f"must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         scale = DEFAULT_SCALE[distance] if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
             raise option_error(self.name, "scale", f"must be a positive number, got {scale!r}")
-        self.distance = distance
-        log_scale = torch.tensor(math.log(scale))
-        if learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
+        self.distance, self.divide_by_dimension, self.scale_parameter = distance, divide_by_dimension, scale_parameter
+        if scale_parameter == "linear":
+            self.linear_scale = nn.Parameter(torch.tensor(float(scale)))
+        elif learn_scale:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         else:
-            self.register_buffer("log_scale", log_scale, persistent=False)  # checkpoints from before the option load
+            self.register_buffer("log_scale", torch.tensor(math.log(scale)), persistent=False)  # checkpoints from before the option load
+
+    def score_scale(self) -> torch.Tensor:
+        """The factor the scores are multiplied by (0-dim, on the method's device)."""
+        return self.linear_scale if self.scale_parameter == "linear" else self.log_scale.exp()
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
@@ -78,7 +99,9 @@ class ProtoNet(Method):
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
     ) -> torch.Tensor:
         scores = (prototype_scores if self.distance == "euclidean" else cosine_scores)(support, support_labels, query, way)
-        return scores * self.log_scale.exp()
+        if self.divide_by_dimension:
+            scores = scores / query.shape[-1]
+        return scores * self.score_scale()
 
     def export_graphs(self, example: Episode) -> dict[str, ExportGraph]:
         return {"embedding": embedding_graph(self.backbone, example), "classifier": classifier_graph(self, example)}

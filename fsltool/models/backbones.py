@@ -169,28 +169,46 @@ def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *
 
 
 class DropBlock(nn.Module):
-    """DropBlock (Ghiasi et al. 2018): in training, zero ``block_size`` x ``block_size`` squares of each map so
-    that about ``drop_rate`` of it is dropped, and rescale what is kept; the identity in eval mode. Its random
-    draws come from torch's global generator, which checkpoints save, so a resumed run draws the same blocks."""
+    """DropBlock (Ghiasi et al. 2018): in training, zero ``block_size`` x ``block_size`` squares of each channel's
+    map, drawn for every channel on its own (the paper's Algorithm 1, MetaOptNet's and RFS's code), so that about
+    the current rate of it is dropped, and rescale what is kept; the identity in eval mode. The current rate is
+    ``drop_rate``, or with ``ramp`` > 0 rises linearly from 0 to it over the first ``ramp`` optimizer updates
+    (set by `ramp_dropblocks` from the training loop's count, so a resumed run continues the ramp exactly). Its
+    random draws come from torch's global generator, which checkpoints save, so a resumed run draws the same blocks."""
 
-    def __init__(self, drop_rate: float, block_size: int) -> None:
+    def __init__(self, drop_rate: float, block_size: int, ramp: int = 0) -> None:
         super().__init__()
         self.drop_rate = drop_rate
         self.block_size = block_size
+        self.ramp = ramp
+        self.rate = 0.0 if ramp else drop_rate
+
+    def ramp_to(self, updates_done: int) -> None:
+        """The rate for the update after ``updates_done`` updates."""
+        if self.ramp:
+            self.rate = self.drop_rate * min(1.0, updates_done / self.ramp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_rate == 0:
+        if not self.training or self.rate == 0:
             return x
         height, width = x.shape[-2:]
         block = min(self.block_size, height, width)
         valid = (height - block + 1) * (width - block + 1)
-        gamma = self.drop_rate * height * width / (block * block * valid)
-        seeds = torch.rand(x.shape[0], 1, height - block + 1, width - block + 1, device=x.device, dtype=x.dtype) < gamma
+        gamma = self.rate * height * width / (block * block * valid)
+        seeds = torch.rand(*x.shape[:2], height - block + 1, width - block + 1, device=x.device, dtype=x.dtype) < gamma
         pad = block - 1
         seeds = F.pad(seeds.to(x.dtype), (pad, pad, pad, pad))
         dropped = F.max_pool2d(seeds, block, stride=1) if pad else seeds  # (height, width): each seed's whole block
         keep = 1 - dropped
         return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+
+
+def ramp_dropblocks(model: nn.Module, updates_done: int) -> None:
+    """Set every ramped DropBlock of ``model`` to its rate for the update after ``updates_done`` updates; the
+    training loops call it before each update."""
+    for module in model.modules():
+        if isinstance(module, DropBlock):
+            module.ramp_to(updates_done)
 
 
 class ResNet12Block(nn.Module):
@@ -216,21 +234,27 @@ class ResNet12Block(nn.Module):
 
 
 def resnet12(channels: int, mean: Sequence[float], std: Sequence[float], *, widths: Sequence[int] = (64, 160, 320, 640),
-             drop_rate: float = 0.0, drop_block_size: int = 5, early_dropout: float = 0.0, pool: bool = True, **layout: Any) -> Backbone:
+             drop_rate: float = 0.0, drop_block_size: int = 5, drop_ramp: int = 0, early_dropout: float = 0.0, pool: bool = True,
+             **layout: Any) -> Backbone:
     """The few-shot ResNet-12 (Lee et al. 2019, MetaOptNet; Ye et al. 2020, FEAT): four residual stages
     ``stage1``..``stage4``, each halving the maps (84 -> 42 -> 21 -> 10 -> 5), then global average pooling to a 640-d vector.
-    ``drop_rate`` > 0 adds DropBlock after the last two stages (MetaOptNet: 0.1, blocks of 5); ``early_dropout`` > 0
-    plain dropout after the first two (MetaOptNet's and RFS's code: the same rate as their DropBlock)."""
+    ``drop_rate`` > 0 adds DropBlock after the last two stages (MetaOptNet: 0.1, blocks of 5), ``drop_ramp`` > 0
+    ramping its rate up over that many optimizer updates; ``early_dropout`` > 0 plain dropout after the first two
+    (MetaOptNet's and RFS's code: the same rate as their DropBlock)."""
     widths = _positive_ints("widths", widths, length=4)
     for key, rate in (("drop_rate", drop_rate), ("early_dropout", early_dropout)):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise FsltoolError(f"backbone_options.{key} must be a number in [0, 1), got {rate!r}")
     _positive_ints("drop_block_size", [drop_block_size], length=1)
+    if isinstance(drop_ramp, bool) or not isinstance(drop_ramp, int) or drop_ramp < 0:
+        raise FsltoolError(f"backbone_options.drop_ramp must be a whole number of optimizer updates (0: none), got {drop_ramp!r}")
+    if drop_ramp and not drop_rate:
+        raise FsltoolError("backbone_options.drop_ramp ramps DropBlock up: it needs backbone_options.drop_rate > 0")
     stages = nn.Sequential()
     for index, width in enumerate(widths):
         drop: nn.Module | None = None
         if index >= 2 and drop_rate:
-            drop = DropBlock(float(drop_rate), drop_block_size)
+            drop = DropBlock(float(drop_rate), drop_block_size, drop_ramp)
         elif index < 2 and early_dropout:
             drop = nn.Dropout(float(early_dropout))
         stages.add_module(f"stage{index + 1}", ResNet12Block(channels if index == 0 else widths[index - 1], width, drop))

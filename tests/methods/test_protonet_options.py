@@ -1,4 +1,5 @@
-"""ProtoNet's metric options: cosine similarity with a (learned) scale, as Meta-Baseline's classifier."""
+"""ProtoNet's metric options: cosine similarity with a (learned) scale, as Meta-Baseline's classifier; the squared
+distance per dimension under a linear learned scale, as MetaOptNet's ProtoNet head."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_exported_classifier_matches, quick_recipe, random_episode, trained
+from conftest import assert_exported_classifier_matches, assert_resume_from_episode_4_is_exact, quick_recipe, random_episode, trained
 
 from fsltool.checkpoint import load_trained
 from fsltool.errors import FsltoolError
@@ -49,8 +50,46 @@ def test_learned_scale_gets_a_gradient_and_is_saved() -> None:
     assert "log_scale" in net.state_dict()
 
 
+def test_metaoptnet_head_divides_by_the_dimension_under_a_linear_learned_scale() -> None:
+    """MetaOptNet's ProtoNet head: scale * -||q - p||^2 / d, the scale a parameter learned from 1 as it is."""
+    net = method(divide_by_dimension=True, learn_scale=True, scale_parameter="linear").eval()
+    support, labels, query = random_episode(3, 2, 4)
+    embedded_support, embedded_query = net.backbone(support), net.backbone(query)
+    prototypes = torch.stack([embedded_support[labels == c].mean(0) for c in range(3)])
+    expected = -torch.cdist(embedded_query, prototypes).pow(2) / embedded_query.shape[-1]
+    scores = net(support, labels, query)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    scores.sum().backward()
+    torch.testing.assert_close(net.linear_scale.grad, expected.sum().detach(), rtol=1e-4, atol=1e-5)  # d(scale * s)/d scale = s
+    assert set(net.state_dict()) - set(method().state_dict()) == {"linear_scale"}
+    with torch.no_grad():
+        net.linear_scale.fill_(3.0)
+    torch.testing.assert_close(net(support, labels, query), 3.0 * expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_label_smoothing_softens_the_training_targets_as_metaoptnet() -> None:
+    """torch's label_smoothing e * way / (way - 1) is MetaOptNet's eps e: 1 - e on the true class, e / (way - 1) elsewhere."""
+    from fsltool.data.episodes import Episode, EpisodeShape
+
+    way, eps = 5, 0.1
+    support, labels, query = random_episode(way, 1, way * 3)
+    episode = Episode(support, labels, query, torch.arange(way).repeat_interleave(3), EpisodeShape(way, 1, 3))
+    net = method(label_smoothing=eps * way / (way - 1))
+    output = net.step(episode)
+    targets = torch.full((len(episode.query_labels), way), eps / (way - 1))
+    targets[torch.arange(len(targets)), episode.query_labels] = 1 - eps
+    expected = -(targets * F.log_softmax(output.scores, -1)).sum(-1).mean()
+    torch.testing.assert_close(output.loss, expected)
+    assert method().step(episode).loss.item() != pytest.approx(output.loss.item())
+
+
 @pytest.mark.parametrize(("options", "message"), [
+    ({"label_smoothing": 1.0}, "method_options.label_smoothing must be a number in \\[0, 1\\)"),
     ({"distance": "manhattan"}, "method_options.distance must be one of euclidean, cosine"),
+    ({"distance": "cosine", "divide_by_dimension": True}, "divide_by_dimension divides the squared euclidean distance"),
+    ({"divide_by_dimension": "yes"}, "divide_by_dimension must be true or false"),
+    ({"scale_parameter": "linear"}, "scale_parameter says how the learned scale is parametrised: it needs learn_scale: true"),
+    ({"learn_scale": True, "scale_parameter": "exp"}, "scale_parameter must be one of log, linear"),
     ({"scale": -1.0}, "method_options.scale must be a positive number"),
     ({"learn_scale": "yes"}, "method_options.learn_scale must be true or false"),
 ])
@@ -65,3 +104,13 @@ def test_cosine_run_exports_with_its_learned_scale(synthetic_file: Path, tmp_pat
     net = load_trained(run).method
     assert net.log_scale.item() != pytest.approx(torch.tensor(10.0).log().item())  # it was learned
     assert_exported_classifier_matches(tmp_path / "export", net, 5, 2, 7)
+
+
+def test_metaoptnet_head_run_trains_exports_and_resumes_exactly(synthetic_file: Path, tmp_path: Path) -> None:
+    options = {"divide_by_dimension": True, "learn_scale": True, "scale_parameter": "linear"}
+    run = trained(quick_recipe(synthetic_file, tmp_path / "run", method_options=options, keep_checkpoints=2))
+    net = load_trained(run).method
+    assert net.linear_scale.item() != pytest.approx(1.0)  # it was learned
+    export_run(run, tmp_path / "export", verify_episodes=5)
+    assert_exported_classifier_matches(tmp_path / "export", net, 5, 2, 7)
+    assert_resume_from_episode_4_is_exact(quick_recipe(synthetic_file, tmp_path / "again", method_options=options, keep_checkpoints=2), run)

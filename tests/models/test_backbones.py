@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import save_file
 
 from conftest import load_script
@@ -63,7 +64,7 @@ def test_dropblock_drops_whole_blocks_at_the_rate_asked() -> None:
     from fsltool.models.backbones import DropBlock
 
     torch.manual_seed(0)
-    maps = torch.ones(200, 1, 10, 10)
+    maps = torch.ones(50, 4, 10, 10)
     out = DropBlock(0.2, 3).train()(maps)
     assert out.shape == maps.shape
     dropped = out == 0
@@ -74,6 +75,32 @@ def test_dropblock_drops_whole_blocks_at_the_rate_asked() -> None:
     kept = out[~dropped]
     assert torch.allclose(kept, kept[0].expand_as(kept))  # what is kept is rescaled by one factor
     torch.testing.assert_close(DropBlock(0.2, 3).eval()(maps), maps)
+
+
+def test_dropblock_draws_each_channel_its_own_blocks() -> None:
+    """Ghiasi et al.'s Algorithm 1, MetaOptNet's and RFS's code: a mask per channel, not one per image."""
+    from fsltool.models.backbones import DropBlock
+
+    torch.manual_seed(0)
+    dropped = DropBlock(0.2, 3).train()(torch.ones(50, 4, 10, 10)) == 0
+    differing = (dropped[:, 0] != dropped[:, 1]).flatten(1).any(1)
+    assert differing.float().mean() > 0.9
+
+
+def test_dropblock_ramp_rises_linearly_over_the_updates() -> None:
+    from fsltool.models.backbones import DropBlock, ramp_dropblocks
+
+    block = DropBlock(0.2, 3, ramp=10).train()
+    maps = torch.ones(4, 2, 10, 10)
+    assert torch.equal(block(maps), maps)  # nothing dropped before the first update
+    rates = []
+    for done in (0, 5, 10, 30):
+        ramp_dropblocks(nn.Sequential(block), done)
+        rates.append(block.rate)
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.2])
+    unramped = DropBlock(0.2, 3)
+    ramp_dropblocks(unramped, 0)
+    assert unramped.rate == 0.2
 
 
 def test_dropblock_only_in_training() -> None:
@@ -122,6 +149,7 @@ def test_early_dropout_drops_elements_after_the_first_two_stages_in_training_onl
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"widths": [8, 8, 8]}, "widths must be 4"), ({"drop_rate": 1.5}, "drop_rate"), ({"early_dropout": -0.1}, "early_dropout must be a number"), ({"pool": "yes"}, "pool must be true"),
+    ({"drop_ramp": 100}, "needs backbone_options.drop_rate"), ({"drop_rate": 0.1, "drop_ramp": -1}, "drop_ramp must be a whole number"),
     ({"colour": 1}, "has no option 'colour'"), ({"freeze": ["stage9"]}, "no stage 'stage9'"),
     ({"freeze_statistics": "yes"}, "freeze_statistics must be true or false, got 'yes'"),
 ])
