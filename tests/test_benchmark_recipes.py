@@ -34,6 +34,7 @@ def test_every_benchmark_folder_has_recipes() -> None:
     assert {f"miniimagenet/{m}-5w{s}s" for m in methods for s in (1, 5)} <= names
     assert {f"miniimagenet/{m}-resnet12-5w{s}s" for m in ("protonet", "fomaml", "reptile") for s in (1, 5)} <= names
     assert {f"{folder}/protonet-resnet12-5w{s}s" for folder in IMAGE_SIZE for s in (1, 5)} <= names
+    assert {f"{folder}/protonet-resnet12-metaoptnet" for folder in ("miniimagenet", "tieredimagenet", "cifarfs", "fc100")} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
