@@ -8,7 +8,7 @@ substituted. Two exact ways to evaluate it for a meta-batch of T tasks, chosen o
 structure:
 
 - Grouped (fast), when the feature layers are provably a plain chain (see chain_layers: nested nn.Sequential of
-  Conv2d, BatchNorm2d, ReLU and MaxPool2d, no hooks, no module applied twice): the T tasks run as ONE network.
+  Conv2d, BatchNorm2d, ReLU, MaxPool2d and ZeroPad2d, no hooks, no module applied twice): the T tasks run as ONE network.
   The tasks' images are stacked along the channel axis ((T, N, C, H, W) -> (N, T*C, H, W)), every convolution is
   a grouped convolution with ``groups=T`` whose weight stacks the T tasks' weights, BatchNorm statistics are
   taken per channel (so per task: channel ``t*C + c`` is task t's channel c), and the head is a batched matrix
@@ -100,7 +100,7 @@ def groupable(module: nn.Module) -> bool:
         return bool(module.affine) and module.momentum is not None  # momentum None (cumulative mean): per-task path
     if kind is nn.MaxPool2d:
         return not module.return_indices
-    return kind is nn.ReLU
+    return kind in (nn.ReLU, nn.ZeroPad2d)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -276,6 +276,8 @@ class TaskNetwork:
                 x = normalized(x, weight, bias, rows, groups, module.eps)
             elif isinstance(module, nn.ReLU):
                 x = F.relu(x)
+            elif isinstance(module, nn.ZeroPad2d):
+                x = F.pad(x, module.padding)
             else:
                 assert isinstance(module, nn.MaxPool2d)
                 x = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode)

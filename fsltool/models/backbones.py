@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,19 +29,22 @@ class Normalize(nn.Module):
 
 
 def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True, relu: bool = True,
-               bn_eps: float = 1e-5) -> nn.Sequential:
+               bn_eps: float = 1e-5, pool_ceil: bool = False, pad_after: bool = False) -> nn.Sequential:
     """conv3x3 -> BatchNorm -> ReLU (-> maxpool 2x2), the papers' block. The conv has no bias: BatchNorm's shift
     replaces it. The pool runs before the ReLU: ReLU is monotone, so max(relu) = relu(max) bit for bit, gradients
-    included, and the ReLU and its backward then touch a quarter of the map (docs/speed.md)."""
+    included, and the ReLU and its backward then touch a quarter of the map (docs/speed.md). ``pool_ceil``: the pool
+    keeps an odd map's last row and column (TensorFlow's 'SAME' pooling); ``pad_after``: the conv pads one zero row
+    and column after the map and none before (TensorFlow's 'SAME' for a stride-2 conv on an even map)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=0 if pad_after else 1, bias=False),
         nn.BatchNorm2d(out_channels, eps=bn_eps),
     ]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(nn.MaxPool2d(2, ceil_mode=pool_ceil))
     if relu:
         layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    named = [(str(index), layer) for index, layer in enumerate(layers)]  # the parameters' names whatever the padding
+    return nn.Sequential(OrderedDict([("pad", nn.ZeroPad2d((0, 1, 0, 1)))] * pad_after + named))
 
 
 class Backbone(nn.Module):
@@ -138,24 +142,37 @@ class Backbone(nn.Module):
 
 
 def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, final_relu: bool = True,
-          bn_eps: float = 1e-5, **layout: Any) -> Backbone:
+          bn_eps: float = 1e-5, pool_ceil: bool = False, **layout: Any) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
     1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``. ``final_relu: false``
     leaves the last block's ReLU out: an embedding that can be negative, so cosine similarities (Matching Networks)
     span [-1, 1] instead of [0, 1]; the parameters are the same. ``bn_eps`` is every BatchNorm's epsilon (PyTorch's
-    1e-5; the TensorFlow reference code of MAML and Reptile had 1e-3), in all three Conv-4 variants."""
+    1e-5; the TensorFlow reference code of MAML and Reptile had 1e-3), in all three Conv-4 variants. ``pool_ceil``
+    rounds odd maps up when pooling, as TensorFlow's 'SAME' pooling in Reptile's miniImageNet network (84 px: 6x6
+    last maps, not 5x5)."""
     hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
-    if not isinstance(final_relu, bool):
-        raise FsltoolError(f"backbone_options.final_relu must be true or false, got {final_relu!r}")
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3, bn_eps=bn_eps) for i in range(4)]
+    for key, value in (("final_relu", final_relu), ("pool_ceil", pool_ceil)):
+        if not isinstance(value, bool):
+            raise FsltoolError(f"backbone_options.{key} must be true or false, got {value!r}")
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3, bn_eps=bn_eps, pool_ceil=pool_ceil)
+              for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 
 def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, bn_eps: float = 1e-5,
-                  **layout: Any) -> Backbone:
-    """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling."""
+                  tf_same_padding: bool = False, **layout: Any) -> Backbone:
+    """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling. ``tf_same_padding``
+    pads as TensorFlow's 'SAME' (MAML's and Reptile's code): on an even map one zero row and column after it and
+    none before, on an odd one one each side (PyTorch's padding 1 always pads both sides); chosen per layer from
+    the image size the backbone is built for."""
     hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False, bn_eps=bn_eps) for i in range(4)]
+    if not isinstance(tf_same_padding, bool):
+        raise FsltoolError(f"backbone_options.tf_same_padding must be true or false, got {tf_same_padding!r}")
+    sides = [layout.get("image_size", 28)]
+    for _ in range(3):
+        sides.append(-(-sides[-1] // 2))
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False, bn_eps=bn_eps,
+                         pad_after=tf_same_padding and side % 2 == 0) for i, side in enumerate(sides)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), **layout)
 
 

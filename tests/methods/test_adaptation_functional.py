@@ -81,9 +81,16 @@ def conv4_strided_tf_eps() -> Backbone:
     return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, bn_eps=1e-3)
 
 
+def conv4_strided_tf_same() -> Backbone:
+    """conv4-strided with TensorFlow's 'SAME' padding (zero-pad layers before three of its convolutions)."""
+    torch.manual_seed(0)
+    return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, tf_same_padding=True)
+
+
 BACKBONES = {
     "conv4-strided": conv4_strided,
     "conv4-strided-bn-eps": conv4_strided_tf_eps,
+    "conv4-strided-tf-same": conv4_strided_tf_same,
     "identity-residual": lambda: residual_backbone("identity"),
     "projection-residual": lambda: residual_backbone("projection"),
 }
@@ -93,6 +100,7 @@ def test_the_grouped_path_is_taken_only_for_provable_chains() -> None:
     for name, count in (("conv4", 16), ("conv4-strided", 12), ("conv4-relation", 14)):  # 4 x (conv, BN, ReLU[, pool])
         layers = chain_layers(build_backbone(name, 1, [0.1], [0.3], hidden=4).features)
         assert layers is not None and len(layers) == count, name
+    assert len(chain_layers(conv4_strided_tf_same().features) or []) == 15  # and a zero pad before the 28, 14 and 4 px convs
     assert chain_layers(residual_backbone().features) is None
     assert chain_layers(opaque_conv4().features) is None
     relu = nn.ReLU()

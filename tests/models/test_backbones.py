@@ -4,6 +4,7 @@ method training on top of a residual backbone."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,50 @@ def test_dropblock_only_in_training() -> None:
     first = backbone(images)
     torch.manual_seed(1)
     assert not torch.allclose(first, backbone(images))
+
+
+def tf_same(x: torch.Tensor, kernel: int, stride: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` padded as TensorFlow's 'SAME' pads it for a ``kernel``/``stride`` window: the total its output size
+    ceil(n / stride) needs, the odd one after."""
+    pads = []
+    for n in (x.shape[-1], x.shape[-2]):
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=fill)
+
+
+def test_tf_same_padding_is_tensorflows_same_for_the_strided_convolutions() -> None:
+    """MAML's and Reptile's Omniglot network as their TensorFlow code pads it: 28 -> 14 -> 7 -> 4 -> 2."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, tf_same_padding=True).eval()
+    images = torch.rand(3, 1, 28, 28)
+    x = backbone.normalize(images)
+    for block in backbone.features:
+        conv, norm = (m for m in block if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+        x = F.relu(norm(F.conv2d(tf_same(x, 3, 2), conv.weight, stride=2)))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), x.flatten(1))
+        default = build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4).eval()
+        default.load_state_dict(backbone.state_dict())
+        assert default(images).shape == backbone(images).shape and not torch.allclose(default(images), backbone(images))
+
+
+def test_pool_ceil_is_tensorflows_same_pooling() -> None:
+    """Reptile's miniImageNet network pools with 'SAME': 84 -> 42 -> 21 -> 11 -> 6, the last maps 6x6."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", 3, MEAN, STD, image_size=84, hidden=4, pool_ceil=True).eval()
+    assert backbone.map_shape == (4, 6, 6) and backbone.embedding_size == 144
+    images = torch.rand(2, 3, 84, 84)
+    x = backbone.normalize(images)
+    for block in backbone.features:
+        conv, norm = (m for m in block if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+        x = F.relu(F.max_pool2d(tf_same(norm(conv(x)), 2, 2, fill=-math.inf), 2))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), x.flatten(1))
+    with pytest.raises(FsltoolError, match="backbone_options.pool_ceil must be true or false, got 'yes'"):
+        build_backbone("conv4", 3, MEAN, STD, pool_ceil="yes")
+    with pytest.raises(FsltoolError, match="backbone_options.tf_same_padding must be true or false"):
+        build_backbone("conv4-strided", 1, [0.1], [0.3], tf_same_padding=1)
 
 
 @pytest.mark.parametrize("name", ["conv4", "conv4-strided", "conv4-relation"])
