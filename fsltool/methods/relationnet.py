@@ -17,6 +17,7 @@ from fsltool.methods.base import (
     classifier_graph,
     embedding_graph,
     register_method,
+    require_bool,
     require_positive_int,
 )
 from fsltool.models.backbones import Backbone, conv_block
@@ -43,17 +44,31 @@ class RelationModule(nn.Module):
     of the query maps (its weight split by input channel; zero padding and no bias keep this exact). Those run
     once per class and once per query and only their sum is formed per (query, class) pair: the paper's function
     and parameters, with its costliest layer run Q + way times instead of Q x way times.
+
+    ``padded``: the convolutions pad their maps (the authors' Omniglot code) or not (their miniImageNet code).
+    ``flatten``: the FC reads the last maps flattened (the authors' code: 64x1x1 on Omniglot, 64x3x3 = 576 on
+    miniImageNet), sized for the backbone's maps; otherwise their maximum over space (64 inputs), which fits any
+    image size and is the flatten wherever the maps end 1x1.
     """
 
-    def __init__(self, channels: int, hidden: int, map_size: int = 7) -> None:
+    def __init__(self, channels: int, hidden: int, map_size: int = 7, *, padded: bool = True, flatten: bool = False) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels, self.flatten = channels, flatten
         # The paper's two max-pools shrink 7x7 Omniglot maps to 1x1; smaller maps (a ResNet's 5x5 on 84x84, 1x1 on
         # 28x28) skip the pools that would leave nothing, so the module fits whatever the backbone gives it.
-        first_pools, second_pools = map_size >= 2, map_size // 2 >= 2
-        self.first = conv_block(2 * channels, RELATION_FILTERS, pool=first_pools)
-        self.second = conv_block(RELATION_FILTERS, RELATION_FILTERS, pool=second_pools)
-        self.head = nn.Sequential(nn.Linear(RELATION_FILTERS, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1), nn.Sigmoid())
+        shrink = 0 if padded else 2
+        first_side = map_size - shrink
+        first_pools = first_side >= 2
+        second_side = (first_side // 2 if first_pools else first_side) - shrink
+        second_pools = second_side >= 2
+        if second_side < 1:
+            raise FsltoolError(f"method 'relationnet': method_options.relation_padding: false needs feature maps of at least 8x8 "
+                               f"(two unpadded 3x3 convolutions with a pool between), the backbone gives {map_size}x{map_size}")
+        last_side = second_side // 2 if second_pools else second_side
+        self.first = conv_block(2 * channels, RELATION_FILTERS, pool=first_pools, padding=int(padded))
+        self.second = conv_block(RELATION_FILTERS, RELATION_FILTERS, pool=second_pools, padding=int(padded))
+        inputs = RELATION_FILTERS * last_side * last_side if flatten else RELATION_FILTERS
+        self.head = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1), nn.Sigmoid())
 
     def forward(self, classes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """(..., way, C, H, W), (..., Q, C, H, W) -> (..., Q, way) relation scores in (0, 1)."""
@@ -66,19 +81,19 @@ class RelationModule(nn.Module):
         from_queries = _conv(queries, conv.weight[:, self.channels :], conv.padding)
         pairs = from_queries.unsqueeze(-4) + from_classes.unsqueeze(-5)  # (..., Q, way, F, H, W)
         maps = self.second(after_conv(pairs.flatten(0, -4)))
-        # Max over what is left of the maps: 1x1 on 28x28 Omniglot, where this is the paper's flatten; larger
-        # images (other sizes of the same backbone) still fit the FC layer.
-        return self.head(maps.amax((-2, -1))).view(pairs.shape[:-3])
+        return self.head(maps.flatten(1) if self.flatten else maps.amax((-2, -1))).view(pairs.shape[:-3])
 
 
 @register_method("relationnet")
 class RelationNet(Method):
     """Embeds images to feature maps (the backbone must keep them: conv4-relation), sums each class's support
-    maps, and scores every (query, class) pair with the relation module; the highest relation wins."""
+    maps, and scores every (query, class) pair with the relation module; the highest relation wins.
+    ``relation_padding`` and ``relation_flatten``: the module's convolutions padded, its FC on the maximum or the
+    flattened maps (RelationModule); the authors' miniImageNet module is ``false`` / ``true``."""
 
     embeds_independently = True
 
-    def __init__(self, backbone: Backbone, relation_hidden: int = 8) -> None:
+    def __init__(self, backbone: Backbone, relation_hidden: int = 8, relation_padding: bool = True, relation_flatten: bool = False) -> None:
         super().__init__(backbone)
         if backbone.flatten:
             raise FsltoolError(
@@ -86,7 +101,10 @@ class RelationNet(Method):
                 "use 'backbone: conv4-relation' (or 'backbone_options: {flatten: false}')"
             )
         require_positive_int(self.name, "relation_hidden", relation_hidden)
-        self.relation = RelationModule(backbone.out_channels, relation_hidden, min(backbone.map_shape[1:]))
+        require_bool(self.name, "relation_padding", relation_padding)
+        require_bool(self.name, "relation_flatten", relation_flatten)
+        self.relation = RelationModule(backbone.out_channels, relation_hidden, min(backbone.map_shape[1:]),
+                                       padded=relation_padding, flatten=relation_flatten)
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         support_maps, query_maps = self.backbone_on_episode(support, query)

@@ -29,14 +29,15 @@ class Normalize(nn.Module):
 
 
 def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bool = True, relu: bool = True,
-               bn_eps: float = 1e-5, pool_ceil: bool = False, pad_after: bool = False) -> nn.Sequential:
+               bn_eps: float = 1e-5, pool_ceil: bool = False, pad_after: bool = False, padding: int = 1) -> nn.Sequential:
     """conv3x3 -> BatchNorm -> ReLU (-> maxpool 2x2), the papers' block. The conv has no bias: BatchNorm's shift
     replaces it. The pool runs before the ReLU: ReLU is monotone, so max(relu) = relu(max) bit for bit, gradients
     included, and the ReLU and its backward then touch a quarter of the map (docs/speed.md). ``pool_ceil``: the pool
     keeps an odd map's last row and column (TensorFlow's 'SAME' pooling); ``pad_after``: the conv pads one zero row
-    and column after the map and none before (TensorFlow's 'SAME' for a stride-2 conv on an even map)."""
+    and column after the map and none before (TensorFlow's 'SAME' for a stride-2 conv on an even map); ``padding``
+    0: an unpadded conv (Relation Networks' code)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=0 if pad_after else 1, bias=False),
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=0 if pad_after else padding, bias=False),
         nn.BatchNorm2d(out_channels, eps=bn_eps),
     ]
     if pool:
@@ -177,11 +178,16 @@ def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *,
 
 
 def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False,
-                   bn_eps: float = 1e-5, **layout: Any) -> Backbone:
+                   bn_eps: float = 1e-5, pad_first_two: bool = True, **layout: Any) -> Backbone:
     """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
-    first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28)."""
+    first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28).
+    ``pad_first_two: false`` leaves the first two convolutions unpadded, as the authors' code (Omniglot and
+    miniImageNet): 64x5x5 maps on 28x28, 64x19x19 on 84x84."""
     hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
-    blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2, bn_eps=bn_eps) for i in range(4)]
+    if not isinstance(pad_first_two, bool):
+        raise FsltoolError(f"backbone_options.pad_first_two must be true or false, got {pad_first_two!r}")
+    blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2, bn_eps=bn_eps, padding=int(pad_first_two or i >= 2))
+              for i in range(4)]
     return Backbone(Normalize(mean, std), nn.Sequential(*blocks), flatten=flatten, **layout)
 
 

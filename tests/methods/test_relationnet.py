@@ -66,6 +66,30 @@ def test_split_first_convolution_is_the_papers_concatenation() -> None:
         torch.testing.assert_close(method(support, labels, query), expected)
 
 
+def test_the_authors_unpadded_network_has_their_map_sizes_and_is_the_concatenation() -> None:
+    """pad_first_two: false and an unpadded relation module flattening its maps, as the authors' miniImageNet code:
+    64x19x19 maps at 84 px, 64x3x3 = 576 inputs to the FC; the split first convolution is still exact."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4-relation", 3, [0.5] * 3, [0.25] * 3, image_size=84, pad_first_two=False)
+    assert backbone.map_shape == (64, 19, 19)
+    method = build_method("relationnet", backbone, {"relation_padding": False, "relation_flatten": True}).eval()
+    assert method.relation.head[0].in_features == 576
+    way, shot, queries = 3, 2, 4
+    support, labels = torch.rand(way * shot, 3, 84, 84), torch.arange(way).repeat_interleave(shot)
+    query = torch.rand(queries, 3, 84, 84)
+    with torch.no_grad():
+        support_maps, query_maps = method.backbone(support), method.backbone(query)
+        classes = torch.stack([support_maps[labels == c].sum(0) for c in range(way)])
+        pairs = torch.cat([classes.expand(queries, -1, -1, -1, -1), query_maps.unsqueeze(1).expand(-1, way, -1, -1, -1)], 2)
+        relation = method.relation
+        expected = relation.head(relation.second(relation.first(pairs.flatten(0, 1))).flatten(1)).view(queries, way)
+        torch.testing.assert_close(method(support, labels, query), expected)
+    # Omniglot, as the authors' code: unpadded embedding (64x5x5 at 28 px), padded module ending 1x1
+    omniglot = build_backbone("conv4-relation", 1, [0.1], [0.3], pad_first_two=False)
+    assert omniglot.map_shape == (64, 5, 5)
+    assert build_method("relationnet", omniglot, {"relation_flatten": True}).relation.head[0].in_features == 64
+
+
 def test_embedding_once_gives_the_per_episode_scores(run: Path, synthetic_file: Path) -> None:
     method = load_trained(run).method
     assert_embedding_once_matches_per_episode(method, synthetic_file)
@@ -90,11 +114,20 @@ def test_exported_classifier_has_dynamic_way_shot_query(exported: tuple[Path, Ex
         ("conv4", {}, r"flattens them: use 'backbone: conv4-relation'"),
         ("conv4-relation", {"relation_hidden": 0}, r"method_options.relation_hidden must be a positive integer, got 0"),
         ("conv4-relation", {"relation_hidden": "8"}, r"method_options.relation_hidden must be a positive integer, got '8'"),
+        ("conv4-relation", {"relation_padding": "no"}, r"method_options.relation_padding must be true or false, got 'no'"),
+        ("conv4-relation", {"relation_flatten": 1}, r"method_options.relation_flatten must be true or false, got 1"),
     ],
 )
 def test_bad_options_are_named(backbone: str, options: dict[str, object], message: str) -> None:
     with pytest.raises(FsltoolError, match=message):
         fresh(backbone, **options)
+
+
+def test_an_unpadded_module_on_maps_too_small_is_a_one_line_error() -> None:
+    with pytest.raises(FsltoolError, match=r"relation_padding: false needs feature maps of at least 8x8 .* gives 7x7"):
+        fresh(relation_padding=False)
+    with pytest.raises(FsltoolError, match="backbone_options.pad_first_two must be true or false"):
+        build_backbone("conv4-relation", 1, [0.1], [0.3], pad_first_two="no")
 
 
 def test_unknown_option_is_caught_when_the_recipe_loads(tmp_path: Path) -> None:
@@ -107,4 +140,6 @@ def test_unknown_option_is_caught_when_the_recipe_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("relationnet-*w*s.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_build(path: Path) -> None:
     recipe = load_recipe(path)
-    build_method(recipe.method, build_backbone(recipe.backbone, 1, [0.1], [0.3], **recipe.backbone_options), recipe.method_options)
+    channels, size = (3, 84) if path.parent.name == "miniimagenet" else (1, 28)  # the unpadded miniImageNet module needs 84 px
+    backbone = build_backbone(recipe.backbone, channels, [0.1] * channels, [0.3] * channels, image_size=size, **recipe.backbone_options)
+    build_method(recipe.method, backbone, recipe.method_options)
