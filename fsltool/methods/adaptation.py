@@ -73,6 +73,12 @@ NormOverride = Mapping[nn.Module, _BatchNorm]
 # Omniglot code, ``reduce_mean``), or ``flatten``, the maps flattened (C*H*W inputs: Reptile's code, whose Omniglot
 # network flattens its 2x2 maps into 256 inputs, and MAML's miniImageNet network, 800 from 32x5x5).
 HEAD_INPUTS = ("mean", "flatten")
+# method_options.initial_head: the meta-learned head's starting weights (its bias starts at 0). zero: fsltool's
+# default (AdaptiveMethod's docstring); glorot: Glorot uniform, Reptile's tf.layers.dense and MAML's miniImageNet
+# head; normal: a standard normal, MAML's Omniglot head (tf.random_normal).
+INITIAL_HEADS: dict[str, Callable[[torch.Tensor], object]] = {
+    "zero": nn.init.zeros_, "glorot": nn.init.xavier_uniform_, "normal": nn.init.normal_,
+}
 
 
 def head_input(maps: torch.Tensor, flatten: bool) -> torch.Tensor:
@@ -437,9 +443,10 @@ class AdaptiveMethod(Method):
         """Evaluation hands over this many episodes; they adapt side by side (TaskNetwork), as many as the device takes."""
         return work_sizes(device_of(self)).adapt_episodes
 
-    def __init__(self, backbone: Backbone, way: int, transductive_bn: bool, head_input: str = "mean") -> None:
+    def __init__(self, backbone: Backbone, way: int, transductive_bn: bool, head_input: str = "mean", initial_head: str = "zero") -> None:
         super().__init__(backbone)
         require_choice(self.name, "head_input", head_input, HEAD_INPUTS)
+        require_choice(self.name, "initial_head", initial_head, tuple(INITIAL_HEADS))
         require_positive_int(self.name, "way", way)
         if way < 2:
             raise option_error(self.name, "way", f"must be at least 2 (the episodes' way), got {way}")
@@ -451,7 +458,7 @@ class AdaptiveMethod(Method):
         self.transductive = transductive_bn  # read by evaluation to label its results
         self.flatten = head_input == "flatten"
         self.head = nn.Linear(math.prod(backbone.map_shape) if self.flatten else backbone.out_channels, way)
-        nn.init.zeros_(self.head.weight)
+        INITIAL_HEADS[initial_head](self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.network = TaskNetwork(backbone, self.head, self.flatten)
 

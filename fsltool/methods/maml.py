@@ -116,7 +116,8 @@ class MAML(AdaptiveMethod):
     normalised with support-set BatchNorm statistics, non-transductive; True: with the query batch's statistics,
     as the paper's code, transductive); ``step`` (how meta-training runs a meta-batch: ``grouped``, the fast
     step, or ``lean``, the least memory; STEPS); ``head_init`` (HEAD_INITS); ``head_input`` (mean | flatten: what the
-    head reads of the last feature maps, HEAD_INPUTS); ``adapt_norms`` (False: BatchNorm scales and shifts are not
+    head reads of the last feature maps, HEAD_INPUTS); ``initial_head`` (zero | glorot | normal: the meta-learned
+    head's starting weights, INITIAL_HEADS); ``adapt_norms`` (False: BatchNorm scales and shifts are not
     adapted in the inner loop, as MAML's reference code); MAML++: ``multi_step_loss`` with ``multi_step_loss_epochs``,
     ``per_step_bn``, ``learn_inner_lr``, ``first_order_until``.
     """
@@ -145,8 +146,9 @@ class MAML(AdaptiveMethod):
         head_init: str = "zero",
         head_input: str = "mean",
         adapt_norms: bool | None = None,
+        initial_head: str = "zero",
     ) -> None:
-        super().__init__(backbone, way, transductive_bn, head_input)
+        super().__init__(backbone, way, transductive_bn, head_input, initial_head)
         require_choice(self.name, "step", step, STEPS)
         require_choice(self.name, "head_init", head_init, HEAD_INITS)
         require_positive_int(self.name, "inner_steps", inner_steps)

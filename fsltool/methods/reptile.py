@@ -74,7 +74,8 @@ class Reptile(AdaptiveMethod):
     BatchNorm statistics, non-transductive; True: with the query batch's, transductive), ``per_query_bn``
     (evaluation, non-transductive only: each query with the statistics of the support set plus itself, as the
     paper's non-transductive numbers; the training log's scores keep the support-set statistics), ``head_input``
-    (mean | flatten: what the head reads of the last feature maps, HEAD_INPUTS; the reference code flattens).
+    (mean | flatten: what the head reads of the last feature maps, HEAD_INPUTS; the reference code flattens),
+    ``initial_head`` (zero | glorot | normal: the meta-learned head's starting weights; the reference's is glorot).
     """
 
     group_tasks = True  # run a meta-batch's inner loops together (same results as task by task; grouped: faster)
@@ -93,8 +94,9 @@ class Reptile(AdaptiveMethod):
         transductive_bn: bool = False,
         per_query_bn: bool = False,
         head_input: str = "mean",
+        initial_head: str = "zero",
     ) -> None:
-        super().__init__(backbone, way, transductive_bn, head_input)
+        super().__init__(backbone, way, transductive_bn, head_input, initial_head)
         require_bool(self.name, "per_query_bn", per_query_bn)
         if per_query_bn and transductive_bn:
             raise option_error(self.name, "per_query_bn", "is a non-transductive mode: it cannot be combined with transductive_bn: true")

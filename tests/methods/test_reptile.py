@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,21 @@ def test_shared_adam_state_refuses_a_data_parallel_share() -> None:
     images, labels = stacked(tiny_episodes(2))
     with pytest.raises(FsltoolError, match=r"inner_adam_state.*cannot run data-parallel"):
         tiny_reptile(inner_adam_state="shared").train_copies(images, labels, 3, 4, None, track=False, share=TaskShare(0, 4), absorb=True)
+
+
+@pytest.mark.parametrize(("method_name", "options"), [("reptile", {}), ("maml", {"inner_steps": 1})])
+def test_initial_head_starts_the_meta_learned_head(method_name: str, options: dict) -> None:
+    """initial_head: zero (default), glorot (Reptile's tf.layers.dense), normal (MAML's Omniglot tf.random_normal);
+    the bias starts at zero in all three."""
+    heads = {}
+    for start in ("zero", "glorot", "normal"):
+        torch.manual_seed(0)
+        net = build_method(method_name, build_backbone("conv4-strided", 1, [0.1], [0.3]), {**options, "way": 20, "initial_head": start})
+        heads[start] = net.head
+        assert torch.equal(net.head.bias, torch.zeros(20))
+    assert torch.equal(heads["zero"].weight, torch.zeros(20, 64))
+    bound = math.sqrt(6 / (64 + 20))
+    assert heads["glorot"].weight.abs().max() <= bound and heads["glorot"].weight.abs().max() > 0.9 * bound
+    assert heads["normal"].weight.std().item() == pytest.approx(1.0, rel=0.1)
+    with pytest.raises(FsltoolError, match="method_options.initial_head must be one of zero, glorot, normal"):
+        build_method(method_name, build_backbone("conv4-strided", 1, [0.1], [0.3]), {**options, "initial_head": "ones"})

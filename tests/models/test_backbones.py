@@ -420,3 +420,24 @@ def test_meta_training_starts_from_a_weights_file_and_keeps_frozen_stages(synthe
     for key, value in source.features.stage1.state_dict().items():
         assert torch.equal(features.stage1.state_dict()[key], value), key
     assert not torch.equal(features.stage4.conv1.weight, source.features.stage4.conv1.weight)
+
+
+@pytest.mark.parametrize("name", ["conv4", "conv4-strided", "conv4-relation"])
+def test_glorot_weight_init_is_tensorflows_default(name: str) -> None:
+    """weight_init: glorot draws every convolution uniformly within sqrt(6 / (fan_in + fan_out)), TensorFlow's
+    glorot_uniform (fans of 3x3 kernels: 9 x channels in and out); the default keeps torch's narrower draw."""
+    torch.manual_seed(0)
+    glorot = build_backbone(name, 1, [0.1], [0.3], weight_init="glorot")
+    torch.manual_seed(0)
+    default = build_backbone(name, 1, [0.1], [0.3])
+    convs = [m for m in glorot.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4
+    for conv in convs[1:]:
+        bound = math.sqrt(6 / (9 * conv.in_channels + 9 * conv.out_channels))
+        weight = conv.weight.detach()
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.95 * bound
+        assert weight.pow(2).mean().sqrt() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # a uniform's spread
+    narrower = [m.weight.detach().abs().max() for m in default.modules() if isinstance(m, nn.Conv2d)][1:]
+    assert all(w < 0.7 * math.sqrt(6 / (9 * 64 * 2)) for w in narrower)
+    with pytest.raises(FsltoolError, match="backbone_options.weight_init must be one of torch, glorot, got 'he'"):
+        build_backbone(name, 1, [0.1], [0.3], weight_init="he")
