@@ -72,6 +72,9 @@ def test_pretrain_then_fine_tune_then_evaluate_and_export(benchmark: str, rgb_fi
         assert saved["recipe"]["pretrain"][key] == getattr(original.pretrain, key), key  # the recipe's own settings ran
     assert saved["recipe"]["pretrain"]["augment"] == original.to_dict()["pretrain"]["augment"]
     assert set(saved["heads"]) == {"head"}  # no rotation head: none of these recipes adds rotation prediction
+    code, out, err = run_cli("evaluate", str(tmp_path / "pre"), "--method", "logistic", "--shape", "5w5s15q", "--json", "-")
+    assert code == 0, err  # RFS-simple: the pretraining run under a logistic regression fitted per episode
+    assert json.loads(out)["method"] == "logistic" and json.loads(out)["episodes"] == 4
 
     runs = {}
     for shot in (1, 5):
