@@ -7,8 +7,9 @@ over the support images times C, plus half the squared norm of the weights, the 
 The fit is the optimum, not a number of steps: the optimal weights lie in the span of the support features (the
 penalty is their norm and the loss sees them only through the features), so each episode is solved in an
 orthonormal basis of its support features (a QR factorisation: at most S numbers per class instead of D), by
-Newton's method with a backtracking line search, in float64, every episode of a call at once, until the gradient's
-largest entry is below ``tolerance``. scikit-learn's lbfgs stops earlier (tol 1e-4), so its weights differ from the
+Newton's method with a backtracking line search (each Newton system solved by conjugate gradients on Hessian-vector
+products, the Hessian never formed), in float64, every episode of a call at once, until the gradient's largest
+entry is below ``tolerance``. scikit-learn's lbfgs stops earlier (tol 1e-4), so its weights differ from the
 optimum in the last digits; the predictions are those of the optimum. RFS also fits on 5 augmented copies of each
 support image (``n_aug_support_samples``); here the support images are used as they are.
 """
@@ -45,9 +46,6 @@ def fit_logistic(features: torch.Tensor, targets: torch.Tensor, c: float, tolera
     episodes, support, way = y.shape
     k = z.shape[-1]
     u = torch.cat([z, z.new_ones(episodes, support, 1)], -1)  # (E, S, K + 1): coordinates and the intercept's 1
-    outer = (u.unsqueeze(-1) * u.unsqueeze(-2)).flatten(2)  # (E, S, (K + 1)^2)
-    penalty = torch.cat([torch.ones(k, dtype=x.dtype), torch.zeros(1, dtype=x.dtype)]).repeat(way).to(x.device)
-    intercepts = torch.arange(way, device=x.device) * (k + 1) + k
     theta = x.new_zeros(episodes, way, k + 1)  # each class's weights (in the basis) and its intercept
 
     def objective(params: torch.Tensor) -> torch.Tensor:
@@ -57,20 +55,52 @@ def fit_logistic(features: torch.Tensor, targets: torch.Tensor, c: float, tolera
         probabilities = (u @ theta.transpose(1, 2)).softmax(-1)  # (E, S, way)
         gradient = (c * (probabilities - y)).transpose(1, 2) @ u  # (E, way, K + 1)
         gradient[..., :k] += theta[..., :k]
+        size = gradient.flatten(1).norm(dim=1)
         if gradient.abs().amax() < tolerance:
             return theta[..., :k] @ basis.transpose(1, 2), theta[..., k]
-        # Hessian: C sum_i (diag(p_i) - p_i p_i^T) (x) u_i u_i^T, plus the penalty's identity on the weights.
-        curvature = torch.diag_embed(probabilities) - probabilities.unsqueeze(-1) * probabilities.unsqueeze(-2)
-        hessian = (c * curvature.flatten(2).transpose(1, 2) @ outer).view(episodes, way, way, k + 1, k + 1)
-        hessian = hessian.permute(0, 1, 3, 2, 4).reshape(episodes, way * (k + 1), way * (k + 1))
-        hessian.diagonal(dim1=1, dim2=2).add_(penalty)
-        # Adding one number to every intercept changes no score's softmax: the system is singular along that shift.
-        # Curvature along it alone makes it definite without moving the optimum (the gradient has no part along it).
-        hessian[:, intercepts.unsqueeze(1), intercepts] += 1 / way
-        direction = torch.cholesky_solve(gradient.reshape(episodes, -1, 1), torch.linalg.cholesky(hessian)).view_as(theta)
+        direction = conjugate_gradients(lambda v: _hessian_times(v, u, probabilities, c, k), gradient,
+                                        (size * size.clamp(max=0.5)).clamp(min=tolerance / 10), way * (k + 1))
         theta = _line_search(objective, theta, direction, (gradient * direction).sum((1, 2)))
     raise FsltoolError(f"method 'logistic': the fit did not reach a gradient below {tolerance:g} in {max_iterations} "
                        "Newton steps; raise method_options.max_iterations or tolerance")
+
+
+def _hessian_times(v: torch.Tensor, u: torch.Tensor, probabilities: torch.Tensor, c: float, k: int) -> torch.Tensor:
+    """The objective's Hessian times (E, way, K + 1) directions, never formed: C sum_i (diag(p_i) - p_i p_i^T)
+    (x) u_i u_i^T, plus the penalty's identity on the weights, plus curvature along the intercepts' shared shift:
+    adding one number to every intercept changes no softmax, so the Hessian is singular along it; that term makes
+    it definite without moving the optimum (the gradient has no part along the shift)."""
+    scores = u @ v.transpose(1, 2)  # (E, S, way)
+    curved = probabilities * (scores - (probabilities * scores).sum(-1, keepdim=True))
+    product = c * curved.transpose(1, 2) @ u
+    product[..., :k] += v[..., :k]
+    product[..., k] += v[..., k].mean(-1, keepdim=True)
+    return product
+
+
+def conjugate_gradients(multiply, right: torch.Tensor, residual_goal: torch.Tensor, iterations: int) -> torch.Tensor:
+    """x with multiply(x) = right for each episode's symmetric positive definite operator, by conjugate gradients
+    until the residual's norm is below that episode's ``residual_goal`` (E,) or ``iterations`` (exact in at most the
+    dimension in exact arithmetic). ``right``: (E, ...)."""
+    solution = torch.zeros_like(right)
+    residual = right.clone()
+    search = residual.clone()
+    squared = residual.pow(2).flatten(1).sum(1)
+    shape = (-1,) + (1,) * (right.dim() - 1)
+    for _ in range(iterations):
+        active = squared.sqrt() > residual_goal
+        if not active.any():
+            break
+        product = multiply(search)
+        curvature = (search * product).flatten(1).sum(1)
+        step = torch.where(active, squared / curvature.clamp_min(torch.finfo(right.dtype).tiny), torch.zeros_like(squared))
+        solution += step.view(shape) * search
+        residual -= step.view(shape) * product
+        new_squared = residual.pow(2).flatten(1).sum(1)
+        search = residual + torch.where(active, new_squared / squared.clamp_min(torch.finfo(right.dtype).tiny),
+                                        torch.zeros_like(squared)).view(shape) * search
+        squared = new_squared
+    return solution
 
 
 def _line_search(objective, theta: torch.Tensor, direction: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:

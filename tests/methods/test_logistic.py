@@ -14,7 +14,7 @@ from conftest import random_episode, run_cli
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.errors import FsltoolError
 from fsltool.methods import build_method, get_method
-from fsltool.methods.logistic import LogisticRegression, fit_logistic, penalised_loss
+from fsltool.methods.logistic import LogisticRegression, conjugate_gradients, fit_logistic, penalised_loss
 from fsltool.models import build_backbone
 
 
@@ -64,6 +64,19 @@ def test_the_fit_is_the_penalised_optimum(way: int, shot: int, dim: int, c: floa
     torch.testing.assert_close(weights.detach(), expected_weights, rtol=0, atol=1e-6)
     centred = (bias - bias.mean(-1, keepdim=True)).detach()  # the intercepts' common shift changes no prediction
     torch.testing.assert_close(centred, expected_bias - expected_bias.mean(-1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_conjugate_gradients_solve_each_episodes_system_to_its_goal() -> None:
+    generator = torch.Generator().manual_seed(11)
+    factors = torch.randn(3, 40, 40, generator=generator, dtype=torch.float64)
+    matrices = factors @ factors.transpose(1, 2) + torch.eye(40, dtype=torch.float64)
+    right = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+    goal = torch.tensor([1e-3, 1e-8, 1e-12], dtype=torch.float64)
+    solution = conjugate_gradients(lambda v: (matrices @ v.unsqueeze(-1)).squeeze(-1), right, goal, 400)
+    residual = (matrices @ solution.unsqueeze(-1)).squeeze(-1) - right
+    assert (residual.norm(dim=1) <= goal).all()
+    assert residual[0].norm() > 1e-10  # the loose episode stopped early, not at the tightest goal
+    torch.testing.assert_close(solution[2], torch.linalg.solve(matrices[2], right[2]), rtol=0, atol=1e-9)
 
 
 def test_many_episodes_at_once_equal_one_at_a_time() -> None:
