@@ -94,6 +94,13 @@ class Method(nn.Module, ABC):
         features = self.backbone(torch.cat([support, query]))
         return features[: support.shape[0]], features[support.shape[0] :]
 
+    def scores_via_embeddings(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """``forward`` for methods that classify from embeddings: the episode embedded in one pass, then scored by
+        ``scores_from_embeddings`` as a batch of one episode."""
+        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
+        way = support_labels.max() + 1
+        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
+
     def step(self, episode: Episode) -> StepOutput:
         """The training objective on one episode (cross-entropy over the scores unless overridden)."""
         scores = self(episode.support, episode.support_labels, episode.query)

@@ -141,9 +141,7 @@ class LogisticRegression(Method):
         self.c, self.normalize, self.tolerance, self.max_iterations = float(c), normalize, float(tolerance), max_iterations
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
-        way = int(support_labels.max()) + 1
-        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
+        return self.scores_via_embeddings(support, support_labels, query)
 
     def features(self, embeddings: torch.Tensor) -> torch.Tensor:
         flat = embeddings.flatten(2)

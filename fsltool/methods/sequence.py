@@ -89,9 +89,7 @@ class SequenceMethod(Method):
             )
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
-        way = support_labels.max() + 1
-        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
+        return self.scores_via_embeddings(support, support_labels, query)
 
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
