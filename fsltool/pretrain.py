@@ -33,7 +33,7 @@ from fsltool.distributed import Group, RunningStats
 from fsltool.errors import FsltoolError, RunStopped
 from fsltool.loop import PRETRAINING, StopRequest, autocast_for, open_run, run_in_group, shown, stop_requests
 from fsltool.methods import Method
-from fsltool.models.backbones import ramp_dropblocks
+from fsltool.models.backbones import ramp_dropblocks, ramped_dropblocks
 from fsltool.models.heads import build_head
 from fsltool.optim import make_optimizer, trainable_parameters
 from fsltool.recipe import PretrainConfig, Recipe
@@ -126,6 +126,7 @@ class Pretraining:
                                f"{len(self.batches.indices)} images of {'+'.join(settings.splits)}")
         self.method, config = build_for_training(recipe, self.data, device, resume=resume)
         self.model = Classifier(self.method, self.batches.classes, settings).to(device)
+        self.dropblocks = ramped_dropblocks(self.model)  # ramped up step by step (backbone_options.drop_ramp)
         parameters = trainable_parameters(self.model)
         self.per_epoch = per_epoch = self.batches.steps_per_epoch
         # The schedule runs per optimizer step; its epoch-counted keys are converted, so warm-up ramps within an epoch.
@@ -164,7 +165,7 @@ class Pretraining:
         device, or None when it was skipped. Nothing is read back to the host here but the Updater's finiteness check."""
         settings = self.settings
         running_stats = RunningStats.of(self.model)
-        ramp_dropblocks(self.model, number - 1)
+        ramp_dropblocks(self.dropblocks, number - 1)
         losses, correct, images_seen = [], torch.zeros((), device=self.device), 0
         for position, (images, labels) in zip(self.share, parts):
             if settings.augment.kind != "none":

@@ -27,7 +27,7 @@ from fsltool.loop import (META_TRAINING, BranchPoint, autocast_for, open_run, re
                            shown, stop_requests)
 from fsltool.methods import Method
 from fsltool.methods.base import StepOutput, TaskShare
-from fsltool.models.backbones import ramp_dropblocks
+from fsltool.models.backbones import ramp_dropblocks, ramped_dropblocks
 from fsltool.models.weights import load_backbone_weights
 from fsltool.optim import first_schedule_difference, make_optimizer, trainable_parameters
 from fsltool.recipe import Recipe, recipe_from_dict
@@ -139,6 +139,7 @@ class MetaTraining:
             raise FsltoolError(f"method {recipe.method!r} is not meta-trained: pretrain its backbone with `fsltool pretrain` "
                                "(recipe method: " + recipe.method + ") or meta-train protonet")
         self.task_share = TaskShare(self.share.start, recipe.train.meta_batch) if group.world > 1 else None  # for every meta_step
+        self.dropblocks = ramped_dropblocks(self.method)  # ramped up update by update (backbone_options.drop_ramp)
         parameters = trainable_parameters(self.method)
         optimizer, self.scheduler = make_optimizer(recipe.train, parameters, recipe.train.episodes)
         generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -171,7 +172,7 @@ class MetaTraining:
         """One meta-update: its (global mean loss, queries right, queries) on the device, or None when it was skipped.
         Nothing is read back to the host here but the Updater's finiteness check."""
         running_stats = RunningStats.of(self.method)
-        ramp_dropblocks(self.method, episode - 1)
+        ramp_dropblocks(self.dropblocks, episode - 1)
         with autocast_for(self.recipe.precision, self.device, self.method):
             outputs: list[StepOutput] = self.method.meta_step(batch, self.task_share)
         # This process's losses over the GLOBAL meta-batch: summed over processes, the one-process mean.

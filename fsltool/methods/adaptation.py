@@ -60,7 +60,7 @@ from fsltool.device import device_of, work_sizes
 from fsltool.errors import FsltoolError
 from fsltool.methods.base import (
     ExportGraph, Method, StepOutput, TaskShare, classifier_graph, embedding_graph, option_error, require_bool, require_choice,
-    require_positive_int,
+    require_number, require_positive_int,
 )
 from fsltool.methods.protonet import class_prototypes, prototype_scores
 from fsltool.models.backbones import Backbone
@@ -552,6 +552,5 @@ class AdaptiveMethod(Method):
 
 
 def require_positive_float(method: str, key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise option_error(method, key, f"must be a positive number, got {value!r}")
+    require_number(method, key, value, lambda v: v > 0, "a positive number")
     return float(value)

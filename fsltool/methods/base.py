@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +168,12 @@ def require_bool(method: str, key: str, value: object) -> None:
     """YAML's ``yes``/``1``/``"true"`` are not booleans to the method: refuse them rather than guess."""
     if not isinstance(value, bool):
         raise option_error(method, key, f"must be true or false, got {value!r}")
+
+
+def require_number(method: str, key: str, value: object, accept: Callable[[float], bool], description: str) -> None:
+    """A finite real option that ``accept`` allows; YAML booleans and strings are refused, not coerced."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not accept(value):
+        raise option_error(method, key, f"must be {description}, got {value!r}")
 
 
 def require_choice(method: str, key: str, value: object, choices: tuple[str, ...]) -> None:

@@ -44,6 +44,7 @@ from fsltool.methods.base import (
     option_error,
     register_method,
     require_bool,
+    require_number,
     require_positive_int,
 )
 from fsltool.models.backbones import Backbone
@@ -58,12 +59,6 @@ BATCH_SIZE = 4
 NORM_EPSILON = 1e-5  # backbone.py distLinear: x / (||x|| + 1e-5)
 
 Params = list[torch.Tensor]  # a head's parameters, each batched over episodes: (E, ...)
-
-
-def require_number(method: str, key: str, value: object, accept: Callable[[float], bool], description: str) -> None:
-    """A finite real option that ``accept`` allows; YAML booleans and strings are refused, not coerced."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not accept(value):
-        raise option_error(method, key, f"must be {description}, got {value!r}")
 
 
 def uniform_like_linear(shape: tuple[int, ...], dim: int, generator: torch.Generator) -> torch.Tensor:

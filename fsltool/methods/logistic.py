@@ -16,13 +16,16 @@ support image (``n_aug_support_samples``); here the support images are used as t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, StepOutput, TaskShare, class_onehot, register_method, require_bool, require_positive_int
-from fsltool.methods.baseline import require_number
+from fsltool.methods.base import (
+    ExportGraph, Method, StepOutput, TaskShare, class_onehot, register_method, require_bool, require_number, require_positive_int,
+)
 from fsltool.models.backbones import Backbone
 
 ARMIJO = 1e-4  # the line search's sufficient decrease
@@ -78,7 +81,8 @@ def _hessian_times(v: torch.Tensor, u: torch.Tensor, probabilities: torch.Tensor
     return product
 
 
-def conjugate_gradients(multiply, right: torch.Tensor, residual_goal: torch.Tensor, iterations: int) -> torch.Tensor:
+def conjugate_gradients(multiply: Callable[[torch.Tensor], torch.Tensor], right: torch.Tensor, residual_goal: torch.Tensor,
+                        iterations: int) -> torch.Tensor:
     """x with multiply(x) = right for each episode's symmetric positive definite operator, by conjugate gradients
     until the residual's norm is below that episode's ``residual_goal`` (E,) or ``iterations`` (exact in at most the
     dimension in exact arithmetic). ``right``: (E, ...)."""
@@ -103,7 +107,8 @@ def conjugate_gradients(multiply, right: torch.Tensor, residual_goal: torch.Tens
     return solution
 
 
-def _line_search(objective, theta: torch.Tensor, direction: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+def _line_search(objective: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, direction: torch.Tensor,
+                 slope: torch.Tensor) -> torch.Tensor:
     """theta - t * direction with each episode's largest t in 1, 1/2, 1/4, ... that decreases its objective enough."""
     before, step = objective(theta), torch.ones_like(slope)
     rounding = 16 * torch.finfo(theta.dtype).eps * before.abs()  # near the optimum the decrease is below the objective's rounding

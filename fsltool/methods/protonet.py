@@ -21,6 +21,7 @@ from fsltool.methods.base import (
     register_method,
     require_bool,
     require_choice,
+    require_number,
 )
 from fsltool.models.backbones import Backbone
 
@@ -73,12 +74,10 @@ class ProtoNet(Method):
             raise option_error(self.name, "divide_by_dimension", "divides the squared euclidean distance: it needs distance: euclidean")
         if scale_parameter != "log" and not learn_scale:
             raise option_error(self.name, "scale_parameter", "says how the learned scale is parametrised: it needs learn_scale: true")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
-            raise option_error(self.name, "label_smoothing", f"must be a number in [0, 1), got {label_smoothing!r}")
+        require_number(self.name, "label_smoothing", label_smoothing, lambda v: 0 <= v < 1, "a number in [0, 1)")
         self.label_smoothing = float(label_smoothing)
         scale = DEFAULT_SCALE[distance] if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise option_error(self.name, "scale", f"must be a positive number, got {scale!r}")
+        require_number(self.name, "scale", scale, lambda v: v > 0, "a positive number")
         self.distance, self.divide_by_dimension, self.scale_parameter = distance, divide_by_dimension, scale_parameter
         if scale_parameter == "linear":
             self.linear_scale = nn.Parameter(torch.tensor(float(scale)))

@@ -15,8 +15,7 @@ from torch import nn
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, class_onehot, register_method, require_bool
-from fsltool.methods.baseline import require_number
+from fsltool.methods.base import ExportGraph, Method, class_onehot, register_method, require_bool, require_number
 from fsltool.models.backbones import Backbone
 
 

@@ -242,12 +242,16 @@ class DropBlock(nn.Module):
         return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 
 
-def ramp_dropblocks(model: nn.Module, updates_done: int) -> None:
-    """Set every ramped DropBlock of ``model`` to its rate for the update after ``updates_done`` updates; the
-    training loops call it before each update."""
-    for module in model.modules():
-        if isinstance(module, DropBlock):
-            module.ramp_to(updates_done)
+def ramped_dropblocks(model: nn.Module) -> list[DropBlock]:
+    """The DropBlocks of ``model`` whose rate ramps up: a training loop finds them once, then sets them before every
+    update with ``ramp_dropblocks`` (nothing to do in a step when there are none)."""
+    return [module for module in model.modules() if isinstance(module, DropBlock) and module.ramp]
+
+
+def ramp_dropblocks(blocks: Sequence[DropBlock], updates_done: int) -> None:
+    """Set each block to its rate for the update after ``updates_done`` updates."""
+    for block in blocks:
+        block.ramp_to(updates_done)
 
 
 class ResNet12Block(nn.Module):

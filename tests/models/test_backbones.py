@@ -89,18 +89,19 @@ def test_dropblock_draws_each_channel_its_own_blocks() -> None:
 
 
 def test_dropblock_ramp_rises_linearly_over_the_updates() -> None:
-    from fsltool.models.backbones import DropBlock, ramp_dropblocks
+    from fsltool.models.backbones import DropBlock, ramp_dropblocks, ramped_dropblocks
 
     block = DropBlock(0.2, 3, ramp=10).train()
     maps = torch.ones(4, 2, 10, 10)
     assert torch.equal(block(maps), maps)  # nothing dropped before the first update
     rates = []
+    assert ramped_dropblocks(nn.Sequential(block, DropBlock(0.2, 3))) == [block]  # the unramped one keeps its rate
     for done in (0, 5, 10, 30):
-        ramp_dropblocks(nn.Sequential(block), done)
+        ramp_dropblocks([block], done)
         rates.append(block.rate)
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.2])
     unramped = DropBlock(0.2, 3)
-    ramp_dropblocks(unramped, 0)
+    unramped.ramp_to(0)
     assert unramped.rate == 0.2
 
 
