@@ -10,6 +10,7 @@ from fsltool.methods import snail  # noqa: F401  (registers "snail")
 from fsltool.methods import baseline  # noqa: F401  (registers "baseline" and "baseline++")
 from fsltool.methods import logistic  # noqa: F401  (registers "logistic")
 from fsltool.methods import ridge  # noqa: F401  (registers "ridge")
+from fsltool.methods import svm  # noqa: F401  (registers "svm")
 from fsltool.methods.base import METHODS, Method, build_method, get_method, method_options
 
 __all__ = ["METHODS", "Method", "build_method", "get_method", "method_options"]

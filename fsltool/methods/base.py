@@ -176,6 +176,17 @@ def require_number(method: str, key: str, value: object, accept: Callable[[float
         raise option_error(method, key, f"must be {description}, got {value!r}")
 
 
+def add_learned_scale(method: Method, scale: object, learn_scale: object) -> None:
+    """``method.scale``, the factor its scores are multiplied by: a parameter starting at ``scale`` (the number itself,
+    as MetaOptNet's ClassificationHead) when ``learn_scale``, else a fixed buffer; both options checked."""
+    require_number(method.name, "scale", scale, lambda v: v > 0, "a positive number")
+    require_bool(method.name, "learn_scale", learn_scale)
+    if learn_scale:
+        method.scale = nn.Parameter(torch.tensor(float(scale)))  # type: ignore[arg-type]
+    else:
+        method.register_buffer("scale", torch.tensor(float(scale)))  # type: ignore[arg-type]
+
+
 def require_choice(method: str, key: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise option_error(method, key, f"must be one of {', '.join(choices)}, got {value!r}")

@@ -11,11 +11,10 @@ scale learned from 1. Scores here: scale x query . support^T (K + lambda I)^{-1}
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, class_onehot, register_method, require_bool, require_number
+from fsltool.methods.base import ExportGraph, Method, add_learned_scale, class_onehot, register_method, require_number
 from fsltool.models.backbones import Backbone
 
 
@@ -41,13 +40,8 @@ class RidgeRegression(Method):
     def __init__(self, backbone: Backbone, penalty: float = 50.0, scale: float = 1.0, learn_scale: bool = True) -> None:
         super().__init__(backbone)
         require_number(self.name, "penalty", penalty, lambda v: v > 0, "a positive number")
-        require_number(self.name, "scale", scale, lambda v: v > 0, "a positive number")
-        require_bool(self.name, "learn_scale", learn_scale)
         self.penalty = float(penalty)
-        if learn_scale:
-            self.scale = nn.Parameter(torch.tensor(float(scale)))
-        else:
-            self.register_buffer("scale", torch.tensor(float(scale)))
+        add_learned_scale(self, scale, learn_scale)
 
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         return self.scores_via_embeddings(support, support_labels, query)
