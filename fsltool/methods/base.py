@@ -159,6 +159,12 @@ def classifier_graph(classifier: nn.Module, example: Episode) -> ExportGraph:
     )
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast off: a per-episode solve (a linear system, an interior-point iteration) in the dtype it was given,
+    not bfloat16 products under a bf16 recipe (they cost a ridge regression's or an SVM's scores about 1%)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def option_error(method: str, key: str, problem: str) -> FsltoolError:
     """A bad value in a recipe's ``method_options``, named the way the recipe spells it."""
     return FsltoolError(f"method {method!r}: method_options.{key} {problem}")

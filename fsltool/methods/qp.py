@@ -153,7 +153,8 @@ class _QPFunction(torch.autograd.Function):
         hessian, equality, z, s, lam, nu = ctx.saved_tensors
         scaling = lam.clamp(min=1e-8) / s.clamp(min=1e-8)
         zeros = torch.zeros_like(z)
-        d = kkt_solve(kkt_factor(hessian, scaling, equality), scaling, grad_z, zeros, zeros, torch.zeros_like(nu))
+        with torch.autocast(z.device.type, enabled=False):  # in the solve's dtype, as the forward
+            d = kkt_solve(kkt_factor(hessian, scaling, equality), scaling, grad_z, zeros, zeros, torch.zeros_like(nu))
         outer = d.z.unsqueeze(2) * z.unsqueeze(1)
         grad_hessian = 0.5 * (outer + outer.transpose(1, 2))
         grad_equality = None

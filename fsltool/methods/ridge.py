@@ -14,7 +14,15 @@ import torch
 
 from fsltool.data.episodes import Episode
 from fsltool.errors import FsltoolError
-from fsltool.methods.base import ExportGraph, Method, add_learned_scale, class_onehot, register_method, require_number
+from fsltool.methods.base import (
+    ExportGraph,
+    Method,
+    add_learned_scale,
+    class_onehot,
+    full_precision,
+    register_method,
+    require_number,
+)
 from fsltool.models.backbones import Backbone
 
 
@@ -23,10 +31,11 @@ def ridge_scores(support: torch.Tensor, support_labels: torch.Tensor, query: tor
     """(E, S, D), (E, S), (E, Q, D) -> (E, Q, way): each query's score for each class under the ridge regression of
     the support set onto 2 x its one-hot labels, in float32 (the solve is well conditioned for penalty > 0)."""
     x, q = support.float(), query.float()
-    gram = x @ x.transpose(1, 2)
-    gram.diagonal(dim1=1, dim2=2).add_(penalty)
-    dual = torch.linalg.solve(gram, 2 * class_onehot(support_labels, way, torch.float32))  # (E, S, way)
-    return (q @ x.transpose(1, 2)) @ dual
+    with full_precision(x.device):
+        gram = x @ x.transpose(1, 2)
+        gram.diagonal(dim1=1, dim2=2).add_(penalty)
+        dual = torch.linalg.solve(gram, 2 * class_onehot(support_labels, way, torch.float32))  # (E, S, way)
+        return (q @ x.transpose(1, 2)) @ dual
 
 
 @register_method("ridge")

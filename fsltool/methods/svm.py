@@ -23,6 +23,7 @@ from fsltool.methods.base import (
     TaskShare,
     add_learned_scale,
     class_onehot,
+    full_precision,
     register_method,
     require_bool,
     require_number,
@@ -36,16 +37,17 @@ def svm_dual(support: torch.Tensor, support_labels: torch.Tensor, way: int, cost
              iterations: int) -> torch.Tensor:
     """(E, S, D), (E, S) -> (E, S, way): each episode's dual coefficients alpha after ``iterations`` interior-point
     iterations, in the support's dtype; variables ordered image by image, as MetaOptNet's Kronecker products."""
-    episodes, shots, dtype = support.shape[0], support.shape[1], support.dtype
+    episodes, shots, dtype, device = support.shape[0], support.shape[1], support.dtype, support.device
     size = shots * way
-    gram = support @ support.transpose(1, 2)
-    classes = torch.eye(way, dtype=dtype, device=support.device)
-    hessian = (gram[:, :, None, :, None] * classes[None, None, :, None, :]).reshape(episodes, size, size)
-    hessian = hessian + ridge * torch.eye(size, dtype=dtype, device=support.device)
-    onehot = class_onehot(support_labels, way, dtype).reshape(episodes, size)
-    each_image = torch.eye(shots, dtype=dtype, device=support.device).repeat_interleave(way, dim=1)[None]  # (1, S, S*way)
-    rhs = support.new_zeros(episodes, shots)
-    return qp_solution(hessian, -onehot, cost * onehot, each_image, rhs, iterations).reshape(episodes, shots, way)
+    with full_precision(device):
+        gram = support @ support.transpose(1, 2)
+        classes = torch.eye(way, dtype=dtype, device=device)
+        hessian = (gram[:, :, None, :, None] * classes[None, None, :, None, :]).reshape(episodes, size, size)
+        hessian = hessian + ridge * torch.eye(size, dtype=dtype, device=device)
+        onehot = class_onehot(support_labels, way, dtype).reshape(episodes, size)
+        each_image = torch.eye(shots, dtype=dtype, device=device).repeat_interleave(way, dim=1)[None]  # (1, S, S*way)
+        rhs = support.new_zeros(episodes, shots)
+        return qp_solution(hessian, -onehot, cost * onehot, each_image, rhs, iterations).reshape(episodes, shots, way)
 
 
 @register_method("svm")
@@ -84,8 +86,9 @@ class MultiClassSVM(Method):
     ) -> torch.Tensor:
         x, q = support.flatten(2).to(self.solve_dtype), query.flatten(2).to(self.solve_dtype)
         iterations = self.iterations if self.training else self.evaluation_iterations
-        alpha = svm_dual(x, support_labels, int(way), self.cost, self.ridge, iterations)
-        scores = (q @ x.transpose(1, 2)) @ alpha
+        with full_precision(x.device):
+            alpha = svm_dual(x, support_labels, int(way), self.cost, self.ridge, iterations)
+            scores = (q @ x.transpose(1, 2)) @ alpha
         return (scores.float() * self.scale).to(query.dtype)
 
     def meta_step(self, episodes: list[Episode], share: TaskShare | None = None) -> list[StepOutput]:

@@ -40,6 +40,16 @@ def test_the_dual_solution_is_the_primal_ridge_regression(way: int, shot: int, d
     torch.testing.assert_close(ridge_scores(support, labels, query, way, penalty).double(), query @ primal, rtol=1e-4, atol=1e-4)
 
 
+def test_a_bf16_recipe_leaves_the_solve_in_full_precision() -> None:
+    """Under bf16 autocast (``precision: bf16``) the regression is solved in float32: the scores are the same."""
+    generator = torch.Generator().manual_seed(6)
+    support, query = torch.randn(1, 10, 64, generator=generator), torch.randn(1, 6, 64, generator=generator)
+    labels = torch.arange(5).repeat_interleave(2)[None]
+    expected = ridge_scores(support, labels, query, 5, 50.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ridge_scores(support, labels, query, 5, 50.0), expected, rtol=0, atol=0)
+
+
 def test_gradients_reach_the_backbone_and_the_scale() -> None:
     net = method()
     support, labels, query = random_episode(5, 2, 10)

@@ -133,6 +133,24 @@ def test_training_and_evaluation_use_their_own_iteration_counts() -> None:
     assert not torch.allclose(expected(3), expected(15), atol=1e-4)
 
 
+def test_a_bf16_recipe_leaves_the_solve_in_full_precision() -> None:
+    """Under bf16 autocast (``precision: bf16``) the Gram matrix and the interior-point iteration stay in the solve's
+    dtype: the same scores, and the same feature gradients from the backward pass the training loop takes after the
+    autocast region, as without autocast."""
+    net = method()
+    generator = torch.Generator().manual_seed(6)
+    support, query = torch.randn(1, 10, 64, generator=generator), torch.randn(1, 6, 64, generator=generator)
+    labels = torch.arange(5).repeat_interleave(2)[None]
+    results = []
+    for bf16 in (False, True):
+        features = support.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores = net.train().scores_from_embeddings(features, labels, query, 5)
+        (gradient,) = torch.autograd.grad(scores.square().sum(), features)
+        results.append((scores, gradient))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 def test_gradients_reach_the_backbone_and_the_scale() -> None:
     net = method()
     support, labels, query = random_episode(5, 2, 10)
