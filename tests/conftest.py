@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsltool.data.episodes import EpisodeShape
+from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.data.pack import EpisodePlan, pack
 from fsltool.data.sources.synthetic import synthetic
 from fsltool.export import ExportReport, export_run
@@ -150,6 +151,20 @@ def trained_run(synthetic_file: Path, tmp_path_factory: pytest.TempPathFactory) 
     output = tmp_path_factory.mktemp("runs") / "protonet"
     meta_train(quick_recipe(synthetic_file, output), quiet=True)
     return output
+
+
+def assert_learned_scale_and_backbone_train(method: Callable[..., Method]) -> None:
+    """``method(**options)`` builds a method whose scores are times ``scale``: a training step's loss reaches its
+    backbone and the learned scale, and ``learn_scale: false, scale: 2`` doubles the default's scores, unlearned."""
+    net = method()
+    support, labels, query = random_episode(5, 2, 10)
+    net.step(Episode(support, labels, query, torch.arange(5).repeat_interleave(2), EpisodeShape(5, 2, 2))).loss.backward()
+    assert net.scale.grad is not None and net.scale.grad.abs() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters() if p.requires_grad)
+    fixed = method(learn_scale=False, scale=2.0)
+    assert "scale" not in dict(fixed.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fixed.eval()(support, labels, query), 2 * method().eval()(support, labels, query))
 
 
 def assert_embedding_once_matches_per_episode(method: Method, data_file: Path) -> None:

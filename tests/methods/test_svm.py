@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_embedding_once_matches_per_episode, quick_recipe, random_episode, trained
+from conftest import (
+    assert_embedding_once_matches_per_episode,
+    assert_learned_scale_and_backbone_train,
+    quick_recipe,
+    trained,
+)
 
 from fsltool.data.episodes import Episode, EpisodeShape
 from fsltool.errors import FsltoolError
@@ -152,16 +157,7 @@ def test_a_bf16_recipe_leaves_the_solve_in_full_precision() -> None:
 
 
 def test_gradients_reach_the_backbone_and_the_scale() -> None:
-    net = method()
-    support, labels, query = random_episode(5, 2, 10)
-    episode = Episode(support, labels, query, torch.arange(5).repeat_interleave(2), EpisodeShape(5, 2, 2))
-    net.step(episode).loss.backward()
-    assert net.scale.grad is not None and net.scale.grad.abs() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbone.parameters() if p.requires_grad)
-    fixed = method(learn_scale=False, scale=2.0)
-    assert "scale" not in dict(fixed.named_parameters())
-    with torch.no_grad():
-        torch.testing.assert_close(fixed.eval()(support, labels, query), 2 * method().eval()(support, labels, query))
+    assert_learned_scale_and_backbone_train(method)
 
 
 def test_a_meta_batch_is_one_solve_equal_to_episode_by_episode() -> None:
