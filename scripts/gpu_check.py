@@ -2,7 +2,8 @@
 
 Sections of OUT/gpu_check.json (rewritten after every step, so a run cut short still leaves what it measured):
 
-- ``methods``: each method's built-in Omniglot 5w1s recipe meta-trained a few meta-steps on the device in fp32 with
+- ``methods``: each method's built-in Omniglot 5w1s recipe (the heads ``svm`` and ``ridge``, which have none: the
+  ProtoNet recipe's Conv-4 under the head, on 5w5s5q episodes) meta-trained a few meta-steps on the device in fp32 with
   the image array kept there (``data_on_device=true``), then evaluated on stored test episodes on the device and on
   the CPU (same checkpoint, same episodes: they must agree within 1 point, float differences may flip a near-tie);
   meta-steps/s from the run's own metrics.jsonl (its last log window: the first holds the warm-up), on the device
@@ -51,7 +52,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-METHODS = ("protonet", "relationnet", "matchingnet", "maml", "fomaml", "reptile", "snail", "mann")
+METHODS = ("protonet", "relationnet", "matchingnet", "maml", "fomaml", "reptile", "snail", "mann", "svm", "ridge")
+# Heads with no Omniglot recipe of their own (MetaOptNet's SVM and ridge regression): the ProtoNet recipe's Conv-4
+# under the head, on 5-way 5-shot training episodes (MetaOptNet's way; 60-way episodes would make the SVM's QP 60x larger).
+HEAD_OVERRIDES = {head: (f"method={head}", "method_options={}", "train.shape=5w5s5q") for head in ("svm", "ridge")}
+
+
+def method_recipe(method: str) -> tuple[str, tuple[str, ...]]:
+    """The built-in recipe and overrides that train ``method`` on Omniglot for these checks."""
+    if method in HEAD_OVERRIDES:
+        return "omniglot/protonet-5w1s", HEAD_OVERRIDES[method]
+    return f"omniglot/{method}-5w1s", ()
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,8 @@ def evaluate(run: Path, device: str, episodes: int | None) -> dict[str, Any]:
 
 def check_method(method: str, data: str, steps: int, episodes: int, folder: Path, device: str) -> dict[str, Any]:
     run = folder / method
-    result = train(f"omniglot/{method}-5w1s", data, steps, run, device, "data_on_device=true")
+    recipe, overrides = method_recipe(method)
+    result = train(recipe, data, steps, run, device, "data_on_device=true", *overrides)
     if not result["ok"]:
         return result
     on_device = evaluate(run, device, episodes)
@@ -163,7 +175,8 @@ def check_method(method: str, data: str, steps: int, episodes: int, folder: Path
 def check_bf16(method: str, data: str, steps: int, folder: Path, device: str, fp32: dict[str, Any]) -> dict[str, Any]:
     """The method's recipe trained with ``precision=bf16``. A documented refusal (one line, exit 2, about the
     precision) is not applicable, not a failure; second-order MAML's training step stays fp32 by design."""
-    result = train(f"omniglot/{method}-5w1s", data, steps, folder / f"{method}-bf16", device, "data_on_device=true", "precision=bf16")
+    recipe, overrides = method_recipe(method)
+    result = train(recipe, data, steps, folder / f"{method}-bf16", device, "data_on_device=true", "precision=bf16", *overrides)
     if not result["ok"]:
         if result["returncode"] == 2 and ("bf16" in result["error"] or "precision" in result["error"]):
             return {"ok": True, "not_applicable": result["error"]}
@@ -199,7 +212,8 @@ def check_cpu_speed(method: str, data: str, steps: int, folder: Path, device: st
     if device == "cpu":
         row.update(cpu_meta_steps_per_s=row["meta_steps_per_s"], device_over_cpu=1.0)
         return
-    cpu = train(f"omniglot/{method}-5w1s", data, steps, folder / f"{method}-cpu", "cpu", "data_on_device=true", validation_episodes=5)
+    recipe, overrides = method_recipe(method)
+    cpu = train(recipe, data, steps, folder / f"{method}-cpu", "cpu", "data_on_device=true", *overrides, validation_episodes=5)
     if not cpu["ok"]:
         row.update(ok=False, failed="meta-train on the CPU", error=cpu["error"])
         return

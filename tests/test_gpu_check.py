@@ -88,6 +88,18 @@ def test_each_speed_target_recipe_resolves_to_the_target_shape(key: str) -> None
     assert recipe.validation.shape == recipe.test_shape == "5w1s15q"  # stored in every prepared file
 
 
+@pytest.mark.parametrize("method", ["svm", "ridge", "protonet"])
+def test_each_method_resolves_to_a_recipe_that_trains_it(method: str) -> None:
+    """The heads without an Omniglot recipe (svm, ridge) train the ProtoNet recipe's Conv-4 under their own method, with
+    their default options, on 5-way episodes; every other method its own omniglot/<method>-5w1s."""
+    name, overrides = gpu_check().method_recipe(method)
+    recipe = load_recipe(recipe_path(name), overrides)
+    assert recipe.method == method and recipe.backbone == "conv4"
+    if method in ("svm", "ridge"):
+        assert recipe.method_options == {} and recipe.train.shape == "5w5s5q"
+    assert recipe.validation.shape == recipe.test_shape == "5w1s15q"
+
+
 def test_a_bf16_refusal_is_not_applicable_and_an_unavailable_runtime_is_no_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     module = gpu_check()
     refusal: dict[str, Any] = {"ok": False, "failed": "meta-train", "error": "error: precision bf16 is not supported by X", "returncode": 2}
