@@ -116,19 +116,16 @@ def solve_qp(hessian: torch.Tensor, linear: torch.Tensor, upper: torch.Tensor, e
              iterations: int) -> Iterate:
     """The best of ``iterations`` interior-point iterates of each problem (no gradient: see ``qp_solution``).
     (batch, n, n), (batch, n), (batch, n), (batch or 1, m, n), (batch, m)."""
-    point = starting_point(hessian, linear, upper, equality, rhs)
-    best, best_merit = point, None
+    point = best = starting_point(hessian, linear, upper, equality, rhs)
+    best_merit = torch.full_like(linear[:, 0], torch.inf)  # the start's merit is the first best
     running = torch.ones(linear.shape[0], dtype=torch.bool, device=linear.device)
     stalled = torch.zeros(linear.shape[0], dtype=torch.long, device=linear.device)
     for iteration in range(iterations):
         residual, mu, merit = residuals(hessian, linear, upper, equality, rhs, point)
-        if best_merit is None:
-            best, best_merit = point, merit
-        else:
-            improved = running & (merit < best_merit)
-            best = Iterate(*(torch.where(improved[:, None], new, old) for new, old in zip(point, best)))
-            best_merit = torch.where(improved, merit, best_merit)
-            stalled = torch.where(improved, 0, stalled + 1)
+        improved = running & (merit < best_merit)
+        best = Iterate(*(torch.where(improved[:, None], new, old) for new, old in zip(point, best)))
+        best_merit = torch.where(improved, merit, best_merit)
+        stalled = torch.where(improved, 0, stalled + 1)
         running = running & (stalled < STALL_LIMIT) & (best_merit >= TOLERANCE) & ~(mu > 1e32)
         if iteration == iterations - 1:
             break
