@@ -112,6 +112,9 @@ CLASS_STATES: dict[str, ClassState] = {
 NOT_ENROLLABLE: dict[str, str] = {
     "baseline": "it fits a new classifier head on each support set",
     "baseline++": "it fits a new classifier head on each support set",
+    "logistic": "it fits a logistic regression on each whole support set, every class's weights depending on all classes",
+    "ridge": "it solves a ridge regression on each whole support set, every class's weights depending on all classes",
+    "svm": "it fits a multi-class SVM on each whole support set, every class's weights depending on all classes",
 }
 
 
