@@ -17,7 +17,7 @@ from fsltool.atomic import atomic_write
 from fsltool.builtin_recipes import init_path
 from fsltool.disk import write_error
 from fsltool.errors import FsltoolError
-from fsltool.methods import Method, build_method
+from fsltool.methods import Method, build_method, get_method
 from fsltool.models import build_backbone
 from fsltool.models.backbones import Backbone
 from fsltool.models.weights import load_feature_state
@@ -277,10 +277,11 @@ def with_method_options(method: Method, config: dict[str, Any], origin: str, **o
 
 
 def with_classifier(method: Method, name: str) -> Method:
-    """``method``'s trained backbone under another few-shot classifier (default options), for methods that
-    classify from the backbone alone: e.g. a pretraining run scored by baseline++ rather than prototypes. A method
-    with trained layers of its own (a relation module, FCE, a learned scale) is refused: they would be untrained."""
-    other = build_method(name, method.backbone, {})
+    """``method``'s trained backbone under another few-shot classifier (default options, or those that make it
+    classify from the backbone alone: ``Method.classifier_only_options``), e.g. a pretraining run scored by baseline++
+    or an SVM rather than prototypes. A method with trained layers of its own (a relation module, FCE, a learned
+    scale) is refused: they would be untrained."""
+    other = build_method(name, method.backbone, dict(get_method(name).classifier_only_options))
     own = [key for key, _ in other.named_parameters() if not key.startswith("backbone.")]
     if own:
         raise FsltoolError(f"--method {name}: it has trained layers of its own ({own[0]}, ...) that this run never trained; "

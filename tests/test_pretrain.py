@@ -157,6 +157,11 @@ def test_evaluate_scores_a_run_under_another_classifier_of_its_backbone(syntheti
                              "--json", "-")
     assert code == 0, err
     assert json.loads(out)["method"] == "baseline++"
+    for head in ("svm", "ridge"):  # their learned score scale is fixed at 1 for this (classifier_only_options)
+        code, out, err = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q", "--method", head, "--episodes", "10",
+                                 "--json", "-")
+        assert code == 0, err
+        assert json.loads(out)["method"] == head and json.loads(out)["accuracy"] > 20
     code, _, err = run_cli("evaluate", str(tmp_path / "pre"), "--shape", "5w1s5q", "--method", "snail")
     assert code == 2 and "trained layers of its own" in err and len(err.strip().splitlines()) == 1
 

@@ -64,6 +64,9 @@ class Method(nn.Module, ABC):
     episodes_per_call: int = 1  # episodes evaluation hands to score_episodes at once
     meta_trainable: ClassVar[bool] = True  # False: the backbone comes from supervised pretraining; train refuses the method
     label_smoothing: float = 0.0  # the training loss's (torch's definition); methods that offer it set it from an option
+    # Options under which the method classifies from a backbone alone, with nothing of its own to train: what
+    # ``evaluate --method`` builds it with over another run's backbone (ridge, svm: their score scale fixed at 1).
+    classifier_only_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
