@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -45,7 +44,7 @@ class ExportGraph:
     dynamic_axes: dict[str, dict[int, str]]
 
 
-class Method(nn.Module, ABC):
+class Method(nn.Module):
     """A few-shot classifier: a support set (images + labels) and query images in, query scores out.
 
     Methods whose embedding of an image does not depend on the episode set ``embeds_independently`` and
@@ -72,9 +71,13 @@ class Method(nn.Module, ABC):
         super().__init__()
         self.backbone = backbone
 
-    @abstractmethod
     def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Scores (queries, way), with way = support_labels.max() + 1."""
+        """Scores (queries, way), with way = support_labels.max() + 1. By default, for methods that classify from
+        embeddings: the episode embedded in one pass, then scored by ``scores_from_embeddings`` as a batch of one
+        episode; methods that do not, override it."""
+        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
+        way = support_labels.max() + 1
+        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
 
     def backbone_loaded(self) -> None:
         """The backbone has just taken its starting weights (a run's ``init`` or ``backbone_options.weights``),
@@ -97,13 +100,6 @@ class Method(nn.Module, ABC):
         """Support and query through the backbone in one pass: one set of BatchNorm batch statistics per episode."""
         features = self.backbone(torch.cat([support, query]))
         return features[: support.shape[0]], features[support.shape[0] :]
-
-    def scores_via_embeddings(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """``forward`` for methods that classify from embeddings: the episode embedded in one pass, then scored by
-        ``scores_from_embeddings`` as a batch of one episode."""
-        support_embeddings, query_embeddings = self.backbone_on_episode(support, query)
-        way = support_labels.max() + 1
-        return self.scores_from_embeddings(support_embeddings[None], support_labels[None], query_embeddings[None], way)[0]
 
     def step(self, episode: Episode) -> StepOutput:
         """The training objective on one episode (cross-entropy over the scores unless overridden)."""

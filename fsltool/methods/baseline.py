@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 
@@ -207,9 +206,6 @@ class EpisodeHeadMethod(Method):
     @abstractmethod
     def head(self, way: int) -> Head:
         """The head this method fits on a ``way``-way episode."""
-
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.scores_via_embeddings(support, support_labels, query)
 
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor

@@ -145,9 +145,6 @@ class LogisticRegression(Method):
         require_positive_int(self.name, "max_iterations", max_iterations)
         self.c, self.normalize, self.tolerance, self.max_iterations = float(c), normalize, float(tolerance), max_iterations
 
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.scores_via_embeddings(support, support_labels, query)
-
     def features(self, embeddings: torch.Tensor) -> torch.Tensor:
         flat = embeddings.flatten(2)
         return F.normalize(flat, dim=-1) if self.normalize else flat

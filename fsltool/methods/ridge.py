@@ -53,9 +53,6 @@ class RidgeRegression(Method):
         self.penalty = float(penalty)
         add_learned_scale(self, scale, learn_scale)
 
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.scores_via_embeddings(support, support_labels, query)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
     ) -> torch.Tensor:

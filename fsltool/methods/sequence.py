@@ -88,9 +88,6 @@ class SequenceMethod(Method):
                 "label slots; train a model with way at least the episodes' way"
             )
 
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.scores_via_embeddings(support, support_labels, query)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
     ) -> torch.Tensor:

@@ -79,16 +79,13 @@ class MultiClassSVM(Method):
         self.label_smoothing = float(label_smoothing)
         add_learned_scale(self, scale, learn_scale)
 
-    def forward(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.scores_via_embeddings(support, support_labels, query)
-
     def scores_from_embeddings(
         self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, way: int | torch.Tensor
     ) -> torch.Tensor:
         x, q = support.flatten(2).to(self.solve_dtype), query.flatten(2).to(self.solve_dtype)
         iterations = self.iterations if self.training else self.evaluation_iterations
+        alpha = svm_dual(x, support_labels, int(way), self.cost, self.ridge, iterations)  # outside autocast itself
         with full_precision(x.device):
-            alpha = svm_dual(x, support_labels, int(way), self.cost, self.ridge, iterations)
             scores = (q @ x.transpose(1, 2)) @ alpha
         return (scores.float() * self.scale).to(query.dtype)
 
