@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `fsltool -
     from fsltool.checkpoint import TrainedModel
     from fsltool.data.episodes import EpisodeShape
     from fsltool.data.store import FewShotData
-    from fsltool.evaluate import EvalResult
+    from fsltool.evaluate import EvalResult, SupportCopies
     from fsltool.methods import Method
 
 SHAPES_HELP = "comma-separated episode shapes to store, e.g. 5w1s,5w5s,20w1s,20w5s"
@@ -578,11 +578,14 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
 @click.option("--ensemble", type=click.IntRange(min=1), default=None,
               help="classify by the mean scores of the run's N best-validated numbered checkpoints, as MAML++'s code "
                    "tests (5); the run keeps them with train.keep_best_checkpoints; instead of --checkpoint")
+@click.option("--support-copies", type=click.IntRange(min=1), default=None,
+              help="fit on N copies of each support image augmented as the run trained (pretrain.augment or train.augment), "
+                   "as RFS's evaluation does (5); the queries as they are; recorded in the result")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
              device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, adapt_steps: int | None,
-             ensemble: int | None, quiet: bool) -> None:
+             ensemble: int | None, support_copies: int | None, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -598,6 +601,9 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
         raise FsltoolError(f"--episodes must be at least 1, got {episodes}")
     confidence = calibration or open_set
     _refuse_evaluate_combinations(confidence, transductive, untrained, classifier, by_instance, sample_seed)
+    if support_copies is not None and (confidence or by_instance or transductive):
+        raise FsltoolError("--support-copies reports accuracy on the stored queries: it does not go with --calibration, "
+                           "--open-set, --by-instance or --transductive")
     if ensemble is not None:
         _refuse_ensemble_combinations(confidence, untrained, classifier, by_instance)
     target = resolve_device(device, "--device")
@@ -608,6 +614,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
     methods = [_method_to_evaluate(member, untrained, adapt_steps, classifier).to(target) for member in members]
     method_name = classifier or trained.config["method"]
     episode_shape = EpisodeShape.parse(shape or trained.recipe.test_shape)
+    copies = _support_copies(trained, support_copies)
     report: dict[str, Any] = {}  # --calibration / --open-set
     with FewShotData(data_path or trained.recipe.data) as data:
         if by_instance:
@@ -617,7 +624,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(methods, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
-                                    query_batch_statistics=transductive)
+                                    query_batch_statistics=transductive, support_copies=copies)
         if confidence:
             from fsltool.calibration import confidence_report
 
@@ -627,6 +634,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
                **({"validation_accuracy": [score for _, score in chosen]} if chosen else {}),
                **data_protocol_of(data.provenance), "method": method_name, "precision": trained.recipe.precision,
                **({"adapt_steps": adapt_steps} if adapt_steps is not None else {}),
+               **({"support_augment": dataclasses.asdict(copies.augment)} if copies is not None else {}),
                "training": None if untrained else training_budget(trained), **report}
     if json_out == "-":
         write_json("-", payload)
@@ -654,6 +662,22 @@ def _refuse_ensemble_combinations(confidence: bool, untrained: bool, classifier:
                            "--calibration, --open-set, --untrained, --method or --by-instance")
     if click.get_current_context().get_parameter_source("which") is not click.core.ParameterSource.DEFAULT:
         raise FsltoolError("--ensemble chooses the run's best-validated checkpoints itself: it does not go with --checkpoint")
+
+
+def _support_copies(trained: TrainedModel, count: int | None) -> SupportCopies | None:
+    """``--support-copies``: that many copies of each support image, augmented as the run trained: its
+    ``pretrain.augment`` for a pretraining run (RFS augments as it pretrained), else its ``train.augment``."""
+    from fsltool.data.augment import EPISODE_KINDS
+    from fsltool.evaluate import SupportCopies
+
+    if count is None:
+        return None
+    section = "pretrain" if trained.state.get("stage") == "pretrain" else "train"
+    augment = getattr(trained.recipe, section).augment
+    if augment.kind == "none" or augment.kind in EPISODE_KINDS:
+        raise FsltoolError(f"--support-copies: {trained.path}: the run's recipe key '{section}.augment.kind' is {augment.kind}: "
+                           "it has no per-image augmentation to make the copies with")
+    return SupportCopies(count, augment)
 
 
 def _method_to_evaluate(trained: TrainedModel, untrained: bool, adapt_steps: int | None, classifier: str | None) -> Method:
@@ -691,7 +715,8 @@ def _print_evaluation(result: EvalResult, title: str, split: str, shape: Episode
     click.echo(f"accuracy {result.accuracy:.2f} ± {result.ci95:.2f}% ({shape}, {len(result.accuracies)} {result.episodes_from} {split} episodes, "
                f"{'transductive' if result.transductive else 'non-transductive'}"
                f"{f', {adapt_steps} fine-tuning steps' if adapt_steps is not None else ''}"
-               f"{f', ensemble of {result.ensemble} checkpoints' if result.ensemble > 1 else ''})")
+               f"{f', ensemble of {result.ensemble} checkpoints' if result.ensemble > 1 else ''}"
+               f"{f', support images as {result.support_copies} augmented copies' if result.support_copies else ''})")
 
 
 

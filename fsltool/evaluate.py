@@ -14,16 +14,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from fsltool.data.augment import AugmentConfig, augmented_copies
 from fsltool.data.episodes import EpisodeShape, draw_episodes, episode_labels, stack_episodes
 from fsltool.device import device_of, work_sizes
 from fsltool.data.store import FewShotData
 from fsltool.data.transfer import upload
 from fsltool.errors import FsltoolError
-from fsltool.methods import Method
+from fsltool.methods import METHODS, Method
 from fsltool.methods.adaptation import batch_statistics
 
 SUPPORT_ORDER_SEED = 0  # with the episode's index, seeds the support order an order-sensitive method is shown
 CLASS_SORTED, SHUFFLED = "class-sorted", "shuffled (seeded per episode)"  # EvalResult.support_order
+
+
+@dataclass(frozen=True)
+class SupportCopies:
+    """``evaluate --support-copies``: each support image replaced by ``count`` copies augmented with ``augment``, as
+    RFS's evaluation fits its classifier on 5 augmented copies (``n_aug_support_samples``; the queries as they are)."""
+
+    count: int
+    augment: AugmentConfig
 
 
 @dataclass
@@ -36,6 +46,7 @@ class EvalResult:
     support_order: str = CLASS_SORTED  # the order the support set was shown in: CLASS_SORTED or SHUFFLED
     runtime: str = "torch"  # what embedded the images: a key of RUNTIMES
     ensemble: int = 1  # how many models' mean scores classified each query
+    support_copies: int = 0  # augmented copies that stood for each support image (0: the images themselves)
 
     @property
     def accuracy(self) -> float:
@@ -61,6 +72,7 @@ class EvalResult:
             "support_order": self.support_order,
             "runtime": self.runtime,
             "ensemble": self.ensemble,
+            "support_copies": self.support_copies,
         }
 
 
@@ -113,21 +125,27 @@ def rows_into_one(chunks: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True, runtime: str = "torch") -> torch.Tensor:
-    """Embeddings of the images at ``indices`` (eval mode), computed on the method's device. The images are read a
-    block of ``gather_bytes`` at a time and embedded in passes of ``embed_images``, the passes back to back: on the
-    CPU small passes with no other work between them run fastest (Conv-4, 2 cores: 64-image passes from 16 MiB
-    blocks took 1.3-1.5 s for 25,744 Omniglot images against 1.9-2.4 s for 128-image passes each read just before
-    it; reading between passes wakes PyTorch's thread pool, which then competes with the embedding's)."""
+def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True, runtime: str = "torch",
+              copies: SupportCopies | None = None) -> torch.Tensor:
+    """Embeddings of the images at ``indices`` (eval mode), computed on the method's device; with ``copies``, of
+    each image's augmented copies instead (``copies.count`` rows per image, one after the other). The images are
+    read a block of ``gather_bytes`` at a time and embedded in passes of ``embed_images``, the passes back to back:
+    on the CPU small passes with no other work between them run fastest (Conv-4, 2 cores: 64-image passes from
+    16 MiB blocks took 1.3-1.5 s for 25,744 Omniglot images against 1.9-2.4 s for 128-image passes each read just
+    before it; reading between passes wakes PyTorch's thread pool, which then competes with the embedding's)."""
     device = device_of(method)
     sizes = work_sizes(device)
-    image_bytes = 4 * int(np.prod(data.image_shape))
+    per_image = 1 if copies is None else copies.count
+    image_bytes = 4 * int(np.prod(data.image_shape)) * per_image
     per_block = max(1, sizes.gather_bytes // (image_bytes * sizes.embed_images)) * sizes.embed_images
-    blocks = (data.images(indices[i : i + per_block], device) for i in range(0, len(indices), per_block))
+    starts = range(0, len(indices), per_block)
+    blocks = (data.images(indices[i : i + per_block], device) for i in starts)
+    if copies is not None:
+        blocks = (augmented_copies(block, indices[i : i + per_block], copies.count, copies.augment) for i, block in zip(starts, blocks))
     passes = (block[j : j + sizes.embed_images] for block in blocks for j in range(0, len(block), sizes.embed_images))
     first = next(passes)
     embed = RUNTIMES[runtime](method.embedding_network(), first) if frozen else method.embed
-    return rows_into_one((embed(batch) for batch in itertools.chain([first], passes)), len(indices))
+    return rows_into_one((embed(batch) for batch in itertools.chain([first], passes)), len(indices) * per_image)
 
 
 def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
@@ -145,7 +163,7 @@ def members(method: Method | Sequence[Method]) -> list[Method]:
 
 def episode_accuracies(
     method: Method | Sequence[Method], data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray,
-    runtime: str = "torch", query_batch_statistics: bool = False,
+    runtime: str = "torch", query_batch_statistics: bool = False, copies: SupportCopies | None = None,
 ) -> np.ndarray:
     """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs. An ensemble
     (several methods, as MAML++'s code tests its five best-validated checkpoints) scores by its members' mean
@@ -153,7 +171,7 @@ def episode_accuracies(
     query_labels = episode_labels(shape)[1]
     ensemble = members(method)
     scores = sum(query_batch_scores(member, data, shape, support, query) if query_batch_statistics
-                 else episode_scores(member, data, shape, support, query, runtime) for member in ensemble) / len(ensemble)
+                 else episode_scores(member, data, shape, support, query, runtime, copies) for member in ensemble) / len(ensemble)
     return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
 
 
@@ -196,7 +214,8 @@ def shown_support(method: Method, shape: EpisodeShape, support: np.ndarray) -> t
 
 
 def episode_scores(
-    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch"
+    method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch",
+    copies: SupportCopies | None = None,
 ) -> torch.Tensor:
     """Scores (episodes, queries, way) on the CPU. ``query`` may hold more images per episode than ``shape``
     lays out (e.g. unknown-class queries after the known ones): each is scored against the support set (their
@@ -208,15 +227,17 @@ def episode_scores(
 
     Stored and sampled episodes are laid out class by class. An ``order_sensitive`` method (MANN, SNAIL: trained on
     shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
-    in the seeded order of ``support_orders``, episode i of ``support`` taking order i."""
+    in the seeded order of ``support_orders``, episode i of ``support`` taking order i. With ``copies``, each
+    support image is replaced by its augmented copies (``check_support_copies`` says which methods take them)."""
     check_runtime(method, runtime)
+    check_support_copies(method, copies)
     support, support_labels = shown_support(method, shape, support)
     labels = upload(torch.from_numpy(support_labels), device_of(method))
     was_training = method.training
     method.eval()
     try:
         if method.embeds_independently:
-            return _scores_from_embeddings(method, data, shape, support, labels, query, runtime)
+            return _scores_from_embeddings(method, data, shape, support, labels, query, runtime, copies)
         device, step = device_of(method), method.episodes_per_call
 
         def call_by_call() -> Iterator[torch.Tensor]:
@@ -242,18 +263,46 @@ def check_runtime(method: Method, runtime: str) -> None:
                            "of its episode, so it evaluates with --runtime torch only")
 
 
+def check_support_copies(method: Method, copies: SupportCopies | None) -> None:
+    """Augmented support copies go to methods that embed each image on its own and classify from any number of
+    support embeddings per class (``Method.takes_support_copies``)."""
+    if copies is not None and not (method.embeds_independently and method.takes_support_copies):
+        takers = ", ".join(name for name, kind in METHODS.items() if kind.takes_support_copies)
+        raise FsltoolError(f"--support-copies: method {method.name!r} does not take augmented support copies; those that embed "
+                           f"each image once and classify from any number of support images per class do: {takers}")
+
+
+def _gathered(embeddings: torch.Tensor, inverse: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """The rows ``inverse`` of ``embeddings`` laid out as ``shape`` + their own shape."""
+    return embeddings[torch.from_numpy(inverse).to(embeddings.device)].view(*shape, *embeddings.shape[1:])
+
+
+def _episode_embeddings(method: Method, data: FewShotData, support: np.ndarray, query: np.ndarray, runtime: str,
+                        copies: SupportCopies | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support (E, S, ...) and query (E, Q, ...) embeddings, each distinct image embedded once; with ``copies``,
+    support (E, copies x S, ...): the first copy of every support image, then the second, ... (RFS's layout)."""
+    if copies is None:
+        unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
+        embeddings = embed_all(method, data, unique, runtime=runtime)  # (images, *feature shape): vectors or feature maps
+        return _gathered(embeddings, inverse[: support.size], support.shape), _gathered(embeddings, inverse[support.size :], query.shape)
+    unique, inverse = np.unique(support, return_inverse=True)
+    embeddings = embed_all(method, data, unique, runtime=runtime, copies=copies)
+    per_image = _gathered(embeddings.view(len(unique), copies.count, *embeddings.shape[1:]), inverse.ravel(), support.shape)
+    support_emb = per_image.movedim(2, 1).reshape(support.shape[0], -1, *embeddings.shape[1:])
+    unique, inverse = np.unique(query, return_inverse=True)
+    return support_emb, _gathered(embed_all(method, data, unique, runtime=runtime), inverse.ravel(), query.shape)
+
+
 @torch.inference_mode()
 def _scores_from_embeddings(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, support_labels: torch.Tensor,
-    query: np.ndarray, runtime: str,
+    query: np.ndarray, runtime: str, copies: SupportCopies | None = None,
 ) -> torch.Tensor:
     device = device_of(method)
-    unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
-    embeddings = embed_all(method, data, unique, runtime=runtime)  # (images, *feature shape): vectors or feature maps
-    feature_shape = embeddings.shape[1:]
-    inverse = torch.from_numpy(inverse).to(device)
-    support_emb = embeddings[inverse[: support.size]].view(*support.shape, *feature_shape)
-    query_emb = embeddings[inverse[support.size :]].view(*query.shape, *feature_shape)
+    support_emb, query_emb = _episode_embeddings(method, data, support, query, runtime, copies)
+    if copies is not None:
+        support_labels = support_labels.repeat(1, copies.count)
+    feature_shape = query_emb.shape[2:]
     per_call = max(1, work_sizes(device).score_elements // (query.shape[1] * shape.way * feature_shape.numel()))
     scores = (method.scores_from_embeddings(support_emb[i : i + per_call], support_labels[i : i + per_call],
                                             query_emb[i : i + per_call], shape.way).float()
@@ -285,16 +334,23 @@ def evaluate(
     sample_seed: int | None = None,
     runtime: str = "torch",
     query_batch_statistics: bool = False,
+    support_copies: SupportCopies | None = None,
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
     ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``, or, with
     ``query_batch_statistics``, by PyTorch under the transductive protocol of ``query_batch_scores``. Several
-    methods (checkpoints of one run) are scored as an ensemble (``episode_accuracies``)."""
+    methods (checkpoints of one run) are scored as an ensemble (``episode_accuracies``). ``support_copies``: each
+    support image replaced by augmented copies of it (``SupportCopies``)."""
     if query_batch_statistics and runtime != "torch":
         raise FsltoolError(f"--transductive embeds with batch statistics in PyTorch: it does not go with --runtime {runtime}")
+    if query_batch_statistics and support_copies is not None:
+        raise FsltoolError("--transductive normalises each episode's own images: it does not go with --support-copies")
     ensemble = members(method)
+    for member in ensemble:
+        check_support_copies(member, support_copies)
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
-    accuracies = episode_accuracies(ensemble, data, shape, support, query, runtime, query_batch_statistics)
+    accuracies = episode_accuracies(ensemble, data, shape, support, query, runtime, query_batch_statistics, support_copies)
     transductive = query_batch_statistics or any(getattr(member, "transductive", False) for member in ensemble)
     return EvalResult(split, shape, accuracies, origin, transductive,
-                      SHUFFLED if ensemble[0].order_sensitive else CLASS_SORTED, runtime, len(ensemble))
+                      SHUFFLED if ensemble[0].order_sensitive else CLASS_SORTED, runtime, len(ensemble),
+                      support_copies.count if support_copies is not None else 0)

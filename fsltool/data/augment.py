@@ -104,14 +104,14 @@ def _glyph_theta(n: int, config: AugmentConfig, generator: torch.Generator) -> t
     return torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
 
 
-def _color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and (for RGB) saturation, each a random factor per image, clamped to [0, 1]."""
-    n = images.shape[0]
+def _jitter_factors(n: int, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """(n, 3) brightness, contrast and saturation factors in [1 - strength, 1 + strength], float64."""
+    return torch.stack([_uniform(n, 1 - strength, 1 + strength, generator) for _ in range(3)], 1)
 
-    def factors() -> torch.Tensor:
-        return _uniform(n, 1 - strength, 1 + strength, generator).to(images.device, images.dtype).view(n, 1, 1, 1)
 
-    brightness, contrast, saturation = factors(), factors(), factors()
+def _color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and (for RGB) saturation, each a factor per image (``_jitter_factors``), clamped to [0, 1]."""
+    brightness, contrast, saturation = factors.to(images.device, images.dtype).view(-1, 3, 1, 1, 1).unbind(1)
     images = images * brightness
     grey = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
     images = (images - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)
@@ -140,19 +140,53 @@ _KIND = {
 }
 EPISODE_KINDS = ("class_rot90",)  # need an episode's classes, so train.augment only
 KINDS = ("none", *_KIND, *EPISODE_KINDS)
+COPIES_SEED = 1  # with an image's index, seeds its augmented copies (evaluate --support-copies)
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random parameters of one batch's augmentation: affine maps (n, 2, 3) and colour factors (n, 3) or None."""
+
+    theta: torch.Tensor
+    jitter: torch.Tensor | None
+
+
+def draw_augmentation(n: int, config: AugmentConfig, generator: torch.Generator, size: tuple[int, int]) -> AugmentDraw:
+    """The parameters of ``n`` images' augmentation (kinds other than none and the episode kinds), drawn from
+    ``generator`` in a fixed order: the affine maps, then the colour factors."""
+    kind = _KIND[config.kind]
+    theta = kind.theta(n, config, generator, size)
+    return AugmentDraw(theta, _jitter_factors(n, config.color_jitter, generator) if kind.jitter and config.color_jitter else None)
+
+
+def apply_augmentation(images: torch.Tensor, config: AugmentConfig, draw: AugmentDraw) -> torch.Tensor:
+    """(N, C, H, W) float images in [0, 1] resampled and colour-jittered with the parameters of ``draw``."""
+    kind = _KIND[config.kind]
+    grid = F.affine_grid(draw.theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode=kind.mode, padding_mode=kind.padding_mode, align_corners=False)
+    return images if draw.jitter is None else _color_jitter(images, draw.jitter)
 
 
 def augment_images(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(N, C, H, W) float images in [0, 1] -> the same shape, augmented as ``config.kind`` says."""
     if config.kind == "none":
         return images
-    kind = _KIND[config.kind]
-    theta = kind.theta(images.shape[0], config, generator, (images.shape[-2], images.shape[-1]))
-    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode=kind.mode, padding_mode=kind.padding_mode, align_corners=False)
-    if kind.jitter and config.color_jitter:
-        images = _color_jitter(images, config.color_jitter, generator)
-    return images
+    return apply_augmentation(images, config, draw_augmentation(images.shape[0], config, generator, (images.shape[-2], images.shape[-1])))
+
+
+def copies_generator(index: int) -> torch.Generator:
+    """The generator of the augmented copies of the image stored at ``index`` (``augmented_copies``)."""
+    return episode_generator(COPIES_SEED, index, 0)
+
+
+def augmented_copies(images: torch.Tensor, indices: np.ndarray, copies: int, config: AugmentConfig) -> torch.Tensor:
+    """(N, C, H, W) images stored at ``indices`` -> (N * copies, C, H, W): each image's ``copies`` augmented
+    versions, one after the other, drawn from a generator of its own (``copies_generator``): an image gets the
+    same copies in every episode and every evaluation, whatever else is evaluated with it."""
+    size = (images.shape[-2], images.shape[-1])
+    draws = [draw_augmentation(copies, config, copies_generator(int(index)), size) for index in indices]
+    draw = AugmentDraw(torch.cat([d.theta for d in draws]), None if draws[0].jitter is None else torch.cat([d.jitter for d in draws]))
+    return apply_augmentation(images.repeat_interleave(copies, 0), config, draw)
 
 
 def rotate_classes(images: torch.Tensor, labels: torch.Tensor, way: int, generator: torch.Generator) -> torch.Tensor:

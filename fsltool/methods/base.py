@@ -66,6 +66,9 @@ class Method(nn.Module):
     # Options under which the method classifies from a backbone alone, with nothing of its own to train: what
     # ``evaluate --method`` builds it with over another run's backbone (ridge, svm: their score scale fixed at 1).
     classifier_only_options: ClassVar[dict[str, Any]] = {}
+    # Classifies from any number of support embeddings per class (a mean, an attention, a classifier fitted on them),
+    # so `evaluate --support-copies` may hand it several augmented copies of each support image (RFS's evaluation).
+    takes_support_copies: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()

@@ -178,6 +178,7 @@ class EpisodeHeadMethod(Method):
     the initial head and the mini-batch order."""
 
     embeds_independently = True
+    takes_support_copies = True
     meta_trainable = False
 
     def __init__(

@@ -134,6 +134,7 @@ class LogisticRegression(Method):
     Newton's method."""
 
     embeds_independently = True
+    takes_support_copies = True
     meta_trainable = False
 
     def __init__(self, backbone: Backbone, c: float = 1.0, normalize: bool = True, tolerance: float = 1e-9,

@@ -86,6 +86,8 @@ class MatchingNet(Method):
     slow: on Omniglot 5w1s, 82% validation accuracy after 1500 episodes. Metric scaling (Oreshkin et al. 2018,
     TADAM) is the known remedy; the Omniglot recipes use 10 and say so."""
 
+    takes_support_copies = True  # without FCE, where it embeds each image once
+
     def __init__(self, backbone: Backbone, fce: bool = False, fce_steps: int = FCE_STEPS, attention_scale: float = 1.0) -> None:
         super().__init__(backbone)
         if not backbone.flatten:

@@ -62,6 +62,7 @@ class ProtoNet(Method):
     e * way / (way - 1))."""
 
     embeds_independently = True
+    takes_support_copies = True
 
     def __init__(self, backbone: Backbone, distance: str = "euclidean", scale: float | None = None, learn_scale: bool = False,
                  scale_parameter: str = "log", divide_by_dimension: bool = False, label_smoothing: float = 0.0) -> None:

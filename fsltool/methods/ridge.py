@@ -45,6 +45,7 @@ class RidgeRegression(Method):
     number itself a parameter, as MetaOptNet's ClassificationHead)."""
 
     embeds_independently = True
+    takes_support_copies = True
     classifier_only_options = {"learn_scale": False}
 
     def __init__(self, backbone: Backbone, penalty: float = 50.0, scale: float = 1.0, learn_scale: bool = True) -> None:

@@ -61,6 +61,7 @@ class MultiClassSVM(Method):
     ``label_smoothing`` (torch's definition; their --eps e is torch's e * way / (way - 1))."""
 
     embeds_independently = True
+    takes_support_copies = True
     classifier_only_options = {"learn_scale": False}
 
     def __init__(self, backbone: Backbone, cost: float = 0.1, ridge: float = 1.0, iterations: int = 15,
