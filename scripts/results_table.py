@@ -6,7 +6,7 @@
 Each results/omniglot-<method>-<setting>[-<variant>].json is one row; its run folder's metrics.jsonl and
 recipe.yaml give the training budget (episodes and the splits trained on) and time, and results/omniglot-<run>-export.json (`fsltool export --json`),
 where there is one, the exported body's prototype accuracy on the same stored episodes (MAML, Reptile). A
-transductive or ensemble (`--ensemble N`) result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
+transductive, ensemble (`--ensemble N`) or augmented-support (`--support-copies N`) result is marked as such. Files of other protocols (e.g. MANN's --by-instance tables) are left out.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             budget += f", from {init_label(recipe['init'])}{taken}"  # meta-fine-tuned: the pretraining's budget is its own run's
         paper = PAPER.get(method, {}).get(setting, "")
         labels = [*(["transductive"] if result.get("transductive") else []),
-                  *([f"ensemble of {result['ensemble']}"] if result.get("ensemble", 1) > 1 else [])]
+                  *([f"ensemble of {result['ensemble']}"] if result.get("ensemble", 1) > 1 else []),
+                  *([f"{result['support_copies']} augmented support copies"] if result.get("support_copies") else [])]
         measured = f"{result['accuracy']:.2f} ± {result['ci95']:.2f}" + (f" ({', '.join(labels)})" if labels else "")
         if (result["query"], result["episodes"], result["episodes_from"]) != (15, 600, "stored"):  # not the header's protocol
             measured += f" ({result['way']}w{result['shot']}s{result['query']}q, {result['episodes']:,} {result['episodes_from']} episodes)"

@@ -47,10 +47,12 @@ def test_a_run_started_from_another_runs_checkpoint_names_that_run(tmp_path: Pat
               "init": "runs/omniglot/snail-5w5s-source/checkpoints/last.pt"}
     (evidence / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     write_result(tmp_path, "x", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/last.pt")
+    write_result(tmp_path, "copies", checkpoint="runs/omniglot/snail-5w5s-x/checkpoints/last.pt", support_copies=5)
     table = load_script("results_table")
 
-    [(_, _, line, _)] = table.rows(tmp_path)
-    assert ", from snail-5w5s-source/last.pt (every layer) |" in line
+    plain, copies = sorted((line for _, _, line, _ in table.rows(tmp_path)), key=lambda line: "copies" in line)
+    assert ", from snail-5w5s-source/last.pt (every layer) |" in plain and "support copies" not in plain
+    assert "99.00 ± 0.10 (5 augmented support copies)" in copies
     assert table.init_label("results/runs/reptile-5w5s-reference-100k/episode-00030000.pt") == "reptile-5w5s-reference-100k/episode-00030000.pt"
     assert table.init_label("runs/omniglot/pretrain-conv4") == "pretrain-conv4"  # a run folder: its own name
     assert table.init_label("results/init/reptile-5w5s-100k-episode-30000.pt") == "reptile-5w5s-100k-episode-30000.pt"
