@@ -94,7 +94,9 @@ def batch_norm_layers(module: nn.Module) -> list[_BatchNorm]:
 @dataclass(frozen=True)
 class ChainLayer:
     module: nn.Module
-    params: tuple[int, ...]  # its parameters' positions in the feature layers' named_parameters (conv: weight; BN: weight, bias)
+    # its parameters' positions in the feature layers' named_parameters (conv: weight; BN: weight, bias, the weight
+    # None where the scale is fixed: backbone_options.bn_scale false)
+    params: tuple[int | None, ...]
 
 
 def groupable(module: nn.Module) -> bool:
@@ -131,7 +133,10 @@ def chain_layers(features: nn.Module) -> list[ChainLayer] | None:
         names = [f"{name}.{local}" if name else local for local, _ in module.named_parameters(recurse=False)]
         if not groupable(module) or any(n not in index for n in names):  # not in index: shared with another layer
             return None
-        layers.append(ChainLayer(module, tuple(index[n] for n in names)))
+        positions: tuple[int | None, ...] = tuple(index[n] for n in names)
+        if isinstance(module, nn.BatchNorm2d) and len(positions) == 1:  # its scale fixed (bn_scale: false), a buffer
+            positions = (None, *positions)
+        layers.append(ChainLayer(module, positions))
     return layers
 
 
@@ -274,7 +279,8 @@ class TaskNetwork:
             if isinstance(module, nn.Conv2d):
                 x = F.conv2d(x, params[layer.params[0]].flatten(0, 1), stride=module.stride, padding=module.padding, groups=tasks)
             elif isinstance(module, nn.BatchNorm2d):
-                weight, bias = (params[i].flatten() for i in layer.params)
+                # a fixed scale (a buffer) as a tensor, not None: batch_norm's double backward needs one
+                weight, bias = (module.weight.repeat(tasks) if i is None else params[i].flatten() for i in layer.params)
                 if track:
                     track_grouped_statistics(x, module)
                 # Without rows, native F.batch_norm: it keeps fewer tensors for backward (on the 32-task second-order

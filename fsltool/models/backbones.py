@@ -51,16 +51,23 @@ def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, pool: bo
 WEIGHT_INITS = ("torch", "glorot")
 
 
-def conv4_family_blocks(blocks: list[nn.Sequential], weight_init: str) -> nn.Sequential:
+def conv4_family_blocks(blocks: list[nn.Sequential], weight_init: str, bn_scale: bool) -> nn.Sequential:
     """The blocks as the feature layers, their convolutions initialised by ``weight_init``: torch's default, or
-    Glorot (Xavier) uniform, TensorFlow's default and the MAML and Reptile reference code's."""
+    Glorot (Xavier) uniform, TensorFlow's default and the MAML and Reptile reference code's. ``bn_scale: false``
+    fixes every BatchNorm's scale at 1 (a buffer, not a parameter: nothing learns or adapts it), leaving the shift,
+    as TensorFlow's ``tf.contrib.layers.batch_norm`` defaults in MAML's code (center, no scale)."""
     if weight_init not in WEIGHT_INITS:
         raise FsltoolError(f"backbone_options.weight_init must be one of {', '.join(WEIGHT_INITS)}, got {weight_init!r}")
+    if not isinstance(bn_scale, bool):
+        raise FsltoolError(f"backbone_options.bn_scale must be true or false, got {bn_scale!r}")
     features = nn.Sequential(*blocks)
-    if weight_init == "glorot":
-        for module in features.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight)
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d) and weight_init == "glorot":
+            nn.init.xavier_uniform_(module.weight)
+        if isinstance(module, nn.BatchNorm2d) and not bn_scale:
+            scale = module.weight.detach()
+            del module.weight
+            module.register_buffer("weight", scale)  # the same state_dict key: forward reads it as before
     return features
 
 
@@ -159,25 +166,26 @@ class Backbone(nn.Module):
 
 
 def conv4(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, final_relu: bool = True,
-          bn_eps: float = 1e-5, pool_ceil: bool = False, weight_init: str = "torch", **layout: Any) -> Backbone:
+          bn_eps: float = 1e-5, pool_ceil: bool = False, weight_init: str = "torch", bn_scale: bool = True, **layout: Any) -> Backbone:
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): 4 x [conv3x3, BN, ReLU, maxpool2]; 64-d on 28x28,
     1600-d (64 x 5 x 5 flattened, as the papers) on 84x84, or 64-d there with ``pool: true``. ``final_relu: false``
     leaves the last block's ReLU out: an embedding that can be negative, so cosine similarities (Matching Networks)
     span [-1, 1] instead of [0, 1]; the parameters are the same. ``bn_eps`` is every BatchNorm's epsilon (PyTorch's
     1e-5; the TensorFlow reference code of MAML and Reptile had 1e-3), in all three Conv-4 variants. ``pool_ceil``
     rounds odd maps up when pooling, as TensorFlow's 'SAME' pooling in Reptile's miniImageNet network (84 px: 6x6
-    last maps, not 5x5). ``weight_init: glorot`` (all three variants): Glorot uniform convolutions, as TensorFlow."""
+    last maps, not 5x5). ``weight_init: glorot`` (all three variants): Glorot uniform convolutions, as TensorFlow;
+    ``bn_scale: false`` (all three): BatchNorm without a learned scale, as MAML's code (``conv4_family_blocks``)."""
     hidden, bn_eps = _positive_int("hidden", hidden), _positive_float("bn_eps", bn_eps)
     for key, value in (("final_relu", final_relu), ("pool_ceil", pool_ceil)):
         if not isinstance(value, bool):
             raise FsltoolError(f"backbone_options.{key} must be true or false, got {value!r}")
     blocks = [conv_block(channels if i == 0 else hidden, hidden, relu=final_relu or i < 3, bn_eps=bn_eps, pool_ceil=pool_ceil)
               for i in range(4)]
-    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init), **layout)
+    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init, bn_scale), **layout)
 
 
 def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, bn_eps: float = 1e-5,
-                  tf_same_padding: bool = False, weight_init: str = "torch", **layout: Any) -> Backbone:
+                  tf_same_padding: bool = False, weight_init: str = "torch", bn_scale: bool = True, **layout: Any) -> Backbone:
     """MAML's Omniglot network (Finn et al. 2017): stride-2 convolutions instead of max-pooling. ``tf_same_padding``
     pads as TensorFlow's 'SAME' (MAML's and Reptile's code): on an even map one zero row and column after it and
     none before, on an odd one one each side (PyTorch's padding 1 always pads both sides); chosen per layer from
@@ -190,11 +198,12 @@ def conv4_strided(channels: int, mean: Sequence[float], std: Sequence[float], *,
         sides.append(-(-sides[-1] // 2))
     blocks = [conv_block(channels if i == 0 else hidden, hidden, stride=2, pool=False, bn_eps=bn_eps,
                          pad_after=tf_same_padding and side % 2 == 0) for i, side in enumerate(sides)]
-    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init), **layout)
+    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init, bn_scale), **layout)
 
 
 def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *, hidden: int = 64, flatten: bool = False,
-                   bn_eps: float = 1e-5, pad_first_two: bool = True, weight_init: str = "torch", **layout: Any) -> Backbone:
+                   bn_eps: float = 1e-5, pad_first_two: bool = True, weight_init: str = "torch", bn_scale: bool = True,
+                   **layout: Any) -> Backbone:
     """Relation Network's Omniglot embedding (Sung et al. 2018): 4 x [conv3x3, BN, ReLU], max-pooling after the
     first two blocks only, so the relation module still has spatial maps to compare (64x7x7 on 28x28).
     ``pad_first_two: false`` leaves the first two convolutions unpadded, as the authors' code (Omniglot and
@@ -204,7 +213,7 @@ def conv4_relation(channels: int, mean: Sequence[float], std: Sequence[float], *
         raise FsltoolError(f"backbone_options.pad_first_two must be true or false, got {pad_first_two!r}")
     blocks = [conv_block(channels if i == 0 else hidden, hidden, pool=i < 2, bn_eps=bn_eps, padding=int(pad_first_two or i >= 2))
               for i in range(4)]
-    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init), flatten=flatten, **layout)
+    return Backbone(Normalize(mean, std), conv4_family_blocks(blocks, weight_init, bn_scale), flatten=flatten, **layout)
 
 
 class DropBlock(nn.Module):

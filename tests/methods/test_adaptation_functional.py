@@ -87,10 +87,21 @@ def conv4_strided_tf_same() -> Backbone:
     return build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, tf_same_padding=True)
 
 
+def conv4_strided_fixed_scale(opaque: bool = False) -> Backbone:
+    """conv4-strided with BatchNorm's scale fixed at 1 (``bn_scale: false``, MAML's code), whose grouped path passes
+    the fixed scale as a tensor; ``opaque``: its feature layers run by the per-task path."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, bn_scale=False)
+    if opaque:
+        backbone.features = Opaque(*backbone.features)
+    return backbone
+
+
 BACKBONES = {
     "conv4-strided": conv4_strided,
     "conv4-strided-bn-eps": conv4_strided_tf_eps,
     "conv4-strided-tf-same": conv4_strided_tf_same,
+    "conv4-strided-fixed-bn-scale": conv4_strided_fixed_scale,
     "identity-residual": lambda: residual_backbone("identity"),
     "projection-residual": lambda: residual_backbone("projection"),
 }
@@ -227,6 +238,20 @@ def test_reptile_per_task_path_equals_the_grouped_path(options: dict[str, object
     """As for MAML, in each of Reptile's ways of normalising queries."""
     settings = {"test_inner_steps": 3, "test_inner_batch": 3, **options}
     grouped, per_task = tiny_reptile(**settings), tiny_reptile(opaque_conv4(), **settings)
+    assert_same_results(meta_step_results(grouped, tiny_episodes(3)), meta_step_results(per_task, tiny_episodes(3)))
+    torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("adapt_norms", [True, False])
+def test_a_fixed_batch_norm_scale_trains_alike_on_both_paths(adapt_norms: bool) -> None:
+    """bn_scale: false: MAML (BatchNorm shifts adapted or not) and Reptile, a 3-task meta-step and an evaluation,
+    the grouped path (no scale parameter in its chain) as the per-task path (the module's own forward)."""
+    assert chain_layers(conv4_strided_fixed_scale().features) is not None
+    grouped, per_task = (tiny_maml(conv4_strided_fixed_scale(opaque), adapt_norms=adapt_norms, test_inner_steps=2) for opaque in (False, True))
+    assert_same_results(meta_step_results(grouped, tiny_episodes(3)), meta_step_results(per_task, tiny_episodes(3)))
+    torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
+    settings = {"test_inner_steps": 3, "test_inner_batch": 3, "per_query_bn": adapt_norms}  # Reptile: both query modes
+    grouped, per_task = (tiny_reptile(conv4_strided_fixed_scale(opaque), **settings) for opaque in (False, True))
     assert_same_results(meta_step_results(grouped, tiny_episodes(3)), meta_step_results(per_task, tiny_episodes(3)))
     torch.testing.assert_close(evaluation_scores(grouped), evaluation_scores(per_task), rtol=1e-10, atol=1e-12)
 

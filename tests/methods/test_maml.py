@@ -195,6 +195,23 @@ def test_grouped_meta_batch_equals_the_per_task_loop(first_order: bool, transduc
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("adapt_norms", [True, False])
+def test_a_fixed_batch_norm_scale_is_neither_adapted_nor_learned(adapt_norms: bool) -> None:
+    """backbone_options.bn_scale false (MAML's code: BatchNorm with a shift, no scale): the meta-gradient is the
+    finite difference of the outer loss, and the scale is no parameter, so it stays 1 (the grouped path against the
+    per-task one: test_adaptation_functional.py)."""
+    torch.manual_seed(0)
+    method = tiny_maml(build_backbone("conv4-strided", 1, [0.1], [0.3], hidden=4, bn_scale=False), adapt_norms=adapt_norms)
+    names = [name for name, _ in method.named_parameters()]
+    assert not any(name.endswith(".1.weight") for name in names) and sum(name.endswith(".1.bias") for name in names) == 4
+    grads = meta_gradient(method, tiny_episodes(2))
+    entries = checked_entries(method, grads)
+    assert len(entries) == 7  # the first convolution, 4 BN shifts, head weight and bias
+    assert finite_difference_error(method, tiny_episodes(2), grads, entries) < 1e-4
+    scales = [b for name, b in method.named_buffers() if name.endswith(".1.weight")]
+    assert len(scales) == 4 and all(torch.equal(scale, torch.ones_like(scale)) for scale in scales)
+
+
 def test_evaluation_adapts_and_queries_do_not_influence_each_other() -> None:
     """Non-transductive: a query's scores are the same scored alone or with others; transductive: they are not.
     Evaluation runs under no_grad and inference_mode and still adapts (test_inner_steps)."""

@@ -442,3 +442,24 @@ def test_glorot_weight_init_is_tensorflows_default(name: str) -> None:
     assert all(w < 0.7 * math.sqrt(6 / (9 * 64 * 2)) for w in narrower)
     with pytest.raises(FsltoolError, match="backbone_options.weight_init must be one of torch, glorot, got 'he'"):
         build_backbone(name, 1, [0.1], [0.3], weight_init="he")
+
+
+@pytest.mark.parametrize("name", ["conv4", "conv4-strided", "conv4-relation"])
+def test_bn_scale_false_fixes_every_batch_norm_scale_at_one(name: str) -> None:
+    """bn_scale: false (MAML's tf.contrib.layers.batch_norm: center, no scale): the scale is a buffer of ones under
+    the same state_dict key, no parameter; with the same draws the network computes what the default one does at
+    its start, and only the shifts train."""
+    torch.manual_seed(0)
+    fixed = build_backbone(name, 1, [0.1], [0.3], bn_scale=False)
+    torch.manual_seed(0)
+    default = build_backbone(name, 1, [0.1], [0.3])
+    assert fixed.state_dict().keys() == default.state_dict().keys()
+    assert {n for n, _ in default.named_parameters()} - {n for n, _ in fixed.named_parameters()} == {
+        n for n, m in default.named_modules() if isinstance(m, nn.BatchNorm2d) for n in [f"{n}.weight"]}
+    images = torch.rand(6, 1, 28, 28)
+    torch.testing.assert_close(fixed(images), default(images), rtol=0, atol=0)
+    fixed(images).sum().backward()
+    scales = [m.weight for m in fixed.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(scales) == 4 and all(s.grad is None and not s.requires_grad and torch.equal(s, torch.ones_like(s)) for s in scales)
+    with pytest.raises(FsltoolError, match="backbone_options.bn_scale must be true or false, got 'no'"):
+        build_backbone(name, 1, [0.1], [0.3], bn_scale="no")
