@@ -581,14 +581,11 @@ def data_protocol_of(provenance: dict[str, Any]) -> dict[str, Any]:
 @click.option("--support-copies", type=click.IntRange(min=1), default=None,
               help="fit on N copies of each support image augmented as the run trained (pretrain.augment or train.augment), "
                    "as RFS's evaluation does (5); the queries as they are; recorded in the result")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="score the episodes in N CPU processes of one thread each (methods that adapt to each episode: "
-                   "MAML, Reptile, Matching Networks with FCE; on a many-core CPU far faster than threads)")
 @quiet_option
 def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int | None, sample_seed: int | None,
              data_path: str | None, json_out: str | None, untrained: bool, by_instance: bool, classifier: str | None,
              device: str, calibration: bool, open_set: bool, runtime: str, transductive: bool, adapt_steps: int | None,
-             ensemble: int | None, support_copies: int | None, workers: int, quiet: bool) -> None:
+             ensemble: int | None, support_copies: int | None, quiet: bool) -> None:
     """Mean accuracy +- 95% CI of a trained RUN (folder or checkpoint) on stored test episodes.
 
     Example: fsltool evaluate runs/protonet-omniglot-5w1s --shape 20w5s --json result.json
@@ -627,7 +624,7 @@ def evaluate(run: str, shape: str | None, split: str, which: str, episodes: int 
             return
         with autocast_for(trained.recipe.precision, target):  # as the run validated (fp32 unless its recipe says bf16)
             result = run_evaluation(methods, data, split, episode_shape, episodes=episodes, sample_seed=sample_seed, runtime=runtime,
-                                    query_batch_statistics=transductive, support_copies=copies, workers=workers)
+                                    query_batch_statistics=transductive, support_copies=copies)
         if confidence:
             from fsltool.calibration import confidence_report
 

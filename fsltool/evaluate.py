@@ -163,21 +163,20 @@ def members(method: Method | Sequence[Method]) -> list[Method]:
 
 def episode_accuracies(
     method: Method | Sequence[Method], data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray,
-    runtime: str = "torch", query_batch_statistics: bool = False, copies: SupportCopies | None = None, workers: int = 1,
+    runtime: str = "torch", query_batch_statistics: bool = False, copies: SupportCopies | None = None,
 ) -> np.ndarray:
     """Per-episode accuracy: the fraction of each episode's queries whose best-scored class is theirs. An ensemble
     (several methods, as MAML++'s code tests its five best-validated checkpoints) scores by its members' mean
     scores (logits)."""
     query_labels = episode_labels(shape)[1]
     ensemble = members(method)
-    scores = sum(query_batch_scores(member, data, shape, support, query, workers) if query_batch_statistics
-                 else episode_scores(member, data, shape, support, query, runtime, copies, workers) for member in ensemble) / len(ensemble)
+    scores = sum(query_batch_scores(member, data, shape, support, query) if query_batch_statistics
+                 else episode_scores(member, data, shape, support, query, runtime, copies) for member in ensemble) / len(ensemble)
     return (scores.argmax(-1) == query_labels).float().mean(-1).numpy()
 
 
 @torch.inference_mode()
-def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray,
-                       workers: int = 1) -> torch.Tensor:
+def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray) -> torch.Tensor:
     """Scores (episodes, queries, way) on the CPU under the transductive protocol of the Relation Network and MAML
     papers' code: every BatchNorm layer normalises an episode's support set with the support set's batch
     statistics and its queries with the query batch's (the relation module: with all the episode's pairs), so
@@ -189,7 +188,7 @@ def query_batch_scores(method: Method, data: FewShotData, shape: EpisodeShape, s
         if adapting is None:
             raise FsltoolError(f"--transductive: method {method.name!r} neither embeds each image on its own nor has a "
                                "transductive BatchNorm mode")
-        return episode_scores(adapting, data, shape, support, query, workers=workers)
+        return episode_scores(adapting, data, shape, support, query)
     copy_of_method, device = copy.deepcopy(method).eval(), device_of(method)
     support, support_labels = shown_support(method, shape, support)
     labels = torch.from_numpy(support_labels).to(device)
@@ -216,7 +215,7 @@ def shown_support(method: Method, shape: EpisodeShape, support: np.ndarray) -> t
 
 def episode_scores(
     method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, query: np.ndarray, runtime: str = "torch",
-    copies: SupportCopies | None = None, workers: int = 1,
+    copies: SupportCopies | None = None,
 ) -> torch.Tensor:
     """Scores (episodes, queries, way) on the CPU. ``query`` may hold more images per episode than ``shape``
     lays out (e.g. unknown-class queries after the known ones): each is scored against the support set (their
@@ -229,12 +228,9 @@ def episode_scores(
     Stored and sampled episodes are laid out class by class. An ``order_sensitive`` method (MANN, SNAIL: trained on
     shuffled support orders) would read that layout as a cue, so its support images and their labels are shown
     in the seeded order of ``support_orders``, episode i of ``support`` taking order i. With ``copies``, each
-    support image is replaced by its augmented copies (``check_support_copies`` says which methods take them).
-    ``workers`` > 1: the episodes of a method that adapts to each one are scored in that many CPU processes of one
-    thread each (``_scores_in_workers``)."""
+    support image is replaced by its augmented copies (``check_support_copies`` says which methods take them)."""
     check_runtime(method, runtime)
     check_support_copies(method, copies)
-    check_workers(method, workers)
     support, support_labels = shown_support(method, shape, support)
     labels = upload(torch.from_numpy(support_labels), device_of(method))
     was_training = method.training
@@ -242,85 +238,20 @@ def episode_scores(
     try:
         if method.embeds_independently:
             return _scores_from_embeddings(method, data, shape, support, labels, query, runtime, copies)
-        if workers > 1:
-            return _scores_in_workers(method, data, shape, support, labels, query, workers)
-        return _scores_call_by_call(method, data, shape, support, labels, query)
+        device, step = device_of(method), method.episodes_per_call
+
+        def call_by_call() -> Iterator[torch.Tensor]:
+            for start in range(0, len(support), step):
+                episodes = [replace(data.episode(s, q, shape, device), support_labels=s_labels)
+                            for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
+                stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
+                with torch.no_grad():
+                    scores = method.score_episodes(stacked_support, stacked_labels, stacked_query)
+                yield scores.float()
+
+        return rows_into_one(call_by_call(), len(support)).cpu()  # one copy to the host: no wait on the device per chunk
     finally:
         method.train(was_training)
-
-
-def _scores_call_by_call(method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, labels: torch.Tensor,
-                         query: np.ndarray) -> torch.Tensor:
-    """Scores (episodes, queries, way) on the CPU, ``method.episodes_per_call`` episodes per call of
-    ``score_episodes`` under no_grad (which a method that adapts at test time may re-enable)."""
-    device, step = device_of(method), method.episodes_per_call
-
-    def call_by_call() -> Iterator[torch.Tensor]:
-        for start in range(0, len(support), step):
-            episodes = [replace(data.episode(s, q, shape, device), support_labels=s_labels)
-                        for s, s_labels, q in zip(support[start : start + step], labels[start : start + step], query[start : start + step])]
-            stacked_support, stacked_labels, stacked_query, _ = stack_episodes(episodes)
-            with torch.no_grad():
-                scores = method.score_episodes(stacked_support, stacked_labels, stacked_query)
-            yield scores.float()
-
-    return rows_into_one(call_by_call(), len(support)).cpu()  # one copy to the host: no wait on the device per chunk
-
-
-def check_workers(method: Method, workers: int) -> None:
-    """Worker processes split the episodes of a method that adapts to each one, on the CPU."""
-    if workers == 1:
-        return
-    if workers < 1:
-        raise FsltoolError(f"--workers must be at least 1, got {workers}")
-    if method.embeds_independently:
-        raise FsltoolError(f"--workers splits the episodes of methods that adapt to each one (maml, reptile, ...); method "
-                           f"{method.name!r} embeds each image once, which one process does best")
-    if device_of(method).type != "cpu":
-        raise FsltoolError(f"--workers runs CPU processes; this evaluation runs on {device_of(method)}")
-
-
-def _scores_in_workers(method: Method, data: FewShotData, shape: EpisodeShape, support: np.ndarray, labels: torch.Tensor,
-                       query: np.ndarray, workers: int) -> torch.Tensor:
-    """``_scores_call_by_call`` on ``workers`` contiguous parts of the episodes, in as many processes of one thread
-    each (this one and workers - 1 spawned ones, under this process's allocator setting and autocast): a test-time
-    inner loop runs small convolutions, which two intra-op threads speed up far less than two processes running
-    other episodes. An episode's scores do not depend on the others (a seeded inner loop per episode), so they are
-    those of one process up to float rounding from how the episodes are grouped."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch.multiprocessing as multiprocessing
-
-    from fsltool.platform_tuning import allocator_tuned
-
-    parts = [part for part in np.array_split(np.arange(len(support)), workers) if len(part)]
-    autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-    with ProcessPoolExecutor(len(parts) - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                             initargs=(allocator_tuned(),)) as pool:
-        pending = [pool.submit(_score_part, method, data.path, shape, support[part], labels[part], query[part], autocast)
-                   for part in parts[1:]]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            first = _scores_call_by_call(method, data, shape, support[parts[0]], labels[parts[0]], query[parts[0]])
-        finally:
-            torch.set_num_threads(threads)
-        return torch.cat([first, *(future.result() for future in pending)])
-
-
-def _start_worker(tune: bool) -> None:
-    torch.set_num_threads(1)
-    if tune:
-        from fsltool.platform_tuning import tune_allocator
-
-        tune_allocator()
-
-
-def _score_part(method: Method, data_path: str, shape: EpisodeShape, support: np.ndarray, labels: torch.Tensor, query: np.ndarray,
-                autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
-    """A worker's part: the episodes scored from the data file at ``data_path``, under the caller's autocast."""
-    with FewShotData(data_path) as data, torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
-        return _scores_call_by_call(method, data, shape, support, labels, query)
 
 
 def check_runtime(method: Method, runtime: str) -> None:
@@ -404,14 +335,12 @@ def evaluate(
     runtime: str = "torch",
     query_batch_statistics: bool = False,
     support_copies: SupportCopies | None = None,
-    workers: int = 1,
 ) -> EvalResult:
     """Stored episodes of ``shape`` (the first ``episodes`` of them), or ``episodes`` freshly sampled with
     ``sample_seed`` when given (any shape the split can supply); images embedded by ``runtime``, or, with
     ``query_batch_statistics``, by PyTorch under the transductive protocol of ``query_batch_scores``. Several
     methods (checkpoints of one run) are scored as an ensemble (``episode_accuracies``). ``support_copies``: each
-    support image replaced by augmented copies of it (``SupportCopies``); ``workers``: CPU processes that split the
-    episodes of a method that adapts to each one (``_scores_in_workers``)."""
+    support image replaced by augmented copies of it (``SupportCopies``)."""
     if query_batch_statistics and runtime != "torch":
         raise FsltoolError(f"--transductive embeds with batch statistics in PyTorch: it does not go with --runtime {runtime}")
     if query_batch_statistics and support_copies is not None:
@@ -419,9 +348,8 @@ def evaluate(
     ensemble = members(method)
     for member in ensemble:
         check_support_copies(member, support_copies)
-        check_workers(member, workers)
     support, query, origin = episode_indices(data, split, shape, episodes, sample_seed)
-    accuracies = episode_accuracies(ensemble, data, shape, support, query, runtime, query_batch_statistics, support_copies, workers)
+    accuracies = episode_accuracies(ensemble, data, shape, support, query, runtime, query_batch_statistics, support_copies)
     transductive = query_batch_statistics or any(getattr(member, "transductive", False) for member in ensemble)
     return EvalResult(split, shape, accuracies, origin, transductive,
                       SHUFFLED if ensemble[0].order_sensitive else CLASS_SORTED, runtime, len(ensemble),

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _SETTINGS = ("MMAP_THRESHOLD", "MMAP_MAX", "TRIM_THRESHOLD")  # glibc's names of what tune_allocator decides
-_tuned = False
 
 
 def _user_tunes_allocator(environ: Mapping[str, str]) -> bool:
@@ -39,10 +38,3 @@ def tune_allocator() -> None:
         return
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
-    global _tuned
-    _tuned = True
-
-
-def allocator_tuned() -> bool:
-    """Whether this process applied ``tune_allocator`` (its worker processes then apply it too)."""
-    return _tuned

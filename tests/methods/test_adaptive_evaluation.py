@@ -4,15 +4,9 @@ episode adapted alone."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from fsltool.data.episodes import EpisodeShape, episode_labels
-from fsltool.data.store import FewShotData
-from fsltool.errors import FsltoolError
-from fsltool.evaluate import episode_scores, evaluate
 from fsltool.methods import build_method
 from fsltool.methods.adaptation import AdaptiveMethod
 from fsltool.models import build_backbone
@@ -60,25 +54,3 @@ def test_episodes_scored_together_equal_each_scored_alone(name: str, options: di
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(together[0], together[1])  # different episodes, different scores
     assert method.episodes_per_call > 1  # evaluation hands it several episodes per call
-
-
-def test_worker_processes_score_as_one_process(synthetic_file: Path) -> None:
-    """evaluate(workers=3): three one-thread processes (two spawned) score contiguous parts of the episodes; the
-    scores are those of one process (each episode's inner loop is seeded on its own), in order; refused where the
-    method embeds each image once."""
-    method = build_method("reptile", backbone("chain"), {"way": 5, "test_inner_steps": 3, "test_inner_batch": 5, "per_query_bn": True})
-    with torch.no_grad():
-        method.head.weight.normal_(0, 0.3)
-    shape = EpisodeShape(5, 1, 5)
-    with FewShotData(synthetic_file) as data:
-        support, query = data.stored_episodes("test", shape)
-        one = episode_scores(method, data, shape, support[:7], query[:7])
-        three = episode_scores(method, data, shape, support[:7], query[:7], workers=3)
-        assert method.training  # left as it was
-        torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(three[0], three[6])
-        result = evaluate(method, data, "test", shape, episodes=7, workers=2)
-        assert result.accuracies.tolist() == (one.argmax(-1) == episode_labels(shape)[1]).float().mean(-1).tolist()
-        protonet = build_method("protonet", backbone("chain"), {})
-        with pytest.raises(FsltoolError, match="--workers splits the episodes of methods that adapt to each one"):
-            evaluate(protonet, data, "test", shape, episodes=2, workers=2)
