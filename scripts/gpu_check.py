@@ -2,8 +2,8 @@
 
 Sections of OUT/gpu_check.json (rewritten after every step, so a run cut short still leaves what it measured):
 
-- ``methods``: each method's built-in Omniglot 5w1s recipe (the heads ``svm`` and ``ridge``, which have none: the
-  ProtoNet recipe's Conv-4 under the head, on 5w5s5q episodes) meta-trained a few meta-steps on the device in fp32 with
+- ``methods``: each method's built-in Omniglot 5w1s recipe (``maml-reference``: MAML's with its reference network; the
+  heads ``svm`` and ``ridge``, which have none: the ProtoNet recipe's Conv-4 under the head, on 5w5s5q episodes) meta-trained a few meta-steps on the device in fp32 with
   the image array kept there (``data_on_device=true``), then evaluated on stored test episodes on the device and on
   the CPU (same checkpoint, same episodes: they must agree within 1 point, float differences may flip a near-tie);
   meta-steps/s from the run's own metrics.jsonl (its last log window: the first holds the warm-up), on the device
@@ -52,17 +52,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-METHODS = ("protonet", "relationnet", "matchingnet", "maml", "fomaml", "reptile", "snail", "mann", "svm", "ridge")
-# Heads with no Omniglot recipe of their own (MetaOptNet's SVM and ridge regression): the ProtoNet recipe's Conv-4
-# under the head, on 5-way 5-shot training episodes (MetaOptNet's way; 60-way episodes would make the SVM's QP 60x larger).
-HEAD_OVERRIDES = {head: (f"method={head}", "method_options={}", "train.shape=5w5s5q") for head in ("svm", "ridge")}
+METHODS = ("protonet", "relationnet", "matchingnet", "maml", "maml-reference", "fomaml", "reptile", "snail", "mann", "svm", "ridge")
+# Checks with no Omniglot recipe of their own: MetaOptNet's heads (SVM, ridge regression), the ProtoNet recipe's
+# Conv-4 under the head on 5-way 5-shot training episodes (MetaOptNet's way; 60-way episodes would make the SVM's QP
+# 60x larger); and MAML with its reference code's network (Glorot start, TensorFlow's padding and BatchNorm epsilon,
+# BatchNorm without a scale, not adapted in the inner loop: the grouped network's fixed-scale path).
+VARIANTS = {
+    **{head: ("omniglot/protonet-5w1s", (f"method={head}", "method_options={}", "train.shape=5w5s5q")) for head in ("svm", "ridge")},
+    "maml-reference": ("omniglot/maml-5w1s", ("method_options.adapt_norms=false", "method_options.initial_head=normal",
+                                              "backbone_options.weight_init=glorot", "backbone_options.bn_eps=0.001",
+                                              "backbone_options.tf_same_padding=true", "backbone_options.bn_scale=false")),
+}
 
 
 def method_recipe(method: str) -> tuple[str, tuple[str, ...]]:
-    """The built-in recipe and overrides that train ``method`` on Omniglot for these checks."""
-    if method in HEAD_OVERRIDES:
-        return "omniglot/protonet-5w1s", HEAD_OVERRIDES[method]
-    return f"omniglot/{method}-5w1s", ()
+    """The built-in recipe and overrides that train ``method`` (or a VARIANTS check) on Omniglot for these checks."""
+    return VARIANTS.get(method, (f"omniglot/{method}-5w1s", ()))
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,14 @@ def test_each_method_resolves_to_a_recipe_that_trains_it(method: str) -> None:
     assert recipe.validation.shape == recipe.test_shape == "5w1s15q"
 
 
+def test_the_maml_reference_check_trains_mamls_reference_network() -> None:
+    name, overrides = gpu_check().method_recipe("maml-reference")
+    recipe = load_recipe(recipe_path(name), overrides)
+    assert recipe.method == "maml" and recipe.backbone == "conv4-strided"
+    assert recipe.backbone_options == {"weight_init": "glorot", "bn_eps": 0.001, "tf_same_padding": True, "bn_scale": False}
+    assert recipe.method_options["adapt_norms"] is False and recipe.method_options["initial_head"] == "normal"
+
+
 def test_a_bf16_refusal_is_not_applicable_and_an_unavailable_runtime_is_no_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     module = gpu_check()
     refusal: dict[str, Any] = {"ok": False, "failed": "meta-train", "error": "error: precision bf16 is not supported by X", "returncode": 2}
