@@ -188,3 +188,21 @@ def assert_embedding_once_matches_per_episode(method: Method, data_file: Path) -
         method.embeds_independently = False  # the instance now takes evaluate's episode-by-episode path
         slow = evaluate(method, data, "test", EpisodeShape(5, 5, 5))
     assert (fast.accuracies == slow.accuracies).all()
+
+
+def assert_short_run_learns_evaluates_once_and_is_not_exported(run: Path, data_file: Path, export_to: Path, refusal: str) -> None:
+    """A short run of a method that solves a problem per episode (ridge, svm): its training loss fell and its last
+    validation beat chance by far, its embed-once evaluation equals the per-episode one, and export refuses it with
+    ``refusal`` and writes nothing."""
+    import json
+
+    from fsltool.checkpoint import load_trained
+    from fsltool.errors import FsltoolError
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row["phase"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] and rows[-1]["accuracy"] > 35, rows
+    assert_embedding_once_matches_per_episode(load_trained(run).method, data_file)
+    with pytest.raises(FsltoolError, match=refusal):
+        export_run(run, export_to, verify_episodes=0)
+    assert not (export_to / "embedding.onnx").exists()

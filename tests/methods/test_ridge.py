@@ -3,20 +3,18 @@ QP), gradients reach the backbone and the scale, a short meta-training run learn
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    assert_embedding_once_matches_per_episode,
     assert_learned_scale_and_backbone_train,
+    assert_short_run_learns_evaluates_once_and_is_not_exported,
     quick_recipe,
     trained,
 )
 
 from fsltool.errors import FsltoolError
-from fsltool.export import export_run
 from fsltool.methods import build_method
 from fsltool.methods.ridge import RidgeRegression, ridge_scores
 from fsltool.models import build_backbone
@@ -71,15 +69,7 @@ def test_many_episodes_at_once_equal_one_at_a_time() -> None:
 
 def test_short_meta_training_learns_and_evaluates_embedding_once(synthetic_file: Path, tmp_path: Path) -> None:
     run = trained(quick_recipe(synthetic_file, tmp_path / "run", method="ridge", shape="5w1s5q", episodes=40, log_every=10))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [row for row in rows if row["phase"] == "train"]
-    assert train[-1]["loss"] < train[0]["loss"] and rows[-1]["accuracy"] > 35, rows
-    from fsltool.checkpoint import load_trained
-
-    assert_embedding_once_matches_per_episode(load_trained(run).method, synthetic_file)
-    with pytest.raises(FsltoolError, match="cannot be exported: its scores solve a linear system per episode"):
-        export_run(run, tmp_path / "export", verify_episodes=0)
-    assert not (tmp_path / "export" / "embedding.onnx").exists()
+    assert_short_run_learns_evaluates_once_and_is_not_exported(run, synthetic_file, tmp_path / "export", "cannot be exported: its scores solve a linear system per episode")
 
 
 @pytest.mark.parametrize(("options", "message"), [
