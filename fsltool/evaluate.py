@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -124,15 +123,31 @@ def rows_into_one(chunks: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
     return out
 
 
+class Embedder:
+    """What embeds images in evaluation: the method's network frozen into a ``runtime`` copy (``frozen``) or eager.
+    A copy is traced or exported on its first batch (it needs an example), then reused: one evaluation that embeds
+    two sets of images (support copies, then queries) pays for one copy, not two."""
+
+    def __init__(self, method: Method, *, frozen: bool = True, runtime: str = "torch") -> None:
+        self.method, self.frozen, self.runtime = method, frozen, runtime
+        self._call: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self._call is None:
+            self._call = RUNTIMES[self.runtime](self.method.embedding_network(), batch) if self.frozen else self.method.embed
+        return self._call(batch)
+
+
 @torch.inference_mode()
 def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen: bool = True, runtime: str = "torch",
-              copies: SupportCopies | None = None) -> torch.Tensor:
+              copies: SupportCopies | None = None, embedder: Embedder | None = None) -> torch.Tensor:
     """Embeddings of the images at ``indices`` (eval mode), computed on the method's device; with ``copies``, of
     each image's augmented copies instead (``copies.count`` rows per image, one after the other). The images are
     read a block of ``gather_bytes`` at a time and embedded in passes of ``embed_images``, the passes back to back:
     on the CPU small passes with no other work between them run fastest (Conv-4, 2 cores: 64-image passes from
     16 MiB blocks took 1.3-1.5 s for 25,744 Omniglot images against 1.9-2.4 s for 128-image passes each read just
-    before it; reading between passes wakes PyTorch's thread pool, which then competes with the embedding's)."""
+    before it; reading between passes wakes PyTorch's thread pool, which then competes with the embedding's).
+    ``embedder`` (one shared by several calls) replaces the one made from ``frozen`` and ``runtime``."""
     device = device_of(method)
     sizes = work_sizes(device)
     per_image = 1 if copies is None else copies.count
@@ -143,9 +158,8 @@ def embed_all(method: Method, data: FewShotData, indices: np.ndarray, *, frozen:
     if copies is not None:
         blocks = (augmented_copies(block, indices[i : i + per_block], copies.count, copies.augment) for i, block in zip(starts, blocks))
     passes = (block[j : j + sizes.embed_images] for block in blocks for j in range(0, len(block), sizes.embed_images))
-    first = next(passes)
-    embed = RUNTIMES[runtime](method.embedding_network(), first) if frozen else method.embed
-    return rows_into_one((embed(batch) for batch in itertools.chain([first], passes)), len(indices) * per_image)
+    embed = embedder or Embedder(method, frozen=frozen, runtime=runtime)
+    return rows_into_one((embed(batch) for batch in passes), len(indices) * per_image)
 
 
 def support_orders(episodes: np.ndarray, length: int) -> np.ndarray:
@@ -285,12 +299,13 @@ def _episode_embeddings(method: Method, data: FewShotData, support: np.ndarray, 
         unique, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
         embeddings = embed_all(method, data, unique, runtime=runtime)  # (images, *feature shape): vectors or feature maps
         return _gathered(embeddings, inverse[: support.size], support.shape), _gathered(embeddings, inverse[support.size :], query.shape)
+    embedder = Embedder(method, runtime=runtime)
     unique, inverse = np.unique(support, return_inverse=True)
-    embeddings = embed_all(method, data, unique, runtime=runtime, copies=copies)
+    embeddings = embed_all(method, data, unique, copies=copies, embedder=embedder)
     per_image = _gathered(embeddings.view(len(unique), copies.count, *embeddings.shape[1:]), inverse.ravel(), support.shape)
     support_emb = per_image.movedim(2, 1).reshape(support.shape[0], -1, *embeddings.shape[1:])
     unique, inverse = np.unique(query, return_inverse=True)
-    return support_emb, _gathered(embed_all(method, data, unique, runtime=runtime), inverse.ravel(), query.shape)
+    return support_emb, _gathered(embed_all(method, data, unique, embedder=embedder), inverse.ravel(), query.shape)
 
 
 @torch.inference_mode()

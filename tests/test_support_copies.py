@@ -73,6 +73,26 @@ def test_scores_are_those_of_the_augmented_support_set(trained_run: Path, synthe
     assert not torch.allclose(plain, scores, atol=1e-3)  # the copies were used, not the images
 
 
+def test_one_inference_copy_embeds_the_support_copies_and_the_queries(trained_run: Path, synthetic_file: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing and freezing the network is the costly part of a short evaluation: done once, not once per image set."""
+    import fsltool.evaluate as evaluation
+
+    made: list[torch.Size] = []
+
+    def counted(network: torch.nn.Module, example: torch.Tensor):
+        made.append(example.shape)
+        return evaluation.inference_copy(network, example)
+
+    monkeypatch.setitem(evaluation.RUNTIMES, "torch", counted)
+    method = load_trained(trained_run).method
+    shape = EpisodeShape(5, 1, 5)
+    with FewShotData(synthetic_file) as data:
+        support, query = data.stored_episodes("test", shape)
+        episode_scores(method, data, shape, support[:4], query[:4], copies=SupportCopies(3, SHIFTS))
+    assert len(made) == 1
+
+
 def test_methods_that_cannot_take_copies_are_refused(trained_run: Path, synthetic_file: Path) -> None:
     from fsltool.methods import build_method
 
