@@ -215,9 +215,17 @@ class TaskNetwork:
     docstring). The head reads the last feature maps averaged over space, or with ``flatten`` the maps flattened
     (HEAD_INPUTS).
 
-    The grouped path keeps feature maps in NCHW whatever the backbone's own format: BatchNorm's backward and
-    double backward on channels-last maps take over twice as long (scripts/benchmark_batchnorm_layouts.py).
+    The grouped path's feature maps are channels-last on the CPU, where oneDNN's grouped convolutions then run
+    without reordering them (a first-order MAML or Reptile meta-step 1.05-1.25x faster), and NCHW on a pass that
+    will be differentiated twice (``twice_differentiated``: BatchNorm's double backward on channels-last maps takes
+    over twice as long, scripts/benchmark_batchnorm_layouts.py), on a pass of several statistics sets (``stat_groups``:
+    their one BatchNorm call needs an NCHW view) and on other devices (docs/speed.md, "The grouped network's
+    memory layout").
     """
+
+    # The grouped network's layout on the CPU where the class docstring allows one (scripts/benchmark_grouped_layout.py
+    # sets it to compare the two).
+    cpu_layout: torch.memory_format = torch.channels_last
 
     def __init__(self, backbone: Backbone, head: nn.Linear, flatten: bool = False) -> None:
         self.backbone = backbone
@@ -240,15 +248,17 @@ class TaskNetwork:
 
     def logits(
         self, params: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
-        track: bool = False, norms: NormOverride | None = None,
+        track: bool = False, norms: NormOverride | None = None, twice_differentiated: bool = False,
     ) -> torch.Tensor:
         """(T, N, C, H, W) images -> (T, N, way) logits: ``features`` (the same options) through the head."""
         *body, weight, bias = params
-        return head_logits(self.features(body, images, stats_rows=stats_rows, stat_groups=stat_groups, track=track, norms=norms), weight, bias)
+        features = self.features(body, images, stats_rows=stats_rows, stat_groups=stat_groups, track=track, norms=norms,
+                                 twice_differentiated=twice_differentiated)
+        return head_logits(features, weight, bias)
 
     def features(
         self, body: Params, images: torch.Tensor, *, stats_rows: int | None = None, stat_groups: int = 1,
-        track: bool = False, norms: NormOverride | None = None,
+        track: bool = False, norms: NormOverride | None = None, twice_differentiated: bool = False,
     ) -> torch.Tensor:
         """(T, N, C, H, W) images -> (T, N, D) the head's input under ``body`` (the parameters without the head's).
 
@@ -257,7 +267,8 @@ class TaskNetwork:
         stat_groups + g is in set g; 1: all N images together). ``track`` folds those statistics into the
         BatchNorm running averages, task by task in order, as T separate training passes would (only on passes
         normalised with all their images): those of the layers' stand-ins in ``norms`` where given, the layers'
-        own otherwise."""
+        own otherwise. ``twice_differentiated``: the pass's gradient will itself be differentiated (MAML's second
+        order), which chooses the grouped network's memory layout (class docstring)."""
         if track and (stats_rows is not None or stat_groups > 1):
             raise ValueError("BatchNorm running statistics are tracked on passes normalised with all their images only")
         tasks, n = images.shape[:2]
@@ -265,15 +276,18 @@ class TaskNetwork:
         layers = chain_layers(self.backbone.features)
         if layers is None:
             return self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
-        return self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {})
+        free = x.device.type == "cpu" and not twice_differentiated and stat_groups == 1
+        layout = self.cpu_layout if free else torch.contiguous_format
+        return self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {}, layout)
 
     def _grouped_features(
         self, layers: list[ChainLayer], params: Params, x: torch.Tensor, rows: int | None, groups: int, track: bool,
-        norms: NormOverride,
+        norms: NormOverride, layout: torch.memory_format,
     ) -> torch.Tensor:
-        """(T, N, C, H, W) -> (T, N, D) the head's input, the T tasks as one grouped network (module docstring)."""
+        """(T, N, C, H, W) -> (T, N, D) the head's input, the T tasks as one grouped network (module docstring), its
+        maps in ``layout`` (class docstring)."""
         tasks, n = x.shape[:2]
-        x = x.transpose(0, 1).flatten(1, 2).contiguous()  # (N, T*C, H, W), NCHW: see the class docstring
+        x = x.transpose(0, 1).flatten(1, 2).contiguous(memory_format=layout)  # (N, T*C, H, W)
         for layer in layers:
             module = norms.get(layer.module, layer.module)
             if isinstance(module, nn.Conv2d):

@@ -266,11 +266,13 @@ class MAML(AdaptiveMethod):
         for step in range(steps):
             tracked = track and (step == 0 or self.step_norms is not None)
             if step == 0 and self.head_init == "prototypes":  # the head is the last two adapted tensors
-                features = self.network.features(parameters_at(0)[:-2], support, track=tracked, norms=self.norm_override(0))
+                features = self.network.features(parameters_at(0)[:-2], support, track=tracked, norms=self.norm_override(0),
+                                                 twice_differentiated=create_graph)
                 adapted[-2:] = prototype_head(features, labels, self.way)
                 logits = head_logits(features, *adapted[-2:])
             else:
-                logits = self.network.logits(parameters_at(step), support, track=tracked, norms=self.norm_override(step))
+                logits = self.network.logits(parameters_at(step), support, track=tracked, norms=self.norm_override(step),
+                                             twice_differentiated=create_graph)
             losses = task_losses(logits, labels)
             # The sum: each task's parameters only reach its own loss, so each gets its own mean-loss gradient.
             # First order keeps step 0's graph all the same where the head's start comes from it (the prototypes).

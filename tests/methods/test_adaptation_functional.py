@@ -217,12 +217,23 @@ def evaluation_scores(method: AdaptiveMethod) -> torch.Tensor:
         return method.score_episodes(support, labels, query)
 
 
+# The grouped network's map layouts on the CPU: channels-last (the default) and NCHW (what other devices run).
+LAYOUTS = pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels-last", "nchw"])
+
+
+@pytest.fixture
+def grouped_layout(layout: torch.memory_format, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskNetwork, "cpu_layout", layout)
+
+
+@LAYOUTS
 @pytest.mark.parametrize("head_input", ["mean", "flatten"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("transductive_bn", [False, True], ids=["support-bn", "transductive-bn"])
+@pytest.mark.usefixtures("grouped_layout")
 def test_maml_per_task_path_equals_the_grouped_path(first_order: bool, transductive_bn: bool, head_input: str) -> None:
     """The same conv4-strided on either path: a 3-task meta-step (losses, scores, meta-gradients, running
-    statistics) and the evaluation of 3 episodes side by side agree to float rounding."""
+    statistics) and the evaluation of 3 episodes side by side agree to float rounding, in either map layout."""
     options: dict[str, object] = {"first_order": first_order, "transductive_bn": transductive_bn, "test_inner_steps": 2, "head_input": head_input}
     grouped, per_task = tiny_maml(**options), tiny_maml(opaque_conv4(), **options)
     assert chain_layers(per_task.backbone.features) is None
@@ -234,8 +245,10 @@ def test_maml_per_task_path_equals_the_grouped_path(first_order: bool, transduct
     "options", [{}, {"per_query_bn": True}, {"transductive_bn": True}, {"per_query_bn": True, "head_input": "flatten"}],
     ids=["support-bn", "per-query-bn", "transductive-bn", "per-query-bn-flattened-maps"],
 )
+@LAYOUTS
+@pytest.mark.usefixtures("grouped_layout")
 def test_reptile_per_task_path_equals_the_grouped_path(options: dict[str, object]) -> None:
-    """As for MAML, in each of Reptile's ways of normalising queries."""
+    """As for MAML, in each of Reptile's ways of normalising queries and either map layout."""
     settings = {"test_inner_steps": 3, "test_inner_batch": 3, **options}
     grouped, per_task = tiny_reptile(**settings), tiny_reptile(opaque_conv4(), **settings)
     assert_same_results(meta_step_results(grouped, tiny_episodes(3)), meta_step_results(per_task, tiny_episodes(3)))

@@ -1,0 +1,81 @@
+"""Seconds per grouped meta-step (meta_step + backward + Adam) with the grouped network's feature maps in NCHW
+against channels-last on the CPU (``TaskNetwork.cpu_layout``; passes differentiated twice, MAML's second-order
+support passes, stay NCHW either way), for the cases of scripts/benchmark_maml.py: random 28x28 episodes,
+conv4-strided.
+
+    .venv/bin/python scripts/benchmark_grouped_layout.py [--threads 1] [--repeats 5] [--rounds 2] [--json results/benchmark_grouped_layout.json]
+
+The two layouts' steps alternate within one process (a machine whose load changes slows both alike); medians of
+``--repeats`` steps per layout after one warm-up step each, in each of ``--rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from benchmark_maml import CASES, episodes  # scripts/benchmark_maml.py: the same cases and random episodes
+from fsltool.data.episodes import EpisodeShape
+from fsltool.device import machine_description
+from fsltool.methods import build_method
+from fsltool.models import build_backbone
+from fsltool.platform_tuning import tune_allocator
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def step_seconds(case: dict, repeats: int) -> dict[str, float]:
+    """Medians per layout, one method per layout (the same start), their steps interleaved."""
+    shape = EpisodeShape.parse(case["shape"])
+    runs = {}
+    for name, layout in LAYOUTS.items():
+        torch.manual_seed(0)
+        method = build_method(case["method"], build_backbone("conv4-strided", 1, [0.1], [0.3]), {"way": shape.way, **case["options"]})
+        method.network.cpu_layout = layout
+        runs[name] = (method, torch.optim.Adam(method.parameters(), lr=1e-3), torch.Generator().manual_seed(0), [])
+    for repeat in range(repeats + 1):
+        for method, optimizer, generator, times in runs.values():
+            batch = episodes(shape, case["tasks"], generator)
+            start = time.perf_counter()
+            outputs = method.meta_step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack([output.loss for output in outputs]).mean().backward()
+            optimizer.step()
+            if repeat:  # the first is a warm-up
+                times.append(time.perf_counter() - start)
+    return {name: statistics.median(run[3]) for name, run in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    tune_allocator()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for round_ in range(args.rounds):
+        for case in CASES:
+            if args.only not in case["name"]:
+                continue
+            seconds = step_seconds(case, args.repeats)
+            speedup = seconds["nchw"] / seconds["channels_last"]
+            rows.append({"round": round_ + 1, "case": case["name"], **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
+                         "channels_last_speedup": round(speedup, 2)})
+            print(f"round {round_ + 1}  {case['name']:48s} NCHW {seconds['nchw']:6.3f} s   channels-last "
+                  f"{seconds['channels_last']:6.3f} s   x{speedup:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"command": "scripts/benchmark_grouped_layout.py", "threads": args.threads, "repeats": args.repeats,
+                       "machine": machine_description(torch.device("cpu")), "rows": rows}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
