@@ -13,41 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from benchmark_maml import CASES, episodes  # scripts/benchmark_maml.py: the same cases and random episodes
-from fsltool.data.episodes import EpisodeShape
+from benchmark_maml import CASES, case_method, interleaved_step_medians  # scripts/benchmark_maml.py: the same cases and timing
 from fsltool.device import machine_description
-from fsltool.methods import build_method
-from fsltool.models import build_backbone
 from fsltool.platform_tuning import tune_allocator
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def step_seconds(case: dict, repeats: int) -> dict[str, float]:
-    """Medians per layout, one method per layout (the same start), their steps interleaved."""
-    shape = EpisodeShape.parse(case["shape"])
-    runs = {}
-    for name, layout in LAYOUTS.items():
-        torch.manual_seed(0)
-        method = build_method(case["method"], build_backbone("conv4-strided", 1, [0.1], [0.3]), {"way": shape.way, **case["options"]})
+    """Medians per layout, one method per layout (the same start)."""
+    methods = []
+    for layout in LAYOUTS.values():
+        method = case_method(case)
         method.network.cpu_layout = layout
-        runs[name] = (method, torch.optim.Adam(method.parameters(), lr=1e-3), torch.Generator().manual_seed(0), [])
-    for repeat in range(repeats + 1):
-        for method, optimizer, generator, times in runs.values():
-            batch = episodes(shape, case["tasks"], generator)
-            start = time.perf_counter()
-            outputs = method.meta_step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            torch.stack([output.loss for output in outputs]).mean().backward()
-            optimizer.step()
-            if repeat:  # the first is a warm-up
-                times.append(time.perf_counter() - start)
-    return {name: statistics.median(run[3]) for name, run in runs.items()}
+        methods.append(method)
+    return dict(zip(LAYOUTS, interleaved_step_medians(methods, case, repeats)))
 
 
 def main() -> None:

@@ -44,16 +44,12 @@ def episodes(shape: EpisodeShape, tasks: int, generator: torch.Generator) -> lis
                     torch.rand(len(query_labels), 1, 28, 28, generator=generator), query_labels, shape) for _ in range(tasks)]
 
 
-def step_seconds(case: dict[str, Any], repeats: int) -> tuple[float, float]:
-    """Medians for the per-task loop and the grouped meta-batch, their steps interleaved (so a machine whose
-    load changes during the run slows both alike)."""
+def interleaved_step_medians(methods: list[Any], case: dict[str, Any], repeats: int) -> list[float]:
+    """Median seconds of ``repeats`` meta-steps (meta_step + backward + Adam, after one warm-up) of each method on
+    the case's random episodes, the methods' steps interleaved (so a machine whose load changes during the run slows
+    them alike)."""
     shape = EpisodeShape.parse(case["shape"])
-    runs = []
-    for grouped in (False, True):
-        torch.manual_seed(0)
-        method = build_method(case["method"], build_backbone("conv4-strided", 1, [0.1], [0.3]), {"way": shape.way, **case["options"]})
-        method.group_tasks = grouped  # type: ignore[attr-defined]
-        runs.append((method, torch.optim.Adam(method.parameters(), lr=1e-3), torch.Generator().manual_seed(0), []))
+    runs = [(method, torch.optim.Adam(method.parameters(), lr=1e-3), torch.Generator().manual_seed(0), []) for method in methods]
     for repeat in range(repeats + 1):
         for method, optimizer, generator, times in runs:
             batch = episodes(shape, case["tasks"], generator)
@@ -64,7 +60,25 @@ def step_seconds(case: dict[str, Any], repeats: int) -> tuple[float, float]:
             optimizer.step()
             if repeat:  # the first is a warm-up
                 times.append(time.perf_counter() - start)
-    return statistics.median(runs[0][3]), statistics.median(runs[1][3])
+    return [statistics.median(run[3]) for run in runs]
+
+
+def case_method(case: dict[str, Any]) -> Any:
+    """The case's method on a conv4-strided, from seed 0."""
+    torch.manual_seed(0)
+    shape = EpisodeShape.parse(case["shape"])
+    return build_method(case["method"], build_backbone("conv4-strided", 1, [0.1], [0.3]), {"way": shape.way, **case["options"]})
+
+
+def step_seconds(case: dict[str, Any], repeats: int) -> tuple[float, float]:
+    """Medians for the per-task loop and the grouped meta-batch."""
+    methods = []
+    for group_tasks in (False, True):
+        method = case_method(case)
+        method.group_tasks = group_tasks
+        methods.append(method)
+    per_task, grouped = interleaved_step_medians(methods, case, repeats)
+    return per_task, grouped
 
 
 def main() -> None:
