@@ -216,7 +216,7 @@ class TaskNetwork:
     (HEAD_INPUTS).
 
     The grouped path's feature maps are channels-last on the CPU, where oneDNN's grouped convolutions then run
-    without reordering them (a first-order MAML or Reptile meta-step 1.05-1.25x faster), and NCHW on a pass that
+    without reordering them (a first-order MAML or Reptile meta-step 1.06-1.30x faster), and NCHW on a pass that
     will be differentiated twice (``twice_differentiated``: BatchNorm's double backward on channels-last maps takes
     over twice as long, scripts/benchmark_batchnorm_layouts.py), on a pass of several statistics sets (``stat_groups``:
     their one BatchNorm call needs an NCHW view) and on other devices (docs/speed.md, "The grouped network's
