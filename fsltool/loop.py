@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from fsltool import __version__
 from fsltool.checkpoint import load_checkpoint, trained_on
 from fsltool.console import console
 from fsltool.data.episodes import EpisodeShape
@@ -240,7 +241,7 @@ class Standing:
         self.origin = state.get("branched_from")
         if self.updater.group.writer:
             run.truncate_metrics(kind.log_key, state[kind.log_key])
-            note_other_machine(state, self.machine)
+            note_other_rounding(state, self.machine)
         return state
 
     def branch(self, point: BranchPoint, run: RunFolder, kind: LoopKind, planned: int) -> dict[str, Any]:
@@ -315,15 +316,21 @@ META_TRAINING = LoopKind("train", "episode", "trained", "episode")
 PRETRAINING = LoopKind("pretrain", "epoch", "pretrained", "step")
 
 
-def note_other_machine(state: dict[str, Any], here: str) -> None:
-    """Say so when a run resumes on another kind of machine than the one that wrote its checkpoint: it continues
-    exactly from that checkpoint, but other kernels round differently from there on. (Checkpoints before fsltool
-    0.6 do not say which machine wrote them: the last one their list added stands in.)"""
+def note_other_rounding(state: dict[str, Any], here: str) -> None:
+    """Say so when a run resumes where its steps will round differently from those before: on another kind of
+    machine than the one that wrote its checkpoint (other kernels), or under another fsltool version (a release may
+    compute a step another way: CHANGELOG.md). Either way it continues exactly from that checkpoint. (Checkpoints
+    before fsltool 0.6 do not say which machine wrote them: the last one their list added stands in.)"""
     writer = state.get("written_on") or (state.get("machines") or [here])[-1]
     if writer != here:
         console.print(f"note: resuming on {here}; the checkpoint was written on {writer}: training continues "
                       "exactly from it, but with this machine's rounding, so the run is no longer bit for bit what "
                       "one machine would give", highlight=False, soft_wrap=True)
+    version = state.get("fsltool_version")
+    if version is not None and version != __version__:
+        console.print(f"note: resuming with fsltool {__version__}; the checkpoint was written by fsltool {version}: "
+                      "training continues exactly from it, but a release may compute a step another way (CHANGELOG.md), "
+                      "so the run is no longer bit for bit what one version would give", highlight=False, soft_wrap=True)
 
 
 def refuse_finished(checkpoint: Path, done: int, planned: int, kind: LoopKind) -> None:

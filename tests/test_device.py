@@ -83,6 +83,25 @@ def test_resuming_on_another_kind_of_machine_says_so(synthetic_file: Path, tmp_p
     assert code == 0 and "note: resuming on" not in err
 
 
+def test_resuming_under_another_fsltool_version_says_so(synthetic_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release may compute a step another way (0.7.1: the grouped network's layout): the resumed run is exact
+    from its checkpoint but no longer one version's run, and the user hears it once, at that resume."""
+    recipe = quick_recipe(synthetic_file, tmp_path / "run", episodes=4)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert run_cli("meta-train", str(path), "-q")[0] == 0
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=6", "--resume", "-q")
+    assert code == 0 and "note: resuming with fsltool" not in err  # the same version: nothing to say
+    written_by = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["fsltool_version"]
+    monkeypatch.setattr("fsltool.loop.__version__", "99.0.0")
+    monkeypatch.setattr("fsltool.checkpoint.__version__", "99.0.0")
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=8", "--resume", "-q")
+    assert code == 0, err
+    assert f"note: resuming with fsltool 99.0.0; the checkpoint was written by fsltool {written_by}" in " ".join(err.split())
+    code, _, err = run_cli("meta-train", str(path), "train.episodes=10", "--resume", "-q")
+    assert code == 0 and "note: resuming with fsltool" not in err  # its checkpoints are now the new version's
+
+
 def test_meta_train_on_a_missing_gpu_names_the_key_and_writes_nothing(synthetic_file: Path, tmp_path: Path) -> None:
     recipe = quick_recipe(synthetic_file, tmp_path / "run")
     recipe.device = "cuda"
