@@ -44,20 +44,23 @@ def episodes(shape: EpisodeShape, tasks: int, generator: torch.Generator) -> lis
                     torch.rand(len(query_labels), 1, 28, 28, generator=generator), query_labels, shape) for _ in range(tasks)]
 
 
-def interleaved_step_medians(methods: list[Any], case: dict[str, Any], repeats: int) -> list[float]:
-    """Median seconds of ``repeats`` meta-steps (meta_step + backward + Adam, after one warm-up) of each method on
-    the case's random episodes, the methods' steps interleaved (so a machine whose load changes during the run slows
-    them alike)."""
+def interleaved_step_medians(methods: list[Any], case: dict[str, Any], repeats: int, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Median seconds of ``repeats`` meta-steps (meta_step + backward + Adam, after one warm-up) of each method (on
+    ``device``) on the case's random episodes, the methods' steps interleaved (so a machine whose load changes during
+    the run slows them alike); on a GPU each step is timed to its end (synchronized)."""
     shape = EpisodeShape.parse(case["shape"])
     runs = [(method, torch.optim.Adam(method.parameters(), lr=1e-3), torch.Generator().manual_seed(0), []) for method in methods]
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for repeat in range(repeats + 1):
         for method, optimizer, generator, times in runs:
-            batch = episodes(shape, case["tasks"], generator)
+            batch = [episode.to(device) for episode in episodes(shape, case["tasks"], generator)]
+            synchronize()
             start = time.perf_counter()
             outputs = method.meta_step(batch)
             optimizer.zero_grad(set_to_none=True)
             torch.stack([output.loss for output in outputs]).mean().backward()
             optimizer.step()
+            synchronize()
             if repeat:  # the first is a warm-up
                 times.append(time.perf_counter() - start)
     return [statistics.median(run[3]) for run in runs]

@@ -373,6 +373,21 @@ def check_runtime(run: Path, export_dir: Path, out: Path, device: str, repeats: 
             "results": report["results"], "seconds": seconds}
 
 
+def check_grouped_layout(out: Path, device: str) -> dict[str, Any]:
+    """MAML's and Reptile's grouped meta-step with NCHW against channels-last maps on ``device``
+    (scripts/benchmark_grouped_layout.py): channels-last is the CPU's default; this measures whether it pays on
+    the device too, whose default stays NCHW until measured. First-order MAML and the Reptile recipes' steps (on the
+    CPU, a dry run: the Reptile 5w1s step alone)."""
+    path = out / f"benchmark_grouped_layout_{device.replace(':', '')}.json"
+    only = ["--only", "reptile-5w1s"] if device == "cpu" else []
+    bench, seconds = command([sys.executable, str(Path(__file__).parent / "benchmark_grouped_layout.py"), "--device", device,
+                              "--rounds", "1", "--repeats", "3", "--json", str(path), *only])
+    if bench.returncode:
+        return failure("benchmark_grouped_layout", bench)
+    rows = json.loads(path.read_text())["rows"]
+    return {"ok": True, "channels_last_speedup": {row["case"]: row["channels_last_speedup"] for row in rows}, "seconds": seconds}
+
+
 def check_evaluation(run: Path, device: str, episodes: int | None, shorter: dict[str, Any]) -> dict[str, Any]:
     """``fsltool evaluate`` on all stored test episodes (or the first ``episodes``), on the device and on the CPU,
     timed as a whole (start-up included: imports, CUDA context, checkpoint); net of start-up, the time per episode
@@ -541,6 +556,8 @@ def main() -> None:
         for method in methods:
             check_cpu_speed(method, args.data, args.cpu_steps, folder, args.device, report["methods"][method])
             save(f"{method} cpu", report["methods"][method])
+        checks["grouped network, NCHW against channels-last maps"] = check_grouped_layout(out, args.device)
+        save("layout", checks["grouped network, NCHW against channels-last maps"])
         checks["protonet, images on the host"] = train("omniglot/protonet-5w1s", args.data, args.steps, folder / "host", args.device, "data_on_device=false")
         save("host", checks["protonet, images on the host"])
     print_tables(report)

@@ -73,6 +73,9 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert evaluation["ok"] and evaluation["cpu"]["episodes"] == 10 and evaluation["cpu"]["seconds"] > 0 and "net_seconds" in evaluation["cpu"]
     host = checks["protonet, images on the host"]
     assert host["ok"] and host["meta_steps_per_s"] > 0
+    layout = checks["grouped network, NCHW against channels-last maps"]
+    assert layout["ok"] and list(layout["channels_last_speedup"]) == ["reptile-5w1s recipe: 5w1s9q x5, 5 x batch 10"], layout
+    assert layout["channels_last_speedup"]["reptile-5w1s recipe: 5w1s9q x5, 5 x batch 10"] > 0
 
     for row in ("| protonet | ", "| ProtoNet 60w5s5q | ", "| torchrun meta-train | ok |", "| predict, enrolled folder, ONNX Runtime | ok |"):
         assert row in done.stdout, row

@@ -223,9 +223,9 @@ class TaskNetwork:
     memory layout").
     """
 
-    # The grouped network's layout on the CPU where the class docstring allows one (scripts/benchmark_grouped_layout.py
-    # sets it to compare the two).
-    cpu_layout: torch.memory_format = torch.channels_last
+    # The grouped network's layout by device type where the class docstring allows one, NCHW on the types not listed
+    # (scripts/benchmark_grouped_layout.py sets it to compare the two on a device).
+    layouts: Mapping[str, torch.memory_format] = {"cpu": torch.channels_last}
 
     def __init__(self, backbone: Backbone, head: nn.Linear, flatten: bool = False) -> None:
         self.backbone = backbone
@@ -276,8 +276,8 @@ class TaskNetwork:
         layers = chain_layers(self.backbone.features)
         if layers is None:
             return self._per_task_features(body, x, stats_rows, stat_groups, track, norms or {})
-        free = x.device.type == "cpu" and not twice_differentiated and stat_groups == 1
-        layout = self.cpu_layout if free else torch.contiguous_format
+        free = not twice_differentiated and stat_groups == 1
+        layout = self.layouts.get(x.device.type, torch.contiguous_format) if free else torch.contiguous_format
         return self._grouped_features(layers, body, x, stats_rows, stat_groups, track, norms or {}, layout)
 
     def _grouped_features(

@@ -223,7 +223,7 @@ LAYOUTS = pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguo
 
 @pytest.fixture
 def grouped_layout(layout: torch.memory_format, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskNetwork, "cpu_layout", layout)
+    monkeypatch.setattr(TaskNetwork, "layouts", {"cpu": layout})
 
 
 @LAYOUTS
