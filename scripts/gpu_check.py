@@ -376,8 +376,8 @@ def check_runtime(run: Path, export_dir: Path, out: Path, device: str, repeats: 
 def check_grouped_layout(out: Path, device: str) -> dict[str, Any]:
     """MAML's and Reptile's grouped meta-step with NCHW against channels-last maps on ``device``
     (scripts/benchmark_grouped_layout.py): channels-last is the CPU's default; this measures whether it pays on
-    the device too, whose default stays NCHW until measured. First-order MAML and the Reptile recipes' steps (on the
-    CPU, a dry run: the Reptile 5w1s step alone)."""
+    the device too, whose default stays NCHW until measured. Every case of scripts/benchmark_maml.py (on the CPU, a
+    dry run: the Reptile 5w1s step alone)."""
     path = out / f"benchmark_grouped_layout_{device.replace(':', '')}.json"
     only = ["--only", "reptile-5w1s"] if device == "cpu" else []
     bench, seconds = command([sys.executable, str(Path(__file__).parent / "benchmark_grouped_layout.py"), "--device", device,
